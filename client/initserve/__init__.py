@@ -1,0 +1,55 @@
+"""initserve: torch.nn.init as a gRPC service — the client SDK.
+
+    import initserve
+    with initserve.Client("localhost:50051") as client:
+        w = client.kaiming_normal((256, 128), seed=7, mode="fan_out", nonlinearity="relu")
+
+Every tensor returned equals, bit for bit, ``torch.nn.init.<scheme>_`` run with
+``torch.Generator(device).manual_seed(seed)`` under the server's torch.
+"""
+
+from torch.nn.init import calculate_gain
+
+from initserve._checksum import CHECKSUM_ALGORITHM, tensor_checksum
+from initserve._client import Client, InitResult, draw_seed
+from initserve._errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InitServeError,
+    IntegrityError,
+    Internal,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    from_grpc_error,
+)
+from initserve._schemes import SCHEMES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CHECKSUM_ALGORITHM",
+    "SCHEMES",
+    "Cancelled",
+    "Client",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InitResult",
+    "InitServeError",
+    "IntegrityError",
+    "Internal",
+    "InvalidArgument",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "calculate_gain",
+    "draw_seed",
+    "from_grpc_error",
+    "tensor_checksum",
+]

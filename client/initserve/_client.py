@@ -1,0 +1,297 @@
+"""The public client: one method per torch.nn.init scheme, generated from the scheme table, plus fetch/init/describe."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from initserve import _dtypes
+from initserve._codec import decode_stream
+from initserve._schemes import SCHEMES, ParamValue, Scheme
+from initserve._transport import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, Transport
+from initserve.v1 import initserve_pb2 as pb
+
+DEFAULT_TARGET = "localhost:50051"
+DEFAULT_TIMEOUT_SECONDS = 300.0
+SEED_MIN = -(1 << 63)  # torch.Generator.manual_seed takes [-2**63, 2**64); negatives wrap to two's complement
+SEED_LIMIT = 1 << 64
+
+ShapeLike = int | Sequence[int] | torch.Size
+
+
+@dataclass(frozen=True)
+class InitResult:
+    """A fetched tensor with what the server reported about it."""
+
+    tensor: torch.Tensor
+    seed: int  # the seed used (drawn by the server when the request gave none); 0 for unseeded schemes
+    seeded: bool
+    torch_version: str  # the server's torch: the contract's reference
+    device: pb.DeviceInfo  # generation device, with its fingerprint
+    header: pb.Header
+
+
+def _shape(shape: ShapeLike) -> tuple[int, ...]:
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        return (int(shape),)
+    try:
+        sizes = tuple(shape)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"shape must be an int or a sequence of ints, not {type(shape).__name__}") from None
+    for size in sizes:
+        if not isinstance(size, numbers.Integral) or isinstance(size, bool):
+            raise TypeError(f"shape must contain ints, got {size!r} in {shape!r}")
+    return tuple(int(size) for size in sizes)
+
+
+def _seed(seed: int) -> int:
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, not {type(seed).__name__}")
+    if not SEED_MIN <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
+    return int(seed) % SEED_LIMIT
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A seed drawn from ``generator``, or torch's global RNG when None: ``torch.manual_seed`` makes it repeatable."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return int(torch.empty((), dtype=torch.int64, device=device).random_(generator=generator))
+
+
+def _params(scheme: Scheme, params: dict[str, Any]) -> pb.InitParams:
+    message = pb.InitParams()
+    for name, value in params.items():
+        param = scheme.param(name)
+        if param is None:
+            takes = ", ".join(scheme.param_names) or "no parameters"
+            raise TypeError(f"{scheme.name}() got an unexpected parameter {name!r} (it takes: {takes})")
+        if param.kind is str:
+            if not isinstance(value, str):
+                raise TypeError(f"{scheme.name}(): {name} must be a str, not {type(value).__name__}")
+        elif param.kind is int:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(f"{scheme.name}(): {name} must be an int, not {type(value).__name__}")
+            value = int(value)
+        else:
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError(f"{scheme.name}(): {name} must be a number, not {type(value).__name__}")
+            value = float(value)
+        setattr(message, name, value)
+    return message
+
+
+class Client:
+    """A connection to an initserve server; use as a context manager or call :meth:`close`.
+
+    Args:
+        target: ``host:port`` (any gRPC target string).
+        timeout: default per-call deadline in seconds (None: no deadline); each call may override it.
+        credentials: ``grpc.ChannelCredentials`` for a TLS channel; None for an insecure channel.
+        max_receive_message_bytes: largest message accepted; must exceed the server's chunk size.
+        options: extra gRPC channel options, e.g. keepalive settings.
+        chunk_bytes: preferred chunk size (0: the server's default).
+        require_device_fingerprint: refuse results generated on any other device (FailedPrecondition).
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_SECONDS,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+        chunk_bytes: int = 0,
+        require_device_fingerprint: str | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self.require_device_fingerprint = require_device_fingerprint
+        self._transport = Transport(
+            target, credentials=credentials, max_receive_message_bytes=max_receive_message_bytes, options=options
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def describe(self, *, timeout: float | None = None) -> pb.ServerInfo:
+        """The server's versions, devices, schemes with their parameters and defaults, and limits."""
+        return self._transport.describe(self.timeout if timeout is None else timeout)
+
+    def fetch(
+        self,
+        shape: ShapeLike,
+        scheme: str,
+        *,
+        seed: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        chunk_bytes: int | None = None,
+        timeout: float | None = None,
+        require_device_fingerprint: str | None = None,
+        out: torch.Tensor | None = None,
+        **params: ParamValue,
+    ) -> InitResult:
+        """Generate ``scheme`` on the server and return the verified tensor with its header.
+
+        ``out``: a contiguous CPU tensor of this shape and dtype to write into instead of a new one.
+        """
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; use one of: {', '.join(SCHEMES)}")
+        entry = _dtypes.from_torch(dtype)
+        sizes = _shape(shape)
+        request = pb.InitRequest(
+            scheme=scheme,
+            shape=sizes,
+            dtype=entry.wire,
+            params=_params(SCHEMES[scheme], params),
+            device=str(device),
+            chunk_bytes=self.chunk_bytes if chunk_bytes is None else chunk_bytes,
+            require_device_fingerprint=require_device_fingerprint or self.require_device_fingerprint or "",
+        )
+        if seed is not None:
+            request.seed = _seed(seed)
+        stream = self._transport.init_stream(request, self.timeout if timeout is None else timeout)
+        with contextlib.closing(stream):
+            tensor, header = decode_stream(stream, expected_shape=sizes, expected_dtype=dtype, out=out)
+        return InitResult(
+            tensor=tensor,
+            seed=header.seed_used,
+            seeded=header.seeded,
+            torch_version=header.torch_version,
+            device=header.device,
+            header=header,
+        )
+
+    def init(self, shape: ShapeLike, scheme: str, **kwargs: Any) -> torch.Tensor:
+        """A new CPU tensor of ``shape`` filled by ``torch.nn.init.<scheme>_``; keywords as :meth:`fetch`."""
+        return self.fetch(shape, scheme, **kwargs).tensor
+
+    def fill_(
+        self,
+        tensor: torch.Tensor,
+        scheme: str,
+        *,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        device: str = "cpu",
+        timeout: float | None = None,
+        **params: ParamValue,
+    ) -> torch.Tensor:
+        """Fill ``tensor`` (any local device) in place, as ``torch.nn.init.<scheme>_(tensor, ...)`` would.
+
+        With no ``seed``, one is drawn from ``generator`` (torch's global RNG when None), so
+        ``torch.manual_seed`` makes the result repeatable. ``device`` is where the server generates.
+        """
+        if tensor.is_meta:  # torch's initializers leave meta tensors alone: there is no storage
+            return tensor
+        if seed is None and SCHEMES[scheme].seeded:
+            seed = draw_seed(generator)
+        dtype = _dtypes.from_torch(tensor.dtype).torch_dtype
+        direct = tensor.device.type == "cpu" and tensor.is_contiguous()
+        result = self.fetch(
+            tuple(tensor.shape),
+            scheme,
+            seed=seed,
+            dtype=dtype,
+            device=device,
+            timeout=timeout,
+            out=tensor.detach() if direct else None,
+            **params,
+        )
+        if not direct:
+            with torch.no_grad():
+                tensor.copy_(result.tensor)
+        return tensor
+
+
+_P = inspect.Parameter
+
+
+def _scheme_parameters(scheme: Scheme, kind: Any) -> list[inspect.Parameter]:
+    return [_P(p.name, kind, default=_P.empty if p.required else p.default) for p in scheme.params]
+
+
+def _bind(signature: inspect.Signature, scheme: Scheme, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    """Split bound arguments into the scheme's parameters (explicit ones only) and the rest (defaults applied)."""
+    bound = signature.bind(*args, **kwargs)
+    explicit = dict(bound.arguments)
+    bound.apply_defaults()
+    params = {name: explicit[name] for name in scheme.param_names if name in explicit}
+    rest = {name: value for name, value in bound.arguments.items() if name not in scheme.param_names}
+    return params, rest
+
+
+def _make_new_tensor_method(scheme: Scheme) -> Any:
+    parameters = [_P("self", _P.POSITIONAL_ONLY), _P("shape", _P.POSITIONAL_OR_KEYWORD)]
+    parameters += _scheme_parameters(scheme, _P.KEYWORD_ONLY)
+    if scheme.seeded:
+        parameters.append(_P("seed", _P.KEYWORD_ONLY, default=None))
+    parameters += [
+        _P("dtype", _P.KEYWORD_ONLY, default=torch.float32),
+        _P("device", _P.KEYWORD_ONLY, default="cpu"),
+        _P("timeout", _P.KEYWORD_ONLY, default=None),
+    ]
+    signature = inspect.Signature(parameters, return_annotation=torch.Tensor)
+
+    def method(*args: Any, **kwargs: Any) -> torch.Tensor:
+        params, rest = _bind(signature, scheme, args, kwargs)
+        client = rest.pop("self")
+        return client.init(rest.pop("shape"), scheme.name, **rest, **params)
+
+    method.__signature__ = signature  # type: ignore[attr-defined]
+    method.__name__ = method.__qualname__ = scheme.name
+    method.__doc__ = (
+        f"A new CPU tensor of ``shape`` filled by ``{scheme.torch_function}`` on the server "
+        f"(parameters and defaults as torch's; shapes: {scheme.shapes})."
+        + ("\n\nWith no ``seed`` the server draws one; :meth:`fetch` reports it." if scheme.seeded else "")
+    )
+    return method
+
+
+def _make_in_place_method(scheme: Scheme) -> Any:
+    parameters = [_P("self", _P.POSITIONAL_ONLY), _P("tensor", _P.POSITIONAL_OR_KEYWORD)]
+    parameters += _scheme_parameters(scheme, _P.POSITIONAL_OR_KEYWORD)
+    if scheme.seeded:
+        parameters.append(_P("generator", _P.POSITIONAL_OR_KEYWORD, default=None))
+        parameters.append(_P("seed", _P.KEYWORD_ONLY, default=None))
+    parameters += [_P("device", _P.KEYWORD_ONLY, default="cpu"), _P("timeout", _P.KEYWORD_ONLY, default=None)]
+    signature = inspect.Signature(parameters, return_annotation=torch.Tensor)
+
+    def method(*args: Any, **kwargs: Any) -> torch.Tensor:
+        params, rest = _bind(signature, scheme, args, kwargs)
+        client = rest.pop("self")
+        return client.fill_(rest.pop("tensor"), scheme.name, **rest, **params)
+
+    method.__signature__ = signature  # type: ignore[attr-defined]
+    method.__name__ = method.__qualname__ = f"{scheme.name}_"
+    method.__doc__ = (
+        f"Drop-in for ``{scheme.torch_function}``: fills ``tensor`` in place with the server's bytes "
+        f"and returns it (shapes: {scheme.shapes})."
+        + (
+            "\n\nWith no ``seed``, the seed is drawn from ``generator`` (torch's global RNG when None)."
+            if scheme.seeded
+            else ""
+        )
+    )
+    return method
+
+
+for _scheme in SCHEMES.values():
+    setattr(Client, _scheme.name, _make_new_tensor_method(_scheme))
+    setattr(Client, f"{_scheme.name}_", _make_in_place_method(_scheme))
+del _scheme

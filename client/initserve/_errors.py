@@ -1,0 +1,129 @@
+"""The SDK's exceptions, keyed by gRPC status code, and the one lookup that turns an RpcError into them.
+
+What torch itself rejects comes back as the exception torch raises (ValueError, RuntimeError, ...) with
+torch's message: the server names the exception type in trailing metadata, and only builtin types on an
+allowlist are ever re-created here. Nothing received is ever unpickled or evaluated.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any
+
+# Trailing-metadata key in which the server names the exception torch raised.
+TORCH_EXCEPTION_KEY = "initserve-torch-exception"
+# The only exception types the client re-creates from that key.
+TORCH_EXCEPTION_TYPES: frozenset[str] = frozenset(
+    {"ValueError", "TypeError", "RuntimeError", "NotImplementedError", "ZeroDivisionError", "IndexError"}
+)
+
+
+class InitServeError(Exception):
+    """Base of every error the SDK raises for a failed call; ``code`` is the gRPC status code name."""
+
+    code: str | None = None
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgument(InitServeError, ValueError):
+    """The request is malformed or exceeds a per-request limit (INVALID_ARGUMENT)."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class FailedPrecondition(InitServeError):
+    """The server cannot generate as asked: no such CUDA device, or a device-fingerprint mismatch."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(InitServeError):
+    """A server-wide limit or memory budget refused the request (RESOURCE_EXHAUSTED)."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(InitServeError):
+    """The server could not be reached or went away (UNAVAILABLE)."""
+
+    code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(InitServeError):
+    """The call's timeout passed before the tensor was complete (DEADLINE_EXCEEDED)."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(InitServeError):
+    code = "CANCELLED"
+
+
+class Unauthenticated(InitServeError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(InitServeError):
+    code = "PERMISSION_DENIED"
+
+
+class Unimplemented(InitServeError):
+    """The server does not implement this call (an older or newer API version)."""
+
+    code = "UNIMPLEMENTED"
+
+
+class Internal(InitServeError):
+    """The server failed in a way it did not expect; the request may be retried or reported."""
+
+    code = "INTERNAL"
+
+
+class IntegrityError(InitServeError):
+    """The received stream is not a whole, intact tensor: short, out of order, or its checksum differs.
+
+    Raised by the client before it returns anything: a result that could be wrong is never returned.
+    """
+
+
+_BY_CODE: dict[str, type[InitServeError]] = {
+    cls.code: cls  # type: ignore[misc]
+    for cls in (
+        InvalidArgument,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
+        Unauthenticated,
+        PermissionDenied,
+        Unimplemented,
+        Internal,
+    )
+}
+
+
+def _torch_exception_name(rpc_error: Any) -> str | None:
+    trailing = rpc_error.trailing_metadata() if hasattr(rpc_error, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == TORCH_EXCEPTION_KEY and value in TORCH_EXCEPTION_TYPES:
+            return value
+    return None
+
+
+def from_grpc_error(rpc_error: Any) -> Exception:
+    """The exception to raise for a ``grpc.RpcError`` (raise it ``from`` the original)."""
+    code = rpc_error.code()
+    code_name = getattr(code, "name", str(code))
+    message = rpc_error.details() or code_name
+    if code_name == "INVALID_ARGUMENT":
+        torch_exception = _torch_exception_name(rpc_error)
+        if torch_exception is not None:
+            return getattr(builtins, torch_exception)(message)
+    cls = _BY_CODE.get(code_name, InitServeError)
+    return cls(message, code=code_name)

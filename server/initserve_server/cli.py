@@ -1,0 +1,125 @@
+"""``initserve-server``: flags and INITSERVE_* environment variables into a ServerConfig, then serve until signalled."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+
+from initserve_server import __version__
+from initserve_server import config as defaults
+from initserve_server.config import ServerConfig
+from initserve_server.server import serve
+
+ENV_PREFIX = "INITSERVE_"
+
+
+def _env(name: str, parse: Callable[[str], object], default: object) -> object:
+    raw = os.environ.get(ENV_PREFIX + name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return parse(raw)
+    except ValueError:
+        raise SystemExit(f"initserve-server: environment variable {ENV_PREFIX}{name}={raw!r} is not a valid value")
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional binary suffix: 1048576, 1024K, 64M, 4G."""
+    text = text.strip()
+    multipliers = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if text and text[-1].upper() in multipliers:
+        return int(text[:-1]) * multipliers[text[-1].upper()]
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="initserve-server",
+        description="torch.nn.init as a gRPC service. Every flag has an INITSERVE_<NAME> environment twin; "
+        "a flag given on the command line wins.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def option(flag: str, env: str, parse: Callable[[str], object], default: object, help_text: str) -> None:
+        parser.add_argument(
+            flag,
+            type=parse,
+            default=_env(env, parse, default),
+            help=f"{help_text} [env {ENV_PREFIX}{env}]",
+        )
+
+    option("--host", "HOST", str, defaults.DEFAULT_HOST, "address to listen on (0.0.0.0 or :: for all interfaces)")
+    option("--port", "PORT", int, defaults.DEFAULT_PORT, "port to listen on; 0 picks a free one and prints it")
+    option("--workers", "WORKERS", int, defaults.DEFAULT_WORKERS, "RPCs served concurrently (threads)")
+    option("--chunk-bytes", "CHUNK_BYTES", _size, defaults.DEFAULT_CHUNK_BYTES, "default payload bytes per chunk")
+    option(
+        "--max-message-bytes",
+        "MAX_MESSAGE_BYTES",
+        _size,
+        defaults.DEFAULT_MAX_MESSAGE_BYTES,
+        "largest message sent; bounds a request's chunk_bytes",
+    )
+    option(
+        "--max-tensor-bytes",
+        "MAX_TENSOR_BYTES",
+        _size,
+        defaults.DEFAULT_MAX_TENSOR_BYTES,
+        "largest tensor one request may ask for",
+    )
+    option("--max-dims", "MAX_DIMS", int, defaults.DEFAULT_MAX_DIMS, "most dimensions a requested shape may have")
+    option(
+        "--grace-seconds",
+        "GRACE_SECONDS",
+        float,
+        defaults.DEFAULT_GRACE_SECONDS,
+        "how long in-flight streams may finish after SIGTERM/SIGINT",
+    )
+    option("--log-level", "LOG_LEVEL", str, "INFO", "logging level")
+    parser.add_argument("--version", action="version", version=f"initserve-server {__version__}")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    try:
+        return ServerConfig(
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            chunk_bytes=args.chunk_bytes,
+            max_message_bytes=args.max_message_bytes,
+            max_tensor_bytes=args.max_tensor_bytes,
+            max_dims=args.max_dims,
+            grace_seconds=args.grace_seconds,
+        )
+    except ValueError as error:
+        raise SystemExit(f"initserve-server: {error}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_args(args)
+    running = serve(config)
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # One machine-readable line: tests and scripts started with --port 0 read the bound port from it.
+    print(f"initserve listening on {running.target}", flush=True)
+    while not stop_requested.wait(timeout=1.0):
+        pass
+    logging.getLogger("initserve.server").info("signal received; stopping within %.1fs", config.grace_seconds)
+    running.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

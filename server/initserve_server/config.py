@@ -1,0 +1,54 @@
+"""The server's frozen configuration and its defaults, with their units."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50051
+DEFAULT_WORKERS = 16
+DEFAULT_CHUNK_BYTES = 1 << 20
+DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # gRPC's own default receive limit, so any stock client can read chunks
+DEFAULT_MAX_TENSOR_BYTES = 4 << 30
+DEFAULT_MAX_DIMS = 16
+DEFAULT_GRACE_SECONDS = 10.0
+# Per-message framing a Chunk adds around its payload (field tags, offset, length prefixes), rounded up.
+CHUNK_OVERHEAD_BYTES = 64
+# A stream never has more chunks than this: a tiny requested chunk size is raised for a large tensor.
+MAX_CHUNKS_PER_STREAM = 1 << 20
+# Requests are small (a shape, a few parameters); anything larger is refused by gRPC before parsing.
+MAX_REQUEST_BYTES = 64 << 10
+MAX_STRING_PARAM_CHARS = 64
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT  # 0 picks a free port; RunningServer.port says which
+    workers: int = DEFAULT_WORKERS  # concurrent RPCs being served (threads)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # default payload per Chunk message
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest message the server sends
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES  # largest tensor one request may ask for
+    max_dims: int = DEFAULT_MAX_DIMS
+    grace_seconds: float = DEFAULT_GRACE_SECONDS  # in-flight streams get this long after SIGTERM
+
+    @property
+    def max_chunk_bytes(self) -> int:
+        return self.max_message_bytes - CHUNK_OVERHEAD_BYTES
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.max_message_bytes <= CHUNK_OVERHEAD_BYTES:
+            raise ValueError(f"max_message_bytes must exceed {CHUNK_OVERHEAD_BYTES}, got {self.max_message_bytes}")
+        if not 1 <= self.chunk_bytes <= self.max_chunk_bytes:
+            raise ValueError(
+                f"chunk_bytes must be in 1..{self.max_chunk_bytes} (max_message_bytes - {CHUNK_OVERHEAD_BYTES}), "
+                f"got {self.chunk_bytes}"
+            )
+        if self.max_tensor_bytes < 0 or self.max_dims < 0:
+            raise ValueError("max_tensor_bytes and max_dims must be >= 0")
+        if self.grace_seconds < 0:
+            raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")

@@ -1,0 +1,70 @@
+"""Generation devices: parsing a request's device string, checking it exists, and its fingerprint.
+
+CUDA random kernels cap their launch grid by the multiprocessor count, so the same seed gives different bytes
+on different GPU models (and MIG slices); the fingerprint names everything the bytes depend on.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+
+import torch
+
+from initserve.v1 import initserve_pb2 as pb
+
+_DEVICE_PATTERN = re.compile(r"cpu|cuda(?::(\d{1,4}))?")
+
+
+class DeviceUnavailable(Exception):
+    """The request names a device this server does not have (FAILED_PRECONDITION, never a substitute)."""
+
+
+def parse_device(text: str) -> torch.device:
+    """``""``/``"cpu"`` → cpu, ``"cuda"`` → cuda:0, ``"cuda:N"`` → cuda:N; ValueError for anything else."""
+    if text in ("", "cpu"):
+        return torch.device("cpu")
+    match = _DEVICE_PATTERN.fullmatch(text)
+    if match is None:
+        shown = text if len(text) <= 32 else text[:32] + "..."
+        raise ValueError(f"device {shown!r} is not one of 'cpu', 'cuda', 'cuda:N'")
+    return torch.device("cuda", int(match.group(1) or 0))
+
+
+def require_available(device: torch.device) -> None:
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise DeviceUnavailable(
+            f"device '{device}' requested but this server has no CUDA (torch {torch.__version__}, "
+            f"cuda available: False); generating elsewhere would give different bytes"
+        )
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        raise DeviceUnavailable(f"device '{device}' requested but this server has {count} CUDA device(s)")
+
+
+def available_devices() -> list[torch.device]:
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
+    return devices
+
+
+def device_info(device: torch.device) -> pb.DeviceInfo:
+    """Name, capability and fingerprint of a generation device; equal fingerprints give equal bytes."""
+    if device.type == "cpu":
+        capability = torch.backends.cpu.get_cpu_capability()
+        name = platform.machine()
+        fingerprint = f"cpu/{name}/{capability}/torch-{torch.__version__}"
+        return pb.DeviceInfo(device="cpu", name=name, capability=capability, fingerprint=fingerprint)
+    props = torch.cuda.get_device_properties(device)
+    capability = f"sm_{props.major}{props.minor}"
+    fingerprint = f"cuda/{props.name}/{capability}/{props.multi_processor_count}mp/torch-{torch.__version__}"
+    return pb.DeviceInfo(
+        device=str(device),
+        name=props.name,
+        multiprocessor_count=props.multi_processor_count,
+        capability=capability,
+        fingerprint=fingerprint,
+    )

@@ -1,0 +1,72 @@
+"""serve(config): build and start the gRPC server (init service, health, reflection) and return it running."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from initserve.v1 import initserve_pb2 as pb
+from initserve.v1 import initserve_pb2_grpc as pb_grpc
+from initserve_server.config import MAX_REQUEST_BYTES, ServerConfig
+from initserve_server.initializers import configure_torch
+from initserve_server.servicer import InitServicer
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InitService"].full_name
+log = logging.getLogger("initserve.server")
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    health: health.HealthServicer
+    config: ServerConfig
+    port: int  # the bound port (the real one when config.port was 0)
+
+    @property
+    def target(self) -> str:
+        return f"{_host_for_target(self.config.host)}:{self.port}"
+
+    def stop(self, grace_seconds: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, give in-flight calls the grace period, then stop."""
+        self.health.enter_graceful_shutdown()
+        grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
+        self.server.stop(grace).wait()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def _host_for_target(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def serve(config: ServerConfig) -> RunningServer:
+    """Start serving per ``config``; ``config.port=0`` binds a free port (see RunningServer.port)."""
+    configure_torch()
+    options = [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        ("grpc.so_reuseport", 0),  # two servers must never share a port silently
+    ]
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="initserve"), options=options
+    )
+    pb_grpc.add_InitServiceServicer_to_server(InitServicer(config), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{_host_for_target(config.host)}:{config.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    running = RunningServer(server=server, health=health_servicer, config=config, port=port)
+    log.info("serving on %s", running.target)
+    return running

@@ -1,0 +1,143 @@
+"""The gRPC servicer: request → spec → validate → generate → encode, with every error mapped in one place."""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import secrets
+import threading
+from collections.abc import Iterator
+
+import grpc
+import torch
+
+from initserve import _dtypes
+from initserve._checksum import CHECKSUM_ALGORITHM
+from initserve._codec import encode_stream, tensor_bytes
+from initserve._errors import TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES
+from initserve._schemes import SCHEMES
+from initserve.v1 import initserve_pb2 as pb
+from initserve.v1 import initserve_pb2_grpc as pb_grpc
+from initserve_server import __version__, devices
+from initserve_server.config import MAX_CHUNKS_PER_STREAM, MAX_STRING_PARAM_CHARS, ServerConfig
+from initserve_server.initializers import generate
+from initserve_server.spec import InitSpec
+from initserve_server.validation import InvalidRequest, check_finite, validate_request
+
+API_VERSION = "initserve.v1"
+log = logging.getLogger("initserve.server")
+
+
+def draw_seed() -> int:
+    """A fresh seed for a request that gave none; reported in the header so the result can be reproduced."""
+    return secrets.randbits(64)
+
+
+def _torch_exception_name(error: BaseException) -> str | None:
+    """The allowlisted builtin exception type nearest to what torch raised (torch's subclasses included)."""
+    for cls in type(error).__mro__:
+        if cls.__name__ in TORCH_EXCEPTION_TYPES and getattr(builtins, cls.__name__, None) is cls:
+            return cls.__name__
+    return None
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def _abort(context: grpc.ServicerContext, error: BaseException) -> None:
+    """Every failure of an Init call becomes its status here, and only here."""
+    if isinstance(error, InvalidRequest):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    if isinstance(error, devices.DeviceUnavailable):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+    if _is_out_of_memory(error):
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory generating the tensor: {error}")
+    torch_exception = _torch_exception_name(error)
+    if torch_exception is not None:
+        context.set_trailing_metadata(((TORCH_EXCEPTION_KEY, torch_exception),))
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    log.exception("unexpected error generating a tensor", exc_info=error)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error generating the tensor ({type(error).__name__})")
+
+
+def _header(spec: InitSpec) -> pb.Header:
+    return pb.Header(
+        shape=spec.shape,
+        dtype=spec.dtype.wire,
+        total_bytes=spec.total_bytes,
+        seed_used=spec.seed,
+        seeded=spec.scheme.seeded,
+        torch_version=torch.__version__,
+        device=devices.device_info(spec.device),
+        checksum_algorithm=CHECKSUM_ALGORITHM,
+        chunk_bytes=spec.chunk_bytes,
+        scheme=spec.scheme.name,
+        server_version=__version__,
+    )
+
+
+class InitServicer(pb_grpc.InitServiceServicer):
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+
+    def Init(self, request: pb.InitRequest, context: grpc.ServicerContext) -> Iterator[pb.InitResponse]:
+        cancelled = threading.Event()
+        context.add_callback(cancelled.set)
+        try:
+            spec = validate_request(request, self._config, draw_seed)
+            tensor = generate(spec)
+            check_finite(spec)
+            host_tensor = tensor.contiguous().cpu()
+        except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in _abort
+            _abort(context, error)
+            return
+        del tensor
+        for message in encode_stream(_header(spec), tensor_bytes(host_tensor), spec.chunk_bytes):
+            if cancelled.is_set():
+                return
+            yield message
+
+    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
+        return describe(self._config)
+
+
+def describe(config: ServerConfig) -> pb.ServerInfo:
+    """What this server is and accepts, all derived from the scheme and dtype tables and the config."""
+    schemes = [
+        pb.SchemeInfo(
+            name=scheme.name,
+            torch_function=scheme.torch_function,
+            params=[
+                pb.ParamInfo(
+                    name=param.name,
+                    type=param.kind.__name__,
+                    required=param.required,
+                    default="" if param.required else repr(param.default),
+                )
+                for param in scheme.params
+            ],
+            seeded=scheme.seeded,
+            shapes=scheme.shapes,
+            note=scheme.note,
+        )
+        for scheme in SCHEMES.values()
+    ]
+    return pb.ServerInfo(
+        server_version=__version__,
+        torch_version=torch.__version__,
+        devices=[devices.device_info(device) for device in devices.available_devices()],
+        schemes=schemes,
+        dtypes=[entry.wire for entry in _dtypes.DTYPES],
+        limits=pb.Limits(
+            max_tensor_bytes=config.max_tensor_bytes,
+            max_dims=config.max_dims,
+            default_chunk_bytes=config.chunk_bytes,
+            max_chunk_bytes=config.max_chunk_bytes,
+            max_chunks_per_stream=MAX_CHUNKS_PER_STREAM,
+            max_message_bytes=config.max_message_bytes,
+            max_string_param_chars=MAX_STRING_PARAM_CHARS,
+        ),
+        checksum_algorithm=CHECKSUM_ALGORITHM,
+        api_version=API_VERSION,
+    )

@@ -1,0 +1,33 @@
+"""InitSpec: a validated init request as plain data, free of protobuf and gRPC."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from initserve._dtypes import DTypeEntry
+from initserve._schemes import ParamValue, Scheme
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    scheme: Scheme
+    shape: tuple[int, ...]
+    dtype: DTypeEntry
+    params: tuple[tuple[str, ParamValue], ...]  # only the parameters the request set; torch supplies the rest
+    seed: int  # 0 for unseeded schemes
+    device: torch.device
+    chunk_bytes: int  # effective payload bytes per chunk
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def kwargs(self) -> dict[str, ParamValue]:
+        return dict(self.params)
