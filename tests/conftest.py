@@ -1,0 +1,161 @@
+"""Shared fixtures: real initserve server processes on 127.0.0.1 (port 0), and the contract's local reference."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import initserve
+
+# The contract is defined under the server's torch, which runs one intra-op thread (orthogonal_'s QR gives
+# thread-count-dependent bits). The local reference runs the same way.
+torch.set_num_threads(1)
+
+SERVER_START_SECONDS = 60.0
+SERVER_STOP_SECONDS = 15.0
+
+
+@dataclass
+class ServerProcess:
+    """A real ``python -m initserve_server`` process listening on a loopback port."""
+
+    process: subprocess.Popen
+    port: int
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self, **options) -> initserve.Client:
+        options.setdefault("timeout", 60.0)
+        return initserve.Client(self.target, **options)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(SERVER_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(SERVER_STOP_SECONDS)
+        return self.process.returncode
+
+
+def start_server(*flags: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """Start a server with ``flags`` on a free loopback port and wait until it says where it listens."""
+    command = [sys.executable, "-m", "initserve_server", "--host", "127.0.0.1", "--port", "0", *flags]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    output: list[str] = []
+
+    def pump() -> None:
+        for line in process.stdout:  # type: ignore[union-attr]
+            output.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            process.kill()
+            raise RuntimeError(f"server did not start in {SERVER_START_SECONDS}s: {''.join(output)}")
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
+            continue
+        if line is None:
+            process.wait(SERVER_STOP_SECONDS)
+            raise RuntimeError(f"server exited with {process.returncode}: {''.join(output)}")
+        if line.startswith("initserve listening on "):
+            port = int(line.rsplit(":", 1)[1])
+            return ServerProcess(process=process, port=port, output=output)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerProcess]:
+    """One default server for the whole session (tests that kill or reconfigure servers start their own)."""
+    running = start_server()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_chunk_server() -> Iterator[ServerProcess]:
+    """A server whose default chunk is 7 bytes: every tensor spans many chunks, none aligned to elements."""
+    running = start_server("--chunk-bytes", "7")
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def client(server: ServerProcess) -> Iterator[initserve.Client]:
+    with server.client() as connected:
+        yield connected
+
+
+def reference(
+    scheme: str,
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    **params,
+) -> torch.Tensor:
+    """The contract, literally: torch.nn.init.<scheme>_ on torch.empty with a seeded generator.
+
+    ``sparse`` is the one scheme whose torch function ignores the generator for part of its draws; its
+    reference is :func:`reference_sparse`, the documented algorithm.
+    """
+    tensor = torch.empty(shape, dtype=dtype)
+    if scheme == "sparse":
+        return reference_sparse(tensor, seed=seed, **params)
+    function = getattr(torch.nn.init, f"{scheme}_")
+    if initserve.SCHEMES[scheme].seeded:
+        return function(tensor, **params, generator=torch.Generator().manual_seed(seed))
+    return function(tensor, **params)
+
+
+def reference_sparse(tensor: torch.Tensor, *, seed: int, sparsity: float, std: float = 0.01) -> torch.Tensor:
+    """torch 2.13's sparse_ with ``torch.randperm(rows)`` given the request's generator (README: 'sparse')."""
+    import math
+
+    if tensor.ndimension() != 2:
+        raise ValueError("Only tensors with 2 dimensions are supported")
+    generator = torch.Generator().manual_seed(seed)
+    rows, cols = tensor.shape
+    num_zeros = math.ceil(sparsity * rows)
+    with torch.no_grad():
+        tensor.normal_(0, std, generator=generator)
+        for col_idx in range(cols):
+            row_indices = torch.randperm(rows, generator=generator)
+            tensor[row_indices[:num_zeros], col_idx] = 0
+    return tensor
+
+
+def same_bytes(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Bit-for-bit equality, NaN payloads and signed zeros included: never allclose."""
+    if actual.dtype != expected.dtype or actual.shape != expected.shape:
+        return False
+    return bytes(actual.contiguous().untyped_storage()) == bytes(expected.contiguous().untyped_storage())
