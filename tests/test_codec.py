@@ -1,0 +1,170 @@
+"""The stream codec and checksum, with real messages and no gRPC: round trips, and every way a stream can lie."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import zlib
+
+import pytest
+import torch
+
+from initserve import _codec
+from initserve._checksum import BLOCK_BYTES, CHECKSUM_ALGORITHM, TensorChecksum, tensor_checksum
+from initserve._errors import IntegrityError
+from initserve.v1 import initserve_pb2 as pb
+
+
+def independent_checksum(data: bytes) -> bytes:
+    """The documented algorithm written out again: SHA-256 of big-endian per-MiB CRC-32s, then the length."""
+    digest = hashlib.sha256()
+    for start in range(0, len(data), BLOCK_BYTES):
+        digest.update(zlib.crc32(data[start : start + BLOCK_BYTES]).to_bytes(4, "big"))
+    digest.update(len(data).to_bytes(8, "big"))
+    return digest.digest()
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, BLOCK_BYTES - 1, BLOCK_BYTES, BLOCK_BYTES + 1, 3 * BLOCK_BYTES + 17])
+def test_checksum_matches_the_documented_algorithm(size: int) -> None:
+    data = random.Random(size).randbytes(size)
+    assert tensor_checksum(data) == independent_checksum(data)
+
+
+def test_checksum_does_not_depend_on_how_the_bytes_are_split() -> None:
+    rng = random.Random(1)
+    data = rng.randbytes(2 * BLOCK_BYTES + 12345)
+    for _ in range(5):
+        checksum = TensorChecksum()
+        position = 0
+        while position < len(data):
+            step = rng.choice([1, 3, 4096, BLOCK_BYTES - 5, BLOCK_BYTES + 7])
+            checksum.update(data[position : position + step])
+            position += step
+        assert checksum.digest() == tensor_checksum(data)
+
+
+def test_checksum_sees_a_single_flipped_bit_and_the_length() -> None:
+    data = bytearray(random.Random(2).randbytes(BLOCK_BYTES + 100))
+    original = tensor_checksum(bytes(data))
+    data[BLOCK_BYTES + 50] ^= 0x01
+    assert tensor_checksum(bytes(data)) != original
+    assert tensor_checksum(b"\x00" * 8) != tensor_checksum(b"\x00" * 16)
+
+
+def header_for(tensor: torch.Tensor, **overrides) -> pb.Header:
+    header = pb.Header(
+        shape=list(tensor.shape),
+        dtype={torch.float32: pb.DTYPE_FLOAT32, torch.float64: pb.DTYPE_FLOAT64, torch.bfloat16: pb.DTYPE_BFLOAT16}[
+            tensor.dtype
+        ],
+        total_bytes=tensor.numel() * tensor.element_size(),
+        checksum_algorithm=CHECKSUM_ALGORITHM,
+        chunk_bytes=5,
+    )
+    for name, value in overrides.items():
+        if name == "shape":
+            del header.shape[:]
+            header.shape.extend(value)
+        else:
+            setattr(header, name, value)
+    return header
+
+
+def encoded(tensor: torch.Tensor, chunk_bytes: int = 5, **header_overrides) -> list[pb.InitResponse]:
+    source = tensor.contiguous()
+    return list(_codec.encode_stream(header_for(source, **header_overrides), _codec.tensor_bytes(source), chunk_bytes))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 5, 64, 1 << 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_round_trip_is_bit_exact_for_any_chunk_size(chunk_bytes: int, dtype: torch.dtype) -> None:
+    source = torch.randn(7, 13, generator=torch.Generator().manual_seed(0)).to(dtype)
+    source[0, 0] = float("nan")
+    source[0, 1] = -0.0
+    messages = encoded(source, chunk_bytes)
+    chunks = [m.chunk for m in messages if m.WhichOneof("part") == "chunk"]
+    assert all(len(c.data) == chunk_bytes for c in chunks[:-1])
+    assert sum(len(c.data) for c in chunks) == source.numel() * source.element_size()
+    tensor, header = _codec.decode_stream(messages, expected_shape=(7, 13), expected_dtype=dtype)
+    assert bytes(tensor.untyped_storage()) == bytes(source.untyped_storage())
+    assert header.total_bytes == source.numel() * source.element_size()
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (5, 0), ()])
+def test_zero_size_and_scalar_tensors(shape: tuple[int, ...]) -> None:
+    source = torch.full(shape, 2.5)
+    messages = encoded(source)
+    assert [m.WhichOneof("part") for m in messages][0] == "header"
+    tensor, _ = _codec.decode_stream(messages, expected_shape=shape, expected_dtype=torch.float32)
+    assert tensor.shape == shape
+    assert bytes(tensor.untyped_storage()) == bytes(source.untyped_storage())
+
+
+def test_decode_writes_into_the_given_tensor_without_a_second_tensor() -> None:
+    source = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    out = torch.zeros(4, 6)
+    tensor, _ = _codec.decode_stream(encoded(source), out=out)
+    assert tensor is out
+    assert torch.equal(out, source)
+
+
+def corrupt(messages: list[pb.InitResponse], index: int, mutate) -> list[pb.InitResponse]:
+    copies = [pb.InitResponse.FromString(m.SerializeToString()) for m in messages]
+    mutate(copies[index])
+    return copies
+
+
+def flip_first_byte(message: pb.InitResponse) -> None:
+    data = bytearray(message.chunk.data)
+    data[0] ^= 0xFF
+    message.chunk.data = bytes(data)
+
+
+SOURCE = torch.arange(12, dtype=torch.float32)  # 48 bytes: header, 10 chunks of 5 bytes (last 3), trailer
+
+
+@pytest.mark.parametrize(
+    "make_stream, message",
+    [
+        (lambda m: [], "did not start with a header"),
+        (lambda m: m[1:], "did not start with a header"),
+        (lambda m: m[:-1], "stream ended after 48 of 48 bytes without a trailer"),
+        (lambda m: m[:4] + m[-1:], "trailer after 15 of 48 bytes"),
+        (lambda m: m[:2] + m[3:], "chunk at offset 10, expected offset 5"),
+        (lambda m: m[:3] + m[2:], "chunk at offset 5, expected offset 10"),
+        (lambda m: corrupt(m, 3, flip_first_byte), "checksum mismatch"),
+        (lambda m: corrupt(m, -1, lambda t: setattr(t.trailer, "checksum", b"\x00" * 32)), "checksum mismatch"),
+        (lambda m: m + m[-1:], "message after the trailer"),
+        (lambda m: m[:1] + m[:1] + m[1:], "unexpected header message after the header"),
+        (lambda m: m[:1] + [pb.InitResponse()] + m[1:], "unexpected empty message after the header"),
+        (lambda m: corrupt(m, 1, lambda c: setattr(c.chunk, "data", b"")), "chunk of 0 bytes at offset 0"),
+        (lambda m: corrupt(m, 10, lambda c: setattr(c.chunk, "data", b"123456")), "overruns the tensor's 48 bytes"),
+        (lambda m: corrupt(m, 0, lambda h: setattr(h.header, "total_bytes", 44)), "does not match shape [12]"),
+        (lambda m: corrupt(m, 0, lambda h: setattr(h.header, "dtype", 99)), "dtype 99"),
+        (lambda m: corrupt(m, 0, lambda h: setattr(h.header, "checksum_algorithm", "md5")), "checksum algorithm"),
+        (lambda m: corrupt(m, 0, lambda h: h.header.shape.append(-1)), "negative dimension"),
+    ],
+)
+def test_every_malformed_stream_raises_integrity_error(make_stream, message: str) -> None:
+    stream = make_stream(encoded(SOURCE))
+    with pytest.raises(IntegrityError, match=None) as raised:
+        _codec.decode_stream(stream, expected_shape=(12,), expected_dtype=torch.float32)
+    assert message in str(raised.value)
+
+
+def test_header_must_match_the_request() -> None:
+    with pytest.raises(IntegrityError, match=r"differs from the requested shape \[3, 4\]"):
+        _codec.decode_stream(encoded(SOURCE), expected_shape=(3, 4))
+    with pytest.raises(IntegrityError, match="differs from the requested dtype"):
+        _codec.decode_stream(encoded(SOURCE), expected_dtype=torch.float64)
+    with pytest.raises(IntegrityError, match="not the destination's layout"):
+        _codec.decode_stream(encoded(SOURCE), out=torch.empty(12, dtype=torch.float64))
+
+
+def test_byte_views_refuse_what_they_cannot_view() -> None:
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        _codec.tensor_bytes(torch.empty(4, 6).t())
+    view = _codec.tensor_bytes(torch.ones(2))
+    assert view.readonly and len(view) == 8
+    with pytest.raises(ValueError, match="chunk_bytes must be positive"):
+        list(_codec.encode_stream(header_for(SOURCE), _codec.tensor_bytes(SOURCE), 0))

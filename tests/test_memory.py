@@ -1,0 +1,44 @@
+"""Measured memory: the client assembles a tensor in one preallocated buffer, with no second full-size copy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+TENSOR_MIB = 256
+ALLOWANCE_MIB = 64  # gRPC buffers, one chunk in flight, interpreter noise
+
+CLIENT_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys, torch
+    import initserve
+
+    def peak_mib():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+    with initserve.Client(sys.argv[1], timeout=120) as client:
+        client.normal((1024, 1024), seed=1)  # warm up the channel and the allocator
+        before = peak_mib()
+        tensor = client.normal((int(sys.argv[2]) * 256, 1024), seed=2)
+        after = peak_mib()
+    reference = torch.empty(tensor.shape).normal_(generator=torch.Generator().manual_seed(2))
+    print(json.dumps({"before": before, "after": after, "exact": torch.equal(tensor, reference)}))
+    """
+)
+
+
+def test_client_peak_memory_is_one_tensor_plus_a_bounded_allowance(server) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", CLIENT_SCRIPT, server.target, str(TENSOR_MIB)],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["exact"]
+    growth = measured["after"] - measured["before"]
+    # The reference tensor is allocated after the measurement, so it does not count.
+    assert TENSOR_MIB <= growth <= TENSOR_MIB + ALLOWANCE_MIB, measured

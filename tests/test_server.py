@@ -1,0 +1,152 @@
+"""The server process: Describe, health, reflection, flags and environment variables, signals."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+import initserve
+from initserve.v1 import initserve_pb2 as pb
+from tests.conftest import reference, same_bytes, start_server
+
+SERVICE = "initserve.v1.InitService"
+
+
+def test_describe_lists_every_scheme_with_torchs_own_defaults(client: initserve.Client) -> None:
+    info = client.describe()
+    assert info.api_version == "initserve.v1"
+    assert info.torch_version == torch.__version__
+    assert [s.name for s in info.schemes] == list(initserve.SCHEMES)
+    for scheme in info.schemes:
+        torch_params = inspect.signature(getattr(torch.nn.init, f"{scheme.name}_")).parameters
+        expected = [p for name, p in torch_params.items() if name not in ("tensor", "generator")]
+        assert [p.name for p in scheme.params] == [p.name for p in expected], scheme.name
+        for described, torch_param in zip(scheme.params, expected, strict=True):
+            if torch_param.default is inspect.Parameter.empty:
+                assert described.required and described.default == ""
+            else:
+                assert not described.required
+                assert described.default == repr(torch_param.default), (scheme.name, described.name)
+        assert scheme.seeded == ("generator" in torch_params)
+        assert scheme.torch_function == f"torch.nn.init.{scheme.name}_"
+    assert "global RNG" in next(s.note for s in info.schemes if s.name == "sparse")
+    assert list(info.dtypes) == [pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16]
+    cpu = info.devices[0]
+    assert cpu.device == "cpu"
+    assert cpu.capability == torch.backends.cpu.get_cpu_capability()
+    assert cpu.fingerprint.startswith("cpu/") and torch.__version__ in cpu.fingerprint
+    assert info.checksum_algorithm == initserve.CHECKSUM_ALGORITHM
+
+
+def test_health_and_reflection_are_served(server) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE):
+            response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as raised:
+            health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+        descriptor = database.FindFileContainingSymbol(SERVICE)
+        assert descriptor.package == "initserve.v1"
+
+
+def test_flags_set_the_limits_that_describe_reports_and_requests_meet() -> None:
+    running = start_server("--chunk-bytes", "1000", "--max-tensor-bytes", "64K", "--max-dims", "3")
+    try:
+        with running.client() as client:
+            limits = client.describe().limits
+            assert (limits.default_chunk_bytes, limits.max_tensor_bytes, limits.max_dims) == (1000, 65536, 3)
+            result = client.fetch((100, 50), "uniform", seed=1)
+            assert result.header.chunk_bytes == 1000
+            assert same_bytes(result.tensor, reference("uniform", (100, 50), seed=1))
+            with pytest.raises(initserve.InvalidArgument, match=r"the limit is 65536 bytes \(max_tensor_bytes\)"):
+                client.normal((129, 128))
+            with pytest.raises(initserve.InvalidArgument, match=r"shape has 4 dims; the limit is 3 \(max_dims\)"):
+                client.normal((1, 1, 1, 1))
+    finally:
+        assert running.stop() == 0
+
+
+def test_environment_variables_configure_the_server() -> None:
+    running = start_server(env={"INITSERVE_CHUNK_BYTES": "333", "INITSERVE_MAX_DIMS": "5"})
+    try:
+        with running.client() as client:
+            limits = client.describe().limits
+            assert (limits.default_chunk_bytes, limits.max_dims) == (333, 5)
+            assert client.fetch((10, 10), "normal", seed=0).header.chunk_bytes == 333
+    finally:
+        running.stop()
+
+
+def test_a_flag_wins_over_its_environment_variable() -> None:
+    running = start_server("--chunk-bytes", "444", env={"INITSERVE_CHUNK_BYTES": "333"})
+    try:
+        with running.client() as client:
+            assert client.describe().limits.default_chunk_bytes == 444
+    finally:
+        running.stop()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "initserve_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_help_documents_every_flag_with_its_environment_twin() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    flags = re.findall(r"--([a-z][a-z-]+)", text)
+    for flag in set(flags) - {"help", "version"}:
+        assert f"INITSERVE_{flag.upper().replace('-', '_')}" in text, flag
+    assert "50051" in text
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (("--port", "70000"), None, "port must be in 0..65535"),
+        (("--chunk-bytes", "8M"), None, "chunk_bytes must be in 1..4194240"),
+        ((), {"INITSERVE_WORKERS": "many"}, "INITSERVE_WORKERS='many' is not a valid value"),
+    ],
+)
+def test_bad_configuration_exits_with_a_message(args, env, message: str) -> None:
+    result = run_cli(*args, env=env)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "initserve-server"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "initserve-server 0.1.0"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_the_server_with_exit_status_zero(sig: int) -> None:
+    running = start_server("--grace-seconds", "2")
+    with running.client() as client:
+        assert client.ones((2, 2)).sum().item() == 4
+    assert running.stop(sig) == 0
+    assert not running.alive()
