@@ -199,9 +199,9 @@ class Client:
         """
         if tensor.is_meta:  # torch's initializers leave meta tensors alone: there is no storage
             return tensor
+        dtype = _dtypes.from_torch(tensor.dtype).torch_dtype  # refuse before touching any RNG, as torch does
         if seed is None and SCHEMES[scheme].seeded:
             seed = draw_seed(generator)
-        dtype = _dtypes.from_torch(tensor.dtype).torch_dtype
         direct = tensor.device.type == "cpu" and tensor.is_contiguous()
         result = self.fetch(
             tuple(tensor.shape),

@@ -14,7 +14,15 @@ from typing import Any
 TORCH_EXCEPTION_KEY = "initserve-torch-exception"
 # The only exception types the client re-creates from that key.
 TORCH_EXCEPTION_TYPES: frozenset[str] = frozenset(
-    {"ValueError", "TypeError", "RuntimeError", "NotImplementedError", "ZeroDivisionError", "IndexError"}
+    {
+        "ValueError",
+        "TypeError",
+        "RuntimeError",
+        "NotImplementedError",
+        "ZeroDivisionError",
+        "IndexError",
+        "OverflowError",
+    }
 )
 
 

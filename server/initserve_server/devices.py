@@ -14,6 +14,8 @@ import torch
 from initserve.v1 import initserve_pb2 as pb
 
 _DEVICE_PATTERN = re.compile(r"cpu|cuda(?::(\d{1,4}))?")
+# torch.device keeps its index in an int8: cuda:128 reads back as cuda:-128 and cuda:256 as cuda:0.
+_MAX_DEVICE_INDEX = 127
 
 
 class DeviceUnavailable(Exception):
@@ -28,20 +30,27 @@ def parse_device(text: str) -> torch.device:
     if match is None:
         shown = text if len(text) <= 32 else text[:32] + "..."
         raise ValueError(f"device {shown!r} is not one of 'cpu', 'cuda', 'cuda:N'")
-    return torch.device("cuda", int(match.group(1) or 0))
+    index = int(match.group(1) or 0)
+    if index > _MAX_DEVICE_INDEX:  # no machine has it; refuse by the name asked for, never a wrapped index
+        _require_cuda_index(index)
+    return torch.device("cuda", index)
 
 
 def require_available(device: torch.device) -> None:
-    if device.type != "cuda":
-        return
+    """DeviceUnavailable unless this server can generate on ``device``."""
+    if device.type == "cuda":
+        _require_cuda_index(device.index)
+
+
+def _require_cuda_index(index: int) -> None:
     if not torch.cuda.is_available():
         raise DeviceUnavailable(
-            f"device '{device}' requested but this server has no CUDA (torch {torch.__version__}, "
+            f"device 'cuda:{index}' requested but this server has no CUDA (torch {torch.__version__}, "
             f"cuda available: False); generating elsewhere would give different bytes"
         )
     count = torch.cuda.device_count()
-    if device.index >= count:
-        raise DeviceUnavailable(f"device '{device}' requested but this server has {count} CUDA device(s)")
+    if index >= count:
+        raise DeviceUnavailable(f"device 'cuda:{index}' requested but this server has {count} CUDA device(s)")
 
 
 def available_devices() -> list[torch.device]:

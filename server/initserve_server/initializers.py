@@ -9,6 +9,7 @@ permutations torch draws from the global RNG and the service draws from the requ
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 
 import torch
@@ -21,9 +22,17 @@ from initserve_server.spec import InitSpec
 TORCH_THREADS = 1
 
 
+_configured = threading.local()
+
+
 def configure_torch() -> None:
-    """Put this process's torch in the state the contract is defined under."""
+    """Put the calling thread's torch in the state the contract is defined under.
+
+    Per thread, not per process: OpenMP's and MKL's thread counts are per-thread settings, and a fresh gRPC
+    worker thread would run its first QR on every core (different bits) if only the main thread were set.
+    """
     torch.set_num_threads(TORCH_THREADS)
+    _configured.done = True
 
 
 def sparse_(
@@ -54,6 +63,8 @@ INITIALIZERS["sparse"] = sparse_
 
 def generate(spec: InitSpec) -> torch.Tensor:
     """The contract tensor for ``spec``, on ``spec.device``; raises whatever torch raises."""
+    if not getattr(_configured, "done", False):
+        configure_torch()
     tensor = torch.empty(spec.shape, dtype=spec.dtype.torch_dtype, device=spec.device)
     kwargs = spec.kwargs()
     if spec.scheme.seeded:
