@@ -38,8 +38,8 @@ test-all: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check client server tests examples
-	$(VENV)/bin/ruff format --check client server tests examples
+	$(VENV)/bin/ruff check client server tests examples bench
+	$(VENV)/bin/ruff format --check client server tests examples bench
 
 clean:
 	rm -rf $(VENV) $(STUBS) .pytest_cache .ruff_cache
