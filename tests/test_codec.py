@@ -120,6 +120,11 @@ def flip_first_byte(message: pb.InitResponse) -> None:
     message.chunk.data = bytes(data)
 
 
+def flip_first_byte_and_its_crc(message: pb.InitResponse) -> None:
+    flip_first_byte(message)
+    message.chunk.crc32 = zlib.crc32(message.chunk.data)
+
+
 SOURCE = torch.arange(12, dtype=torch.float32)  # 48 bytes: header, 10 chunks of 5 bytes (last 3), trailer
 
 
@@ -132,7 +137,8 @@ SOURCE = torch.arange(12, dtype=torch.float32)  # 48 bytes: header, 10 chunks of
         (lambda m: m[:4] + m[-1:], "trailer after 15 of 48 bytes"),
         (lambda m: m[:2] + m[3:], "chunk at offset 10, expected offset 5"),
         (lambda m: m[:3] + m[2:], "chunk at offset 5, expected offset 10"),
-        (lambda m: corrupt(m, 3, flip_first_byte), "checksum mismatch"),
+        (lambda m: corrupt(m, 3, flip_first_byte), "chunk at offset 10 is damaged (CRC-32"),
+        (lambda m: corrupt(m, 3, flip_first_byte_and_its_crc), "checksum mismatch"),
         (lambda m: corrupt(m, -1, lambda t: setattr(t.trailer, "checksum", b"\x00" * 32)), "checksum mismatch"),
         (lambda m: m + m[-1:], "message after the trailer"),
         (lambda m: m[:1] + m[:1] + m[1:], "unexpected header message after the header"),

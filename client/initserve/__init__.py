@@ -20,6 +20,7 @@ from initserve._errors import (
     IntegrityError,
     Internal,
     InvalidArgument,
+    OutOfRange,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
@@ -27,6 +28,7 @@ from initserve._errors import (
     Unimplemented,
     from_grpc_error,
 )
+from initserve._retry import RetryPolicy
 from initserve._schemes import SCHEMES
 
 __version__ = "0.1.0"
@@ -43,8 +45,10 @@ __all__ = [
     "IntegrityError",
     "Internal",
     "InvalidArgument",
+    "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
+    "RetryPolicy",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",

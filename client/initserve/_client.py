@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +12,8 @@ import grpc
 import torch
 
 from initserve import _dtypes
-from initserve._codec import decode_stream
+from initserve._codec import StreamAssembler
+from initserve._retry import RetryPolicy, fetch_resuming
 from initserve._schemes import SCHEMES, ParamValue, Scheme
 from initserve._transport import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, Transport
 from initserve.v1 import initserve_pb2 as pb
@@ -35,7 +35,10 @@ class InitResult:
     seeded: bool
     torch_version: str  # the server's torch: the contract's reference
     device: pb.DeviceInfo  # generation device, with its fingerprint
-    header: pb.Header
+    header: pb.Header  # the first stream's header
+    attempts: int = 1  # streams used: more than one when a broken stream was resumed
+    resumed_at: tuple[int, ...] = ()  # the byte offsets that later streams started from
+    server_ids: tuple[str, ...] = ()  # the replica behind each stream, in order
 
 
 def _shape(shape: ShapeLike) -> tuple[int, ...]:
@@ -91,18 +94,21 @@ class Client:
     """A connection to an initserve server; use as a context manager or call :meth:`close`.
 
     Args:
-        target: ``host:port`` (any gRPC target string).
+        target: ``host:port`` (any gRPC target string, e.g. ``dns:///initserve.ns.svc:50051``), or a list
+            (or comma-separated string) of ``host:port`` replicas; requests are balanced round robin, and a
+            stream that breaks resumes from its last verified byte, on another replica when one is up.
         timeout: default per-call deadline in seconds (None: no deadline); each call may override it.
         credentials: ``grpc.ChannelCredentials`` for a TLS channel; None for an insecure channel.
         max_receive_message_bytes: largest message accepted; must exceed the server's chunk size.
         options: extra gRPC channel options, e.g. keepalive settings.
         chunk_bytes: preferred chunk size (0: the server's default).
         require_device_fingerprint: refuse results generated on any other device (FailedPrecondition).
+        retry: how many streams one fetch may use and the backoff between them (see RetryPolicy).
     """
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = DEFAULT_TIMEOUT_SECONDS,
         credentials: grpc.ChannelCredentials | None = None,
@@ -110,8 +116,10 @@ class Client:
         options: Sequence[tuple[str, Any]] = (),
         chunk_bytes: int = 0,
         require_device_fingerprint: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.target = target
+        self.retry = retry or RetryPolicy()
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.require_device_fingerprint = require_device_fingerprint
@@ -144,11 +152,14 @@ class Client:
         timeout: float | None = None,
         require_device_fingerprint: str | None = None,
         out: torch.Tensor | None = None,
+        progress: Callable[[int, int], None] | None = None,
         **params: ParamValue,
     ) -> InitResult:
         """Generate ``scheme`` on the server and return the verified tensor with its header.
 
         ``out``: a contiguous CPU tensor of this shape and dtype to write into instead of a new one.
+        ``progress(received_bytes, total_bytes)``: called after every chunk.
+        ``timeout``: the whole fetch's deadline, resumed streams included.
         """
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; use one of: {', '.join(SCHEMES)}")
@@ -165,16 +176,27 @@ class Client:
         )
         if seed is not None:
             request.seed = _seed(seed)
-        stream = self._transport.init_stream(request, self.timeout if timeout is None else timeout)
-        with contextlib.closing(stream):
-            tensor, header = decode_stream(stream, expected_shape=sizes, expected_dtype=dtype, out=out)
+
+        def open_stream(offset: int, resume_seed: int | None, remaining: float | None) -> Any:
+            if offset or resume_seed is not None:
+                request.offset = offset
+                if resume_seed is not None:
+                    request.seed = resume_seed
+            return self._transport.init_stream(request, remaining)
+
+        assembler = StreamAssembler(expected_shape=sizes, expected_dtype=dtype, out=out, progress=progress)
+        outcome = fetch_resuming(open_stream, assembler, self.retry, self.timeout if timeout is None else timeout)
+        header = outcome.header
         return InitResult(
-            tensor=tensor,
+            tensor=outcome.tensor,
             seed=header.seed_used,
             seeded=header.seeded,
             torch_version=header.torch_version,
             device=header.device,
             header=header,
+            attempts=outcome.attempts,
+            resumed_at=tuple(outcome.resumed_at),
+            server_ids=tuple(h.server_id for h in outcome.headers),
         )
 
     def init(self, shape: ShapeLike, scheme: str, **kwargs: Any) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Used by the server to encode and by the client to decode; it never imports grpc. Decoding writes each chunk
 straight into one preallocated destination tensor and raises IntegrityError before returning anything that
-is short, out of order, oversized or fails the checksum.
+is short, out of order, oversized, damaged (per-chunk CRC-32) or fails the whole-tensor checksum. A stream that
+breaks can be resumed: :class:`StreamAssembler` takes a second stream starting at the bytes it already holds,
+checks that its header describes the same tensor, and verifies the whole tensor at the end.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from initserve import _dtypes
-from initserve._checksum import CHECKSUM_ALGORITHM, TensorChecksum
+from initserve._checksum import CHECKSUM_ALGORITHM, TensorChecksum, tensor_checksum
 from initserve._errors import IntegrityError
 from initserve.v1 import initserve_pb2 as pb
 
@@ -49,17 +52,34 @@ def expected_bytes(shape: Sequence[int], itemsize: int) -> int:
     return math.prod(shape) * itemsize
 
 
-def encode_stream(header: pb.Header, payload: memoryview, chunk_bytes: int) -> Iterator[pb.InitResponse]:
-    """Header, then chunks of ``chunk_bytes`` (the last may be shorter) in offset order, then the trailer."""
+def encode_stream(
+    header: pb.Header,
+    payload: memoryview,
+    chunk_bytes: int,
+    *,
+    offset: int = 0,
+    checksum: bytes | None = None,
+) -> Iterator[pb.InitResponse]:
+    """Header, chunks of ``chunk_bytes`` from ``offset`` (the last may be shorter), then the trailer.
+
+    ``checksum`` is the whole payload's (computed here when None); the trailer always carries it, so a
+    stream resumed at ``offset`` verifies the whole tensor.
+    """
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    if not 0 <= offset <= len(payload):
+        raise ValueError(f"offset {offset} is outside the payload's {len(payload)} bytes")
+    if checksum is None:
+        checksum = tensor_checksum(payload)
     yield pb.InitResponse(header=header)
-    checksum = TensorChecksum()
-    for offset in range(0, len(payload), chunk_bytes):
-        piece = payload[offset : offset + chunk_bytes]
-        checksum.update(piece)
-        yield pb.InitResponse(chunk=pb.Chunk(offset=offset, data=piece.tobytes()))
-    yield pb.InitResponse(trailer=pb.Trailer(checksum=checksum.digest()))
+    for start in range(offset, len(payload), chunk_bytes):
+        piece = payload[start : start + chunk_bytes]
+        yield pb.InitResponse(chunk=pb.Chunk(offset=start, data=piece.tobytes(), crc32=zlib.crc32(piece)))
+    yield pb.InitResponse(trailer=pb.Trailer(checksum=checksum))
+
+
+# Header fields that decide the bytes: a resumed stream must agree on all of them with the first.
+_SAME_TENSOR_FIELDS = ("shape", "dtype", "total_bytes", "seed_used", "seeded", "torch_version", "checksum_algorithm")
 
 
 def _check_header(
@@ -85,6 +105,126 @@ def _check_header(
     return entry
 
 
+def _same_tensor(first: pb.Header, later: pb.Header) -> str | None:
+    """The first field on which a resumed stream's header describes a different tensor, or None."""
+    for name in _SAME_TENSOR_FIELDS:
+        if getattr(first, name) != getattr(later, name):
+            return name
+    if first.scheme != later.scheme:
+        return "scheme"
+    if first.device.fingerprint != later.device.fingerprint:
+        return "device.fingerprint"
+    return None
+
+
+class StreamAssembler:
+    """Assembles one tensor from one or more Init streams (a first one, then resumptions), verified.
+
+    ``out``, when given, must be a contiguous CPU tensor of the header's shape and dtype; the bytes are
+    written straight into it. Otherwise one tensor is allocated when the first header arrives.
+    ``progress(received, total)`` is called after every chunk.
+    """
+
+    def __init__(
+        self,
+        *,
+        expected_shape: Sequence[int] | None = None,
+        expected_dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self._expected_shape = expected_shape
+        self._expected_dtype = expected_dtype
+        self._progress = progress
+        self.tensor = out
+        self.header: pb.Header | None = None
+        self.headers: list[pb.Header] = []  # one per stream consumed, in order
+        self.received = 0
+        self._checksum = TensorChecksum()
+        self._destination: memoryview | None = None
+
+    def restart(self) -> None:
+        """Forget every byte received (after a whole-tensor checksum failure); keep the first header."""
+        self.received = 0
+        self._checksum = TensorChecksum()
+
+    def consume(self, responses: Iterable[pb.InitResponse]) -> tuple[torch.Tensor, pb.Header]:
+        """Read one stream that starts at :attr:`received`; returns (tensor, first header) once verified.
+
+        Errors of the stream's transport propagate unchanged; the bytes before :attr:`received` stay
+        verified, so the caller may resume there.
+        """
+        iterator = iter(responses)
+        first = next(iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise self._broken("stream did not start with a header")
+        self._start(first.header)
+        assert self.header is not None and self._destination is not None
+        total = self.header.total_bytes
+        for message in iterator:
+            part = message.WhichOneof("part")
+            if part == "chunk":
+                self._chunk(message.chunk, total)
+            elif part == "trailer":
+                if self.received != total:
+                    raise self._broken(f"trailer after {self.received} of {total} bytes")
+                if message.trailer.checksum != self._checksum.digest():
+                    raise IntegrityError(
+                        "checksum mismatch: the received bytes differ from the bytes the server sent",
+                        received=self.received,
+                        recovery="restart",
+                    )
+                if next(iterator, None) is not None:
+                    raise self._broken("message after the trailer")
+                assert self.tensor is not None
+                return self.tensor, self.header
+            else:
+                raise self._broken(f"unexpected {part or 'empty'} message after the header")
+        raise self._broken(f"stream ended after {self.received} of {total} bytes without a trailer")
+
+    def _broken(self, message: str) -> IntegrityError:
+        return IntegrityError(message, received=self.received, recovery="resume")
+
+    def _start(self, header: pb.Header) -> None:
+        if self.header is None:
+            entry = _check_header(header, self._expected_shape, self._expected_dtype)
+            shape = tuple(header.shape)
+            if self.tensor is None:
+                self.tensor = torch.empty(shape, dtype=entry.torch_dtype)
+            elif tuple(self.tensor.shape) != shape or self.tensor.dtype != entry.torch_dtype:
+                raise IntegrityError(f"header describes {list(shape)} {entry.name}, not the destination's layout")
+            self._destination = writable_bytes(self.tensor)
+            self.header = header
+        else:
+            differs = _same_tensor(self.header, header)
+            if differs is not None:
+                raise IntegrityError(
+                    f"the resumed stream describes a different tensor (header field {differs} differs from "
+                    "the first stream's); replicas disagree (different torch or device?)"
+                )
+        if header.offset != self.received:
+            raise self._broken(f"stream starts at offset {header.offset}, expected {self.received}")
+        self.headers.append(header)
+
+    def _chunk(self, chunk: pb.Chunk, total: int) -> None:
+        assert self._destination is not None
+        size = len(chunk.data)
+        if chunk.offset != self.received:
+            raise self._broken(f"chunk at offset {chunk.offset}, expected offset {self.received}")
+        if size == 0 or self.received + size > total:
+            raise self._broken(f"chunk of {size} bytes at offset {self.received} overruns the tensor's {total} bytes")
+        crc = zlib.crc32(chunk.data)
+        if crc != chunk.crc32:
+            raise self._broken(
+                f"chunk at offset {chunk.offset} is damaged (CRC-32 {crc:#010x}, sent {chunk.crc32:#010x})"
+            )
+        self._destination[self.received : self.received + size] = chunk.data
+        self._checksum.update(chunk.data, crc=crc)
+        self.received += size
+        if self._progress is not None:
+            self._progress(self.received, total)
+
+
 def decode_stream(
     responses: Iterable[pb.InitResponse],
     *,
@@ -92,46 +232,6 @@ def decode_stream(
     expected_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, pb.Header]:
-    """Assemble one Init stream into a tensor, verified; returns (tensor, header).
-
-    ``out``, when given, must be a contiguous CPU tensor of the header's shape and dtype; the bytes are
-    written straight into it. Otherwise one tensor is allocated once the header arrives.
-    """
-    iterator = iter(responses)
-    first = next(iterator, None)
-    if first is None or first.WhichOneof("part") != "header":
-        raise IntegrityError("stream did not start with a header")
-    header = first.header
-    entry = _check_header(header, expected_shape, expected_dtype)
-    shape = tuple(header.shape)
-    if out is None:
-        out = torch.empty(shape, dtype=entry.torch_dtype)
-    elif tuple(out.shape) != shape or out.dtype != entry.torch_dtype:
-        raise IntegrityError(f"header describes {list(shape)} {entry.name}, not the destination's layout")
-    destination = writable_bytes(out)
-    total = header.total_bytes
-    received = 0
-    checksum = TensorChecksum()
-    for message in iterator:
-        part = message.WhichOneof("part")
-        if part == "chunk":
-            chunk = message.chunk
-            size = len(chunk.data)
-            if chunk.offset != received:
-                raise IntegrityError(f"chunk at offset {chunk.offset}, expected offset {received}")
-            if size == 0 or received + size > total:
-                raise IntegrityError(f"chunk of {size} bytes at offset {received} overruns the tensor's {total} bytes")
-            destination[received : received + size] = chunk.data
-            checksum.update(destination[received : received + size])
-            received += size
-        elif part == "trailer":
-            if received != total:
-                raise IntegrityError(f"trailer after {received} of {total} bytes")
-            if message.trailer.checksum != checksum.digest():
-                raise IntegrityError("checksum mismatch: the received bytes differ from the bytes the server sent")
-            if next(iterator, None) is not None:
-                raise IntegrityError("message after the trailer")
-            return out, header
-        else:
-            raise IntegrityError(f"unexpected {part or 'empty'} message after the header")
-    raise IntegrityError(f"stream ended after {received} of {total} bytes without a trailer")
+    """Assemble one whole Init stream into a tensor, verified; returns (tensor, header)."""
+    assembler = StreamAssembler(expected_shape=expected_shape, expected_dtype=expected_dtype, out=out)
+    return assembler.consume(responses)

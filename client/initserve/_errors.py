@@ -86,6 +86,12 @@ class Unimplemented(InitServeError):
     code = "UNIMPLEMENTED"
 
 
+class OutOfRange(InitServeError, ValueError):
+    """A resume offset past the tensor's end (OUT_OF_RANGE)."""
+
+    code = "OUT_OF_RANGE"
+
+
 class Internal(InitServeError):
     """The server failed in a way it did not expect; the request may be retried or reported."""
 
@@ -96,7 +102,15 @@ class IntegrityError(InitServeError):
     """The received stream is not a whole, intact tensor: short, out of order, or its checksum differs.
 
     Raised by the client before it returns anything: a result that could be wrong is never returned.
+    ``recovery`` says what a retry may do: ``"resume"`` (the bytes before ``received`` are verified, so
+    a new stream may start there), ``"restart"`` (the whole-tensor checksum failed: start again from byte 0)
+    or ``"none"`` (the server describes a different tensor than asked, or replicas disagree).
     """
+
+    def __init__(self, message: str, *, received: int = 0, recovery: str = "none") -> None:
+        super().__init__(message)
+        self.received = received
+        self.recovery = recovery
 
 
 _BY_CODE: dict[str, type[InitServeError]] = {
@@ -111,6 +125,7 @@ _BY_CODE: dict[str, type[InitServeError]] = {
         Unauthenticated,
         PermissionDenied,
         Unimplemented,
+        OutOfRange,
         Internal,
     )
 }

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import socket
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -13,6 +16,73 @@ from initserve.v1 import initserve_pb2_grpc as pb_grpc
 
 # Large enough for any chunk a server sends (its limit defaults to 4 MiB); requests themselves are tiny.
 DEFAULT_MAX_RECEIVE_MESSAGE_BYTES = 64 << 20
+SERVICE = pb.DESCRIPTOR.services_by_name["InitService"].full_name
+
+# Round robin over every address behind the target; gRPC itself retries both calls (they are idempotent)
+# when no response has arrived yet. A stream that breaks later is resumed by the client (initserve._retry).
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": SERVICE}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+    ("grpc.enable_retries", 1),
+    ("grpc.keepalive_time_ms", 30_000),  # ping an idle connection every 30 s; the server permits it
+    ("grpc.keepalive_timeout_ms", 10_000),  # and drop it when a ping goes unanswered for 10 s
+    ("grpc.initial_reconnect_backoff_ms", 100),  # a restarted replica is back in the rotation quickly
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+)
+
+
+def _addresses(host_port: str) -> list[str]:
+    """``host:port`` or ``[v6]:port`` as resolved ``ip:port`` strings (IPv6 bracketed)."""
+    host, separator, port = host_port.rpartition(":")
+    if not separator or not port.isdigit():
+        raise ValueError(f"target {host_port!r} is not host:port")
+    host = host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+        found = [str(ip)]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except socket.gaierror as error:
+            raise ValueError(f"target {host_port!r}: cannot resolve {host!r} ({error})") from None
+        found = list(dict.fromkeys(info[4][0] for info in infos))
+    return [f"[{address}]:{port}" if ":" in address else f"{address}:{port}" for address in found]
+
+
+def channel_target(target: str | Sequence[str]) -> str:
+    """One gRPC target string for ``target``: as given, or an ``ipv4:``/``ipv6:`` list for several replicas.
+
+    A list (or a comma-separated string) of ``host:port`` is resolved once, here; use ``dns:///name:port``
+    for a name whose addresses change (gRPC re-resolves it).
+    """
+    if isinstance(target, str):
+        if "," not in target:
+            return target
+        target = [part.strip() for part in target.split(",") if part.strip()]
+    targets = list(target)
+    if not targets:
+        raise ValueError("no target given")
+    if len(targets) == 1:
+        return targets[0]
+    addresses = [address for entry in targets for address in _addresses(entry)]
+    v4 = [address for address in addresses if not address.startswith("[")]
+    if v4:
+        return "ipv4:" + ",".join(v4)
+    return "ipv6:" + ",".join(addresses)
 
 
 class Transport:
@@ -20,17 +90,23 @@ class Transport:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         credentials: grpc.ChannelCredentials | None = None,
         max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        channel_options = [("grpc.max_receive_message_length", max_receive_message_bytes), *options]
+        self.target = channel_target(target)
+        given = {name for name, _ in options}
+        channel_options = [
+            ("grpc.max_receive_message_length", max_receive_message_bytes),
+            *(option for option in CHANNEL_OPTIONS if option[0] not in given),
+            *options,
+        ]
         if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=channel_options)
+            self._channel = grpc.insecure_channel(self.target, options=channel_options)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+            self._channel = grpc.secure_channel(self.target, credentials, options=channel_options)
         self._stub = pb_grpc.InitServiceStub(self._channel)
 
     def init_stream(self, request: pb.InitRequest, timeout: float | None) -> Iterator[pb.InitResponse]:

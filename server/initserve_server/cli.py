@@ -79,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
         defaults.DEFAULT_GRACE_SECONDS,
         "how long in-flight streams may finish after SIGTERM/SIGINT",
     )
+    option(
+        "--cache-bytes",
+        "CACHE_BYTES",
+        _size,
+        defaults.DEFAULT_CACHE_BYTES,
+        "byte budget of the LRU cache of finished tensors; 0 disables it (default: 1/8 of memory, at most 16G)",
+    )
+    option(
+        "--max-inflight-bytes",
+        "MAX_INFLIGHT_BYTES",
+        _size,
+        defaults.DEFAULT_MAX_INFLIGHT_BYTES,
+        "bytes of tensors being generated or streamed outside the cache; past it RESOURCE_EXHAUSTED "
+        "(default: 1/4 of memory, at least --max-tensor-bytes' default)",
+    )
     option("--log-level", "LOG_LEVEL", str, "INFO", "logging level")
     parser.add_argument("--version", action="version", version=f"initserve-server {__version__}")
     return parser
@@ -95,6 +110,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_tensor_bytes=args.max_tensor_bytes,
             max_dims=args.max_dims,
             grace_seconds=args.grace_seconds,
+            cache_bytes=args.cache_bytes,
+            max_inflight_bytes=args.max_inflight_bytes,
         )
     except ValueError as error:
         raise SystemExit(f"initserve-server: {error}")

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+
+def _physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a modest machine
+        return 16 << 30
+
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
@@ -12,6 +21,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # gRPC's own default receive limit, so any 
 DEFAULT_MAX_TENSOR_BYTES = 4 << 30
 DEFAULT_MAX_DIMS = 16
 DEFAULT_GRACE_SECONDS = 10.0
+# Sized for the machine: the cache may hold 1/8 of physical memory (at most 16 GiB), tensors being generated
+# or streamed outside it 1/4 (at least one largest tensor). Peak RSS stays under idle + both + gRPC buffers.
+DEFAULT_CACHE_BYTES = min(_physical_memory_bytes() // 8, 16 << 30)
+DEFAULT_MAX_INFLIGHT_BYTES = max(_physical_memory_bytes() // 4, DEFAULT_MAX_TENSOR_BYTES)
 # Per-message framing a Chunk adds around its payload (field tags, offset, length prefixes), rounded up.
 CHUNK_OVERHEAD_BYTES = 64
 # A stream never has more chunks than this: a tiny requested chunk size is raised for a large tensor.
@@ -31,6 +44,8 @@ class ServerConfig:
     max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES  # largest tensor one request may ask for
     max_dims: int = DEFAULT_MAX_DIMS
     grace_seconds: float = DEFAULT_GRACE_SECONDS  # in-flight streams get this long after SIGTERM
+    cache_bytes: int = DEFAULT_CACHE_BYTES  # LRU cache budget for finished tensors; 0 disables the cache
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES  # tensors generated/streamed outside the cache
 
     @property
     def max_chunk_bytes(self) -> int:
@@ -39,6 +54,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.cache_bytes < 0 or self.max_inflight_bytes < 0:
+            raise ValueError("cache_bytes and max_inflight_bytes must not be negative")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.max_message_bytes <= CHUNK_OVERHEAD_BYTES:

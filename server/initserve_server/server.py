@@ -52,6 +52,12 @@ def serve(config: ServerConfig) -> RunningServer:
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
         ("grpc.so_reuseport", 0),  # two servers must never share a port silently
+        # Clients ping idle connections every 30 s (see initserve._transport); allow it, and ping back.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="initserve"), options=options

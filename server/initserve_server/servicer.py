@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import builtins
 import logging
+import os
 import secrets
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -12,19 +14,22 @@ import grpc
 import torch
 
 from initserve import _dtypes
-from initserve._checksum import CHECKSUM_ALGORITHM
+from initserve._checksum import CHECKSUM_ALGORITHM, tensor_checksum
 from initserve._codec import encode_stream, tensor_bytes
 from initserve._errors import TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES
 from initserve._schemes import SCHEMES
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
 from initserve_server import __version__, devices
+from initserve_server.cache import Abandoned, Overloaded, Produced, TensorCache
 from initserve_server.config import MAX_CHUNKS_PER_STREAM, MAX_STRING_PARAM_CHARS, ServerConfig
 from initserve_server.initializers import generate
 from initserve_server.spec import InitSpec
-from initserve_server.validation import InvalidRequest, check_finite, validate_request
+from initserve_server.validation import InvalidRequest, OffsetOutOfRange, check_finite, validate_request
 
 API_VERSION = "initserve.v1"
+# Which replica served a stream: in every header and in Describe.
+SERVER_ID = f"{socket.gethostname()}:{os.getpid()}"
 log = logging.getLogger("initserve.server")
 
 
@@ -47,6 +52,12 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 def _abort(context: grpc.ServicerContext, error: BaseException) -> None:
     """Every failure of an Init call becomes its status here, and only here."""
+    if isinstance(error, Abandoned):
+        context.abort(grpc.StatusCode.CANCELLED, str(error))
+    if isinstance(error, Overloaded):
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+    if isinstance(error, OffsetOutOfRange):
+        context.abort(grpc.StatusCode.OUT_OF_RANGE, str(error))
     if isinstance(error, InvalidRequest):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
     if isinstance(error, devices.DeviceUnavailable):
@@ -61,7 +72,7 @@ def _abort(context: grpc.ServicerContext, error: BaseException) -> None:
     context.abort(grpc.StatusCode.INTERNAL, f"internal error generating the tensor ({type(error).__name__})")
 
 
-def _header(spec: InitSpec) -> pb.Header:
+def _header(spec: InitSpec, cache_hit: bool) -> pb.Header:
     return pb.Header(
         shape=spec.shape,
         dtype=spec.dtype.wire,
@@ -74,32 +85,97 @@ def _header(spec: InitSpec) -> pb.Header:
         chunk_bytes=spec.chunk_bytes,
         scheme=spec.scheme.name,
         server_version=__version__,
+        server_id=SERVER_ID,
+        offset=spec.offset,
+        cache_hit=cache_hit,
     )
+
+
+def produce(spec: InitSpec) -> Produced:
+    """Generate the contract tensor for ``spec`` on the host, with its whole-tensor checksum."""
+    tensor = generate(spec)
+    check_finite(spec)
+    host = tensor.contiguous().cpu()
+    del tensor
+    return Produced(tensor=host, checksum=tensor_checksum(tensor_bytes(host)))
+
+
+class _Gauge:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, delta: int) -> None:
+        with self._lock:
+            self.value += delta
 
 
 class InitServicer(pb_grpc.InitServiceServicer):
     def __init__(self, config: ServerConfig) -> None:
         self._config = config
+        self.cache = TensorCache(config.cache_bytes, config.max_inflight_bytes)
+        self.inflight_requests = _Gauge()
+        self.cancelled = _Gauge()
 
     def Init(self, request: pb.InitRequest, context: grpc.ServicerContext) -> Iterator[pb.InitResponse]:
-        cancelled = threading.Event()
-        context.add_callback(cancelled.set)
+        ended = threading.Event()
+        context.add_callback(ended.set)  # cancelled, expired, disconnected or finished
+        self.inflight_requests.add(1)
+        finished = False
         try:
-            spec = validate_request(request, self._config, draw_seed)
-            tensor = generate(spec)
-            check_finite(spec)
-            host_tensor = tensor.contiguous().cpu()
-        except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in _abort
-            _abort(context, error)
-            return
-        del tensor
-        for message in encode_stream(_header(spec), tensor_bytes(host_tensor), spec.chunk_bytes):
-            if cancelled.is_set():
+            try:
+                spec = validate_request(request, self._config, draw_seed)
+                lease = self.cache.acquire(
+                    spec.key,
+                    spec.total_bytes,
+                    lambda: produce(spec),
+                    cacheable=not spec.seed_drawn,
+                    is_active=lambda: not ended.is_set(),
+                )
+            except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in _abort
+                _abort(context, error)
                 return
-            yield message
+            with lease:
+                produced = lease.produced
+                messages = encode_stream(
+                    _header(spec, lease.shared),
+                    tensor_bytes(produced.tensor),
+                    spec.chunk_bytes,
+                    offset=spec.offset,
+                    checksum=produced.checksum,
+                )
+                for message in messages:
+                    if ended.is_set():
+                        return
+                    yield message
+            finished = True
+        finally:
+            self.inflight_requests.add(-1)
+            if not finished and ended.is_set():
+                self.cancelled.add(1)
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
-        return describe(self._config)
+        info = describe(self._config)
+        info.stats.CopyFrom(self.stats())
+        return info
+
+    def stats(self) -> pb.ServerStats:
+        entries, cached_bytes, inflight_bytes = self.cache.gauges()
+        counters = self.cache.stats
+        return pb.ServerStats(
+            requests=counters.requests,
+            generations=counters.generations,
+            cache_hits=counters.hits,
+            single_flight_joins=counters.joins,
+            cache_misses=counters.misses,
+            cache_evictions=counters.evictions,
+            cache_entries=entries,
+            cache_bytes_used=cached_bytes,
+            inflight_requests=self.inflight_requests.value,
+            inflight_bytes=inflight_bytes,
+            refused_inflight_bytes=counters.refused,
+            cancelled=self.cancelled.value,
+        )
 
 
 def describe(config: ServerConfig) -> pb.ServerInfo:
@@ -137,7 +213,10 @@ def describe(config: ServerConfig) -> pb.ServerInfo:
             max_chunks_per_stream=MAX_CHUNKS_PER_STREAM,
             max_message_bytes=config.max_message_bytes,
             max_string_param_chars=MAX_STRING_PARAM_CHARS,
+            max_inflight_bytes=config.max_inflight_bytes,
+            cache_bytes=config.cache_bytes,
         ),
         checksum_algorithm=CHECKSUM_ALGORITHM,
         api_version=API_VERSION,
+        server_id=SERVER_ID,
     )

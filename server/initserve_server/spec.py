@@ -20,6 +20,13 @@ class InitSpec:
     seed: int  # 0 for unseeded schemes
     device: torch.device
     chunk_bytes: int  # effective payload bytes per chunk
+    offset: int = 0  # resume: the first byte to stream
+    seed_drawn: bool = False  # the server drew the seed (the request gave none): not worth caching
+
+    @property
+    def key(self) -> tuple:
+        """What decides the bytes: equal keys, equal tensors (chunking and offset only change the stream)."""
+        return (self.scheme.name, self.shape, self.dtype.wire, self.params, self.seed, str(self.device))
 
     @property
     def numel(self) -> int:

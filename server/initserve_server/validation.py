@@ -19,6 +19,10 @@ class InvalidRequest(Exception):
     """The request can never succeed as written (INVALID_ARGUMENT); the message names the field."""
 
 
+class OffsetOutOfRange(InvalidRequest):
+    """A resume offset past the tensor's end (OUT_OF_RANGE)."""
+
+
 def _shown(text: str, limit: int = 64) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
@@ -95,13 +99,16 @@ def validate_request(request: pb.InitRequest, config: ServerConfig, draw_seed: C
                 f"device fingerprint mismatch: the request requires "
                 f"{_shown(request.require_device_fingerprint, 200)}, this server's {device} is {fingerprint!r}"
             )
+    seed_drawn = False
     if not scheme.seeded:
         seed = 0
     elif request.HasField("seed"):
         seed = request.seed
     else:
-        seed = draw_seed()
+        seed, seed_drawn = draw_seed(), True
     total_bytes = math.prod(shape) * dtype.itemsize
+    if request.offset > total_bytes:
+        raise OffsetOutOfRange(f"offset {request.offset} is past the tensor's end ({total_bytes} bytes)")
     return InitSpec(
         scheme=scheme,
         shape=shape,
@@ -110,6 +117,8 @@ def validate_request(request: pb.InitRequest, config: ServerConfig, draw_seed: C
         seed=seed,
         device=device,
         chunk_bytes=_chunk_bytes(request.chunk_bytes, total_bytes, config),
+        offset=request.offset,
+        seed_drawn=seed_drawn,
     )
 
 
