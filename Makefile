@@ -9,7 +9,7 @@ PROTO := proto/initserve/v1/initserve.proto
 STUBS := client/initserve/v1/initserve_pb2.py client/initserve/v1/initserve_pb2_grpc.py client/initserve/v1/initserve_pb2.pyi
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install proto serve demo test test-all lint clean
+.PHONY: install proto serve demo test test-all soak lint clean
 
 install: $(INSTALLED) $(STUBS)
 
@@ -36,6 +36,10 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q
+
+# The long fault-and-load run; writes its figures to docs/reliability.md.
+soak: install
+	$(PY) -m tests.soak --duration 300 --report docs/reliability.md
 
 lint: install
 	$(VENV)/bin/ruff check client server tests examples bench
