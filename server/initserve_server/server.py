@@ -11,10 +11,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from initserve.v1 import initserve_pb2 as pb
-from initserve.v1 import initserve_pb2_grpc as pb_grpc
 from initserve_server.config import MAX_REQUEST_BYTES, ServerConfig
 from initserve_server.initializers import configure_torch
-from initserve_server.servicer import InitServicer
+from initserve_server.servicer import InitServicer, add_to_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InitService"].full_name
 log = logging.getLogger("initserve.server")
@@ -62,7 +61,7 @@ def serve(config: ServerConfig) -> RunningServer:
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="initserve"), options=options
     )
-    pb_grpc.add_InitServiceServicer_to_server(InitServicer(config), server)
+    add_to_server(InitServicer(config), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -8,10 +8,11 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from initserve import _dtypes
 from initserve._checksum import CHECKSUM_ALGORITHM, tensor_checksum
@@ -100,6 +101,23 @@ def produce(spec: InitSpec) -> Produced:
     return Produced(tensor=host, checksum=tensor_checksum(tensor_bytes(host)))
 
 
+class MalformedRequest:
+    """Request bytes that do not parse: answered INVALID_ARGUMENT by the servicer, never INTERNAL by grpc."""
+
+    def __init__(self, error: Exception, size: int) -> None:
+        self.message = f"request is not a valid initserve.v1 message ({size} bytes): {error}"
+
+
+def _parser(message_type: type) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return message_type.FromString(data)
+        except (DecodeError, ValueError) as error:  # grpc would answer INTERNAL for an exception here
+            return MalformedRequest(error, len(data))
+
+    return parse
+
+
 class _Gauge:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -124,6 +142,8 @@ class InitServicer(pb_grpc.InitServiceServicer):
         finished = False
         try:
             try:
+                if isinstance(request, MalformedRequest):
+                    raise InvalidRequest(request.message)
                 spec = validate_request(request, self._config, draw_seed)
                 lease = self.cache.acquire(
                     spec.key,
@@ -155,6 +175,8 @@ class InitServicer(pb_grpc.InitServiceServicer):
                 self.cancelled.add(1)
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
+        if isinstance(request, MalformedRequest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         info = describe(self._config)
         info.stats.CopyFrom(self.stats())
         return info
@@ -176,6 +198,26 @@ class InitServicer(pb_grpc.InitServiceServicer):
             refused_inflight_bytes=counters.refused,
             cancelled=self.cancelled.value,
         )
+
+
+def add_to_server(servicer: InitServicer, server: grpc.Server) -> None:
+    """Register the service as the generated code would, but parse requests here: malformed bytes are the
+    client's error (INVALID_ARGUMENT), where grpc's own deserializer failure would be INTERNAL."""
+    handlers = {
+        "Init": grpc.unary_stream_rpc_method_handler(
+            servicer.Init,
+            request_deserializer=_parser(pb.InitRequest),
+            response_serializer=pb.InitResponse.SerializeToString,
+        ),
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            servicer.Describe,
+            request_deserializer=_parser(pb.DescribeRequest),
+            response_serializer=pb.ServerInfo.SerializeToString,
+        ),
+    }
+    service = pb.DESCRIPTOR.services_by_name["InitService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 def describe(config: ServerConfig) -> pb.ServerInfo:
