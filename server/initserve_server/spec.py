@@ -25,8 +25,12 @@ class InitSpec:
 
     @property
     def key(self) -> tuple:
-        """What decides the bytes: equal keys, equal tensors (chunking and offset only change the stream)."""
-        return (self.scheme.name, self.shape, self.dtype.wire, self.params, self.seed, str(self.device))
+        """What decides the bytes: equal keys, equal tensors (chunking and offset only change the stream).
+
+        Floats enter by their bits: -0.0 == 0.0 in Python, but constant_(val=-0.0) writes different bytes.
+        """
+        params = tuple((name, value.hex() if isinstance(value, float) else value) for name, value in self.params)
+        return (self.scheme.name, self.shape, self.dtype.wire, params, self.seed, str(self.device))
 
     @property
     def numel(self) -> int:
