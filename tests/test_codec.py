@@ -67,7 +67,7 @@ def header_for(tensor: torch.Tensor, **overrides) -> pb.Header:
             header.shape.extend(value)
         else:
             setattr(header, name, value)
-    return header
+    return _codec.seal_header(header)
 
 
 def encoded(tensor: torch.Tensor, chunk_bytes: int = 5, **header_overrides) -> list[pb.InitResponse]:
@@ -114,6 +114,16 @@ def corrupt(messages: list[pb.InitResponse], index: int, mutate) -> list[pb.Init
     return copies
 
 
+def resealed(mutate):
+    """Change the header, then seal it again: a server that sends an intact but wrong header."""
+
+    def apply(message: pb.InitResponse) -> None:
+        mutate(message.header)
+        _codec.seal_header(message.header)
+
+    return apply
+
+
 def flip_first_byte(message: pb.InitResponse) -> None:
     data = bytearray(message.chunk.data)
     data[0] ^= 0xFF
@@ -145,10 +155,12 @@ SOURCE = torch.arange(12, dtype=torch.float32)  # 48 bytes: header, 10 chunks of
         (lambda m: m[:1] + [pb.InitResponse()] + m[1:], "unexpected empty message after the header"),
         (lambda m: corrupt(m, 1, lambda c: setattr(c.chunk, "data", b"")), "chunk of 0 bytes at offset 0"),
         (lambda m: corrupt(m, 10, lambda c: setattr(c.chunk, "data", b"123456")), "overruns the tensor's 48 bytes"),
-        (lambda m: corrupt(m, 0, lambda h: setattr(h.header, "total_bytes", 44)), "does not match shape [12]"),
-        (lambda m: corrupt(m, 0, lambda h: setattr(h.header, "dtype", 99)), "dtype 99"),
-        (lambda m: corrupt(m, 0, lambda h: setattr(h.header, "checksum_algorithm", "md5")), "checksum algorithm"),
-        (lambda m: corrupt(m, 0, lambda h: h.header.shape.append(-1)), "negative dimension"),
+        (lambda m: corrupt(m, 0, lambda h: setattr(h.header, "seed_used", 1)), "header is damaged (CRC-32"),
+        (lambda m: corrupt(m, 0, lambda h: setattr(h.header, "crc32", h.header.crc32 ^ 1)), "header is damaged"),
+        (lambda m: corrupt(m, 0, resealed(lambda h: setattr(h, "total_bytes", 44))), "does not match shape [12]"),
+        (lambda m: corrupt(m, 0, resealed(lambda h: setattr(h, "dtype", 99))), "dtype 99"),
+        (lambda m: corrupt(m, 0, resealed(lambda h: setattr(h, "checksum_algorithm", "md5"))), "checksum algorithm"),
+        (lambda m: corrupt(m, 0, resealed(lambda h: h.shape.append(-1))), "negative dimension"),
     ],
 )
 def test_every_malformed_stream_raises_integrity_error(make_stream, message: str) -> None:
@@ -165,6 +177,50 @@ def test_header_must_match_the_request() -> None:
         _codec.decode_stream(encoded(SOURCE), expected_dtype=torch.float64)
     with pytest.raises(IntegrityError, match="not the destination's layout"):
         _codec.decode_stream(encoded(SOURCE), out=torch.empty(12, dtype=torch.float64))
+
+
+def test_every_header_field_is_under_its_crc() -> None:
+    """Changing any field 1-14 (one at a time) without resealing is caught as a damaged header."""
+    sealed = header_for(SOURCE, seed_used=7, seeded=True, scheme="normal", torch_version="2.13.0")
+    sealed.device.fingerprint = "cpu|x86_64|AVX2"
+    changes = {
+        "dtype": lambda h: setattr(h, "dtype", pb.DTYPE_FLOAT64),
+        "total_bytes": lambda h: setattr(h, "total_bytes", 47),
+        "seed_used": lambda h: setattr(h, "seed_used", 6),
+        "seeded": lambda h: setattr(h, "seeded", False),
+        "torch_version": lambda h: setattr(h, "torch_version", "2.13.1"),
+        "device": lambda h: setattr(h.device, "fingerprint", "cpu|x86_64|AVX512"),
+        "checksum_algorithm": lambda h: setattr(h, "checksum_algorithm", "x"),
+        "chunk_bytes": lambda h: setattr(h, "chunk_bytes", 6),
+        "scheme": lambda h: setattr(h, "scheme", "uniform"),
+        "server_version": lambda h: setattr(h, "server_version", "9"),
+        "server_id": lambda h: setattr(h, "server_id", "other:1"),
+        "offset": lambda h: setattr(h, "offset", 5),
+        "cache_hit": lambda h: setattr(h, "cache_hit", True),
+        "shape": lambda h: h.shape.append(1),
+    }
+    assert set(changes) == {f.name for f in pb.Header.DESCRIPTOR.fields} - {"crc32"}
+    for name, change in changes.items():
+        header = pb.Header()
+        header.CopyFrom(sealed)
+        change(header)
+        assert _codec.header_crc32(header) != header.crc32, name
+
+
+def assemble(messages: list[pb.InitResponse], **expected) -> torch.Tensor:
+    return _codec.StreamAssembler(**expected).consume(messages)[0]
+
+
+def test_an_intact_header_must_answer_the_requested_scheme_and_seed() -> None:
+    stream = encoded(SOURCE, seed_used=2**64 - 1, seeded=True, scheme="normal")
+    assert torch.equal(assemble(stream, expected_scheme="normal", expected_seed=2**64 - 1), SOURCE)
+    with pytest.raises(IntegrityError, match="header seed_used 18446744073709551615 differs from the requested seed 5"):
+        assemble(stream, expected_seed=5)
+    with pytest.raises(IntegrityError, match="header scheme 'normal' differs from the requested scheme 'uniform'") as e:
+        assemble(stream, expected_scheme="uniform")
+    assert e.value.recovery == "none"  # the server answered another request: retrying cannot help
+    # an unseeded scheme reports seed 0 whatever was asked
+    assert torch.equal(assemble(encoded(SOURCE, scheme="ones"), expected_scheme="ones", expected_seed=5), SOURCE)
 
 
 def test_byte_views_refuse_what_they_cannot_view() -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import initserve
-from initserve._codec import StreamAssembler, encode_stream, tensor_bytes
+from initserve._codec import StreamAssembler, encode_stream, seal_header, tensor_bytes
 from initserve._retry import RetryPolicy, fetch_resuming
 from initserve._transport import channel_target
 from initserve.v1 import initserve_pb2 as pb
@@ -40,7 +40,7 @@ def header(offset: int = 0, **overrides) -> pb.Header:
         server_id="replica-a",
     )
     fields.update(overrides)
-    return pb.Header(**fields)
+    return seal_header(pb.Header(**fields))
 
 
 class Script:

@@ -184,7 +184,14 @@ class Client:
                     request.seed = resume_seed
             return self._transport.init_stream(request, remaining)
 
-        assembler = StreamAssembler(expected_shape=sizes, expected_dtype=dtype, out=out, progress=progress)
+        assembler = StreamAssembler(
+            expected_shape=sizes,
+            expected_dtype=dtype,
+            expected_scheme=scheme,
+            expected_seed=request.seed if request.HasField("seed") else None,
+            out=out,
+            progress=progress,
+        )
         outcome = fetch_resuming(open_stream, assembler, self.retry, self.timeout if timeout is None else timeout)
         header = outcome.header
         return InitResult(

@@ -10,6 +10,7 @@ checks that its header describes the same tensor, and verifies the whole tensor 
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import sys
 import zlib
@@ -78,6 +79,34 @@ def encode_stream(
     yield pb.InitResponse(trailer=pb.Trailer(checksum=checksum))
 
 
+def header_crc32(header: pb.Header) -> int:
+    """CRC-32 of the header's fields 1-14 in the canonical form the proto documents (Header.crc32)."""
+    device = header.device
+    fields = [
+        list(header.shape),
+        header.dtype,
+        header.total_bytes,
+        header.seed_used,
+        header.seeded,
+        header.torch_version,
+        [device.device, device.name, device.multiprocessor_count, device.capability, device.fingerprint],
+        header.checksum_algorithm,
+        header.chunk_bytes,
+        header.scheme,
+        header.server_version,
+        header.server_id,
+        header.offset,
+        header.cache_hit,
+    ]
+    return zlib.crc32(json.dumps(fields, separators=(",", ":"), ensure_ascii=True).encode("ascii"))
+
+
+def seal_header(header: pb.Header) -> pb.Header:
+    """Set ``header.crc32`` (the server calls this once the header is complete); returns the header."""
+    header.crc32 = header_crc32(header)
+    return header
+
+
 # Header fields that decide the bytes: a resumed stream must agree on all of them with the first.
 _SAME_TENSOR_FIELDS = ("shape", "dtype", "total_bytes", "seed_used", "seeded", "torch_version", "checksum_algorithm")
 
@@ -120,6 +149,8 @@ def _same_tensor(first: pb.Header, later: pb.Header) -> str | None:
 class StreamAssembler:
     """Assembles one tensor from one or more Init streams (a first one, then resumptions), verified.
 
+    Every header must carry its own CRC-32 and answer the request: the expected shape, dtype, scheme and,
+    when the request gave one, seed (``expected_seed``, as sent: 0 <= seed < 2**64).
     ``out``, when given, must be a contiguous CPU tensor of the header's shape and dtype; the bytes are
     written straight into it. Otherwise one tensor is allocated when the first header arrives.
     ``progress(received, total)`` is called after every chunk.
@@ -130,11 +161,15 @@ class StreamAssembler:
         *,
         expected_shape: Sequence[int] | None = None,
         expected_dtype: torch.dtype | None = None,
+        expected_scheme: str | None = None,
+        expected_seed: int | None = None,
         out: torch.Tensor | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self._expected_shape = expected_shape
         self._expected_dtype = expected_dtype
+        self._expected_scheme = expected_scheme
+        self._expected_seed = expected_seed
         self._progress = progress
         self.tensor = out
         self.header: pb.Header | None = None
@@ -182,10 +217,29 @@ class StreamAssembler:
                 raise self._broken(f"unexpected {part or 'empty'} message after the header")
         raise self._broken(f"stream ended after {self.received} of {total} bytes without a trailer")
 
+    def _check_request(self, header: pb.Header) -> None:
+        """An intact header that answers another request is the server's fault: raise, never retry."""
+        if self._expected_scheme is not None and header.scheme != self._expected_scheme:
+            raise IntegrityError(
+                f"header scheme {header.scheme!r} differs from the requested scheme {self._expected_scheme!r}",
+                received=self.received,
+                recovery="none",
+            )
+        if self._expected_seed is not None and header.seeded and header.seed_used != self._expected_seed:
+            raise IntegrityError(
+                f"header seed_used {header.seed_used} differs from the requested seed {self._expected_seed}",
+                received=self.received,
+                recovery="none",
+            )
+
     def _broken(self, message: str) -> IntegrityError:
         return IntegrityError(message, received=self.received, recovery="resume")
 
     def _start(self, header: pb.Header) -> None:
+        crc = header_crc32(header)
+        if crc != header.crc32:
+            raise self._broken(f"header is damaged (CRC-32 {crc:#010x}, sent {header.crc32:#010x})")
+        self._check_request(header)
         if self.header is None:
             entry = _check_header(header, self._expected_shape, self._expected_dtype)
             shape = tuple(header.shape)

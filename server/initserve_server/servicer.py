@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 
 from initserve import _dtypes
 from initserve._checksum import CHECKSUM_ALGORITHM, tensor_checksum
-from initserve._codec import encode_stream, tensor_bytes
+from initserve._codec import encode_stream, seal_header, tensor_bytes
 from initserve._errors import TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES
 from initserve._schemes import SCHEMES
 from initserve.v1 import initserve_pb2 as pb
@@ -74,21 +74,23 @@ def _abort(context: grpc.ServicerContext, error: BaseException) -> None:
 
 
 def _header(spec: InitSpec, cache_hit: bool) -> pb.Header:
-    return pb.Header(
-        shape=spec.shape,
-        dtype=spec.dtype.wire,
-        total_bytes=spec.total_bytes,
-        seed_used=spec.seed,
-        seeded=spec.scheme.seeded,
-        torch_version=torch.__version__,
-        device=devices.device_info(spec.device),
-        checksum_algorithm=CHECKSUM_ALGORITHM,
-        chunk_bytes=spec.chunk_bytes,
-        scheme=spec.scheme.name,
-        server_version=__version__,
-        server_id=SERVER_ID,
-        offset=spec.offset,
-        cache_hit=cache_hit,
+    return seal_header(
+        pb.Header(
+            shape=spec.shape,
+            dtype=spec.dtype.wire,
+            total_bytes=spec.total_bytes,
+            seed_used=spec.seed,
+            seeded=spec.scheme.seeded,
+            torch_version=torch.__version__,
+            device=devices.device_info(spec.device),
+            checksum_algorithm=CHECKSUM_ALGORITHM,
+            chunk_bytes=spec.chunk_bytes,
+            scheme=spec.scheme.name,
+            server_version=__version__,
+            server_id=SERVER_ID,
+            offset=spec.offset,
+            cache_hit=cache_hit,
+        )
     )
 
 
