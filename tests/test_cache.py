@@ -13,9 +13,8 @@ from collections.abc import Callable, Hashable
 import pytest
 import torch
 
-from initserve._checksum import tensor_checksum
-from initserve._codec import tensor_bytes
-from initserve_server.cache import WAIT_POLL_SECONDS, Abandoned, Lease, Overloaded, Produced, TensorCache
+from initserve_server.cache import WAIT_POLL_SECONDS, Abandoned, Lease, Overloaded, TensorCache
+from initserve_server.production import Production
 
 WAIT_SECONDS = 10.0  # the bound on every wait for another thread
 FLOATS = 1024
@@ -49,22 +48,21 @@ class Producer:
     def nbytes(self) -> int:
         return self.floats * 4
 
-    def __call__(self) -> Produced:
+    def __call__(self) -> Production:
         self.calls += 1
         self.started.set()
         if self.gate is not None:
             assert self.gate.wait(WAIT_SECONDS), "the test never opened the gate"
         if self.error is not None:
             raise self.error
-        tensor = tensor_for(self.seed, self.floats)
-        return Produced(tensor=tensor, checksum=tensor_checksum(tensor_bytes(tensor)))
+        return Production.finished(tensor_for(self.seed, self.floats))
 
 
-def must_not_produce() -> Produced:
+def must_not_produce() -> Production:
     raise AssertionError("produce() was called for what should have been a cache hit or a join")
 
 
-def acquire(cache: TensorCache, key: Hashable, producer: Producer | Callable[[], Produced], **options) -> Lease:
+def acquire(cache: TensorCache, key: Hashable, producer: Producer | Callable[[], Production], **options) -> Lease:
     nbytes = producer.nbytes if isinstance(producer, Producer) else NBYTES
     return cache.acquire(key, nbytes, producer, **options)
 
@@ -133,8 +131,8 @@ def test_identical_requests_in_flight_share_one_generation(cache_bytes: int) -> 
     assert [worker.error for worker in workers] == [None] * threads
     leases = [worker.lease for worker in workers]
     assert producer.calls == 1
-    first = leases[0].produced
-    assert all(lease.produced is first for lease in leases)  # the very same tensor, not copies
+    first = leases[0].production
+    assert all(lease.production is first for lease in leases)  # the very same tensor, not copies
     assert torch.equal(first.tensor, tensor_for(3))
     assert sorted(lease.shared for lease in leases) == [False] + [True] * (threads - 1)
     stats = cache.stats
@@ -151,7 +149,7 @@ def test_a_finished_generation_is_a_hit_without_producing_again() -> None:
         assert not first.shared
     with acquire(cache, "k", must_not_produce) as second:
         assert second.shared
-        assert torch.equal(second.produced.tensor, tensor_for(1))
+        assert torch.equal(second.production.tensor, tensor_for(1))
     stats = cache.stats
     assert (stats.requests, stats.generations, stats.misses, stats.hits, stats.joins) == (2, 1, 1, 1, 0)
     assert cache.gauges() == (1, NBYTES, 0)
@@ -191,7 +189,7 @@ def test_lru_evicts_the_least_recently_used_first_and_a_hit_refreshes_recency() 
     # What stayed is served as hits, with its own bytes; what went is generated again.
     for seed, key in ((0, "a"), (3, "d"), (4, "e")):
         with acquire(cache, key, must_not_produce) as lease:
-            assert torch.equal(lease.produced.tensor, tensor_for(seed))
+            assert torch.equal(lease.production.tensor, tensor_for(seed))
     again = Producer(1)
     acquire(cache, "b", again).release()
     assert again.calls == 1
@@ -219,7 +217,7 @@ def test_an_entry_larger_than_the_budget_is_not_cached_and_evicts_nothing() -> N
     big = Producer(2, floats=3 * FLOATS)
     with acquire(cache, "big", big) as lease:
         assert cache.gauges() == (1, NBYTES, 3 * NBYTES)
-        assert torch.equal(lease.produced.tensor, tensor_for(2, 3 * FLOATS))
+        assert torch.equal(lease.production.tensor, tensor_for(2, 3 * FLOATS))
     assert cache.gauges() == (1, NBYTES, 0)
     assert cached_keys(cache) == ["small"]
     assert cache.stats.evictions == 0
@@ -340,7 +338,7 @@ def test_an_entry_evicted_while_leased_stays_in_flight_until_released() -> None:
     assert cached_keys(cache) == ["b"]
     assert cache.stats.evictions == 1
     assert cache.gauges() == (1, NBYTES, NBYTES)  # "a" moved to the in-flight count
-    assert torch.equal(first.produced.tensor, tensor_for(1))  # still intact for its stream
+    assert torch.equal(first.production.tensor, tensor_for(1))  # still intact for its stream
     # It counts against admission: nothing more fits beside it.
     with pytest.raises(Overloaded) as refused:
         acquire(cache, "c", must_not_produce)
@@ -414,7 +412,7 @@ def test_a_failed_generation_raises_the_same_error_to_every_joiner_and_caches_no
     # Not cached, not remembered: the next request generates (and succeeds).
     retry = Producer(seed=9)
     with acquire(cache, "k", retry) as lease:
-        assert torch.equal(lease.produced.tensor, tensor_for(9))
+        assert torch.equal(lease.production.tensor, tensor_for(9))
     assert retry.calls == 1
     assert cache.gauges() == (1, NBYTES, 0)
 
@@ -451,7 +449,7 @@ def test_a_joiner_whose_call_ends_while_waiting_is_abandoned_and_released() -> N
     assert generating.is_alive()  # the generation itself goes on for its own caller
     gate.set()
     lease = generating.finish().lease
-    assert lease is not None and torch.equal(lease.produced.tensor, tensor_for(4))
+    assert lease is not None and torch.equal(lease.production.tensor, tensor_for(4))
     assert cache.gauges() == (0, 0, NBYTES)
     lease.release()
     assert cache.gauges() == (0, 0, 0)  # the abandoned joiner's hold was released too
@@ -470,7 +468,7 @@ def test_a_joiner_still_active_is_not_abandoned_however_long_it_waits() -> None:
     gate.set()
     leases = [generating.finish().lease, joining.finish().lease]
     assert joining.error is None
-    assert leases[0].produced is leases[1].produced
+    assert leases[0].production is leases[1].production
     for lease in leases:
         lease.release()
     assert cache.gauges() == (0, 0, 0)

@@ -8,8 +8,9 @@ import zlib
 
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 
-from initserve import _codec
+from initserve import _codec, _wire
 from initserve._checksum import BLOCK_BYTES, CHECKSUM_ALGORITHM, TensorChecksum, tensor_checksum
 from initserve._errors import IntegrityError
 from initserve.v1 import initserve_pb2 as pb
@@ -72,7 +73,9 @@ def header_for(tensor: torch.Tensor, **overrides) -> pb.Header:
 
 def encoded(tensor: torch.Tensor, chunk_bytes: int = 5, **header_overrides) -> list[pb.InitResponse]:
     source = tensor.contiguous()
-    return list(_codec.encode_stream(header_for(source, **header_overrides), _codec.tensor_bytes(source), chunk_bytes))
+    messages = _codec.encode_stream(header_for(source, **header_overrides), _codec.tensor_bytes(source), chunk_bytes)
+    # chunks come serialized by hand (initserve._wire): protobuf itself must parse them
+    return [pb.InitResponse.FromString(m) if isinstance(m, bytes) else m for m in messages]
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 3, 5, 64, 1 << 20])
@@ -230,3 +233,50 @@ def test_byte_views_refuse_what_they_cannot_view() -> None:
     assert view.readonly and len(view) == 8
     with pytest.raises(ValueError, match="chunk_bytes must be positive"):
         list(_codec.encode_stream(header_for(SOURCE), _codec.tensor_bytes(SOURCE), 0))
+
+
+# --- the hand-written Chunk wire format (initserve._wire) ----------------------------------------------------------
+
+
+def test_a_hand_encoded_chunk_is_the_message_protobuf_reads() -> None:
+    data = bytes(range(256)) * 5
+    encoded = _wire.encode_chunk(300, memoryview(data), 0xDEADBEEF)
+    parsed = pb.InitResponse.FromString(encoded)
+    assert parsed.WhichOneof("part") == "chunk"
+    assert (parsed.chunk.offset, parsed.chunk.data, parsed.chunk.crc32) == (300, data, 0xDEADBEEF)
+    assert encoded == parsed.SerializeToString()  # byte for byte what protobuf writes, field order included
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pb.InitResponse(chunk=pb.Chunk(offset=0, data=b"abc", crc32=0)),  # defaults omitted by protobuf
+        pb.InitResponse(chunk=pb.Chunk(offset=2**63, data=b"x" * 200, crc32=1)),  # 10-byte varint
+        pb.InitResponse(chunk=pb.Chunk(offset=7, data=b"", crc32=5)),
+    ],
+)
+def test_the_chunk_decoder_reads_what_protobuf_writes(message: pb.InitResponse) -> None:
+    view = _wire.decode_response(message.SerializeToString())
+    assert isinstance(view, _wire.ChunkView)
+    assert (view.offset, bytes(view.data), view.crc32) == (
+        message.chunk.offset,
+        message.chunk.data,
+        message.chunk.crc32,
+    )
+
+
+def test_the_chunk_decoder_takes_fields_in_any_order_and_skips_unknown_ones() -> None:
+    inner = (
+        b"\x1d\x04\x03\x02\x01" + b"\x12\x02hi" + b"\x08\x05" + b"\x20\x63" + b"\x2a\x01z"
+    )  # crc, data, offset, 2 unknown
+    view = _wire.decode_response(b"\x12" + bytes([len(inner)]) + inner)
+    assert isinstance(view, _wire.ChunkView)
+    assert (view.offset, bytes(view.data), view.crc32) == (5, b"hi", 0x01020304)
+
+
+def test_other_messages_and_malformed_bytes_go_to_protobuf() -> None:
+    header = pb.InitResponse(header=pb.Header(shape=[2], total_bytes=8))
+    assert _wire.decode_response(header.SerializeToString()) == header
+    for malformed in (b"\x12\x05\x08", b"\x12\x03\x12\x09ab", b"\x12\x02\x0f\x00"):  # short, overrun, bad wire type
+        with pytest.raises(DecodeError):
+            _wire.decode_response(malformed)

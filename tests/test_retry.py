@@ -60,6 +60,8 @@ class Script:
             header(offset, **self.header_overrides[index]), tensor_bytes(self.source), CHUNK, offset=offset
         )
         for position, message in enumerate(messages):
+            if isinstance(message, bytes):  # a chunk, encoded by hand: parse it as protobuf would
+                message = pb.InitResponse.FromString(message)
             if isinstance(cut, tuple) and position == cut[0]:
                 raise cut[1]
             if callable(cut):

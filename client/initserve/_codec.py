@@ -13,18 +13,21 @@ import ctypes
 import json
 import math
 import sys
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from initserve import _dtypes
-from initserve._checksum import CHECKSUM_ALGORITHM, TensorChecksum, tensor_checksum
+from initserve._checksum import BLOCK_BYTES, CHECKSUM_ALGORITHM, TensorChecksum, crc32, tensor_checksum
 from initserve._errors import IntegrityError
+from initserve._wire import ChunkView, decode_response, encode_chunk
 from initserve.v1 import initserve_pb2 as pb
 
 if sys.byteorder != "little":  # the wire carries little-endian storage; a big-endian host would need a swap
     raise ImportError("initserve supports little-endian hosts only")
+
+
+Response = pb.InitResponse | ChunkView | bytes  # what a stream may carry; see StreamAssembler.consume
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:
@@ -53,29 +56,50 @@ def expected_bytes(shape: Sequence[int], itemsize: int) -> int:
     return math.prod(shape) * itemsize
 
 
+def _chunk_crc(piece: memoryview, start: int, total: int, block_crcs: Sequence[int] | None) -> int:
+    """A chunk's CRC-32: its block's, when the chunk is exactly one block (or the tensor's last, shorter one)."""
+    if block_crcs is not None and start % BLOCK_BYTES == 0 and len(piece) == min(BLOCK_BYTES, total - start):
+        return block_crcs[start // BLOCK_BYTES]
+    return crc32(piece)
+
+
 def encode_stream(
     header: pb.Header,
     payload: memoryview,
     chunk_bytes: int,
     *,
     offset: int = 0,
-    checksum: bytes | None = None,
-) -> Iterator[pb.InitResponse]:
+    checksum: bytes | Callable[[], bytes] | None = None,
+    block_crcs: Sequence[int] | None = None,
+    ready: Callable[[int], None] | None = None,
+) -> Iterator[pb.InitResponse | bytes]:
     """Header, chunks of ``chunk_bytes`` from ``offset`` (the last may be shorter), then the trailer.
 
-    ``checksum`` is the whole payload's (computed here when None); the trailer always carries it, so a
-    stream resumed at ``offset`` verifies the whole tensor.
+    Chunks come already serialized (``bytes``, see :mod:`initserve._wire`); header and trailer as messages.
+    ``checksum`` is the whole payload's, or a function that gives it once every chunk was sent (computed
+    here when None); the trailer always carries it, so a stream resumed at ``offset`` verifies the whole
+    tensor. ``block_crcs``, the payload's per-block CRC-32s (:class:`~initserve._checksum.BlockCrcs`), spare
+    recomputing the CRC of a chunk that is one block. ``ready(end)``, for a payload still being generated,
+    returns once bytes ``[0, end)`` are final (and their block CRCs known).
     """
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    if not 0 <= offset <= len(payload):
-        raise ValueError(f"offset {offset} is outside the payload's {len(payload)} bytes")
+    total = len(payload)
+    if not 0 <= offset <= total:
+        raise ValueError(f"offset {offset} is outside the payload's {total} bytes")
+    yield pb.InitResponse(header=header)
+    for start in range(offset, total, chunk_bytes):
+        end = min(start + chunk_bytes, total)
+        if ready is not None:
+            ready(end)
+        piece = payload[start:end]
+        yield encode_chunk(start, piece, _chunk_crc(piece, start, total, block_crcs))
+    if ready is not None:
+        ready(total)
     if checksum is None:
         checksum = tensor_checksum(payload)
-    yield pb.InitResponse(header=header)
-    for start in range(offset, len(payload), chunk_bytes):
-        piece = payload[start : start + chunk_bytes]
-        yield pb.InitResponse(chunk=pb.Chunk(offset=start, data=piece.tobytes(), crc32=zlib.crc32(piece)))
+    elif callable(checksum):
+        checksum = checksum()
     yield pb.InitResponse(trailer=pb.Trailer(checksum=checksum))
 
 
@@ -98,7 +122,7 @@ def header_crc32(header: pb.Header) -> int:
         header.offset,
         header.cache_hit,
     ]
-    return zlib.crc32(json.dumps(fields, separators=(",", ":"), ensure_ascii=True).encode("ascii"))
+    return crc32(json.dumps(fields, separators=(",", ":"), ensure_ascii=True).encode("ascii"))
 
 
 def seal_header(header: pb.Header) -> pb.Header:
@@ -183,23 +207,30 @@ class StreamAssembler:
         self.received = 0
         self._checksum = TensorChecksum()
 
-    def consume(self, responses: Iterable[pb.InitResponse]) -> tuple[torch.Tensor, pb.Header]:
+    def consume(self, responses: Iterable[Response]) -> tuple[torch.Tensor, pb.Header]:
         """Read one stream that starts at :attr:`received`; returns (tensor, first header) once verified.
+
+        Messages may be protobuf messages, :class:`ChunkView` (as the client's deserializer makes them) or
+        serialized bytes (as :func:`encode_stream` yields chunks).
 
         Errors of the stream's transport propagate unchanged; the bytes before :attr:`received` stay
         verified, so the caller may resume there.
         """
-        iterator = iter(responses)
+        iterator = (decode_response(m) if type(m) is bytes else m for m in responses)
         first = next(iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
+        if first is None or type(first) is ChunkView or first.WhichOneof("part") != "header":
             raise self._broken("stream did not start with a header")
         self._start(first.header)
         assert self.header is not None and self._destination is not None
         total = self.header.total_bytes
         for message in iterator:
+            if type(message) is ChunkView:  # the hot path: decoded by initserve._wire without a copy
+                self._chunk(message, total)
+                continue
             part = message.WhichOneof("part")
             if part == "chunk":
-                self._chunk(message.chunk, total)
+                chunk = message.chunk
+                self._chunk(ChunkView(chunk.offset, memoryview(chunk.data), chunk.crc32), total)
             elif part == "trailer":
                 if self.received != total:
                     raise self._broken(f"trailer after {self.received} of {total} bytes")
@@ -260,14 +291,14 @@ class StreamAssembler:
             raise self._broken(f"stream starts at offset {header.offset}, expected {self.received}")
         self.headers.append(header)
 
-    def _chunk(self, chunk: pb.Chunk, total: int) -> None:
+    def _chunk(self, chunk: ChunkView, total: int) -> None:
         assert self._destination is not None
         size = len(chunk.data)
         if chunk.offset != self.received:
             raise self._broken(f"chunk at offset {chunk.offset}, expected offset {self.received}")
         if size == 0 or self.received + size > total:
             raise self._broken(f"chunk of {size} bytes at offset {self.received} overruns the tensor's {total} bytes")
-        crc = zlib.crc32(chunk.data)
+        crc = crc32(chunk.data)
         if crc != chunk.crc32:
             raise self._broken(
                 f"chunk at offset {chunk.offset} is damaged (CRC-32 {crc:#010x}, sent {chunk.crc32:#010x})"
@@ -280,7 +311,7 @@ class StreamAssembler:
 
 
 def decode_stream(
-    responses: Iterable[pb.InitResponse],
+    responses: Iterable[Response],
     *,
     expected_shape: Sequence[int] | None = None,
     expected_dtype: torch.dtype | None = None,

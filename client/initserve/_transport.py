@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from initserve._errors import from_grpc_error
+from initserve._wire import ChunkView, decode_response
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
 
@@ -108,10 +109,17 @@ class Transport:
         else:
             self._channel = grpc.secure_channel(self.target, credentials, options=channel_options)
         self._stub = pb_grpc.InitServiceStub(self._channel)
+        # Init's chunks are decoded by hand, without copying their payloads (initserve._wire).
+        self._init = self._channel.unary_stream(
+            f"/{SERVICE}/Init",
+            request_serializer=pb.InitRequest.SerializeToString,
+            response_deserializer=decode_response,
+            _registered_method=True,
+        )
 
-    def init_stream(self, request: pb.InitRequest, timeout: float | None) -> Iterator[pb.InitResponse]:
+    def init_stream(self, request: pb.InitRequest, timeout: float | None) -> Iterator[pb.InitResponse | ChunkView]:
         """The Init stream's messages; on early exit (an integrity error, say) the call is cancelled."""
-        call = self._stub.Init(request, timeout=timeout)
+        call = self._init(request, timeout=timeout)
         try:
             yield from call
         except grpc.RpcError as error:

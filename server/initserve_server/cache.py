@@ -1,14 +1,17 @@
-"""Single-flight LRU cache of finished tensors, with byte budgets for the cache and for tensors in flight.
+"""Single-flight LRU cache of generated tensors, with byte budgets for the cache and for tensors in flight.
 
 A request asks for the tensor of a spec key. Three outcomes:
 - hit: a finished tensor is in the cache; the request streams it (no new memory);
-- join: an identical request is generating it now; the request waits for that generation (no new memory);
-- miss: the request generates it, after admission against the in-flight byte budget (refused when it would not
-  fit: :class:`Overloaded`, RESOURCE_EXHAUSTED). A failed generation is never cached; its joiners get its error.
+- join: an identical request is generating it now; the request streams along as its bytes become final
+  (no new memory);
+- miss: the request starts its production, after admission against the in-flight byte budget (refused when it
+  would not fit: :class:`Overloaded`, RESOURCE_EXHAUSTED). A failed production is never cached; its joiners get
+  its error. A production nobody streams any more is cancelled and never cached.
 
-Memory accounting: a tensor is either in the cache (counted against ``cache_bytes``) or held by streams outside
-it (counted against ``max_inflight_bytes``), never both; so the server's tensor memory is at most the sum of the
-two budgets. An entry evicted while streams still hold it moves to the in-flight count until they finish.
+A production enters the cache when it finishes. Memory accounting: a tensor is either in the cache (counted
+against ``cache_bytes``) or held by streams or its producer outside it (counted against ``max_inflight_bytes``),
+never both; so the server's tensor memory is at most the sum of the two budgets. An entry evicted while streams
+still hold it moves to the in-flight count until they finish.
 """
 
 from __future__ import annotations
@@ -18,23 +21,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-import torch
+from initserve_server.production import WAIT_POLL_SECONDS, Abandoned, Production
 
-WAIT_POLL_SECONDS = 0.1
+__all__ = ["WAIT_POLL_SECONDS", "Abandoned", "CacheStats", "Lease", "Overloaded", "TensorCache"]
 
 
 class Overloaded(Exception):
     """Admitting the request would exceed the in-flight byte budget (RESOURCE_EXHAUSTED)."""
-
-
-class Abandoned(Exception):
-    """The caller went away (cancelled or expired) while waiting for a joined generation."""
-
-
-@dataclass
-class Produced:
-    tensor: torch.Tensor  # contiguous, on the CPU
-    checksum: bytes  # the whole tensor's checksum
 
 
 @dataclass(eq=False)
@@ -42,11 +35,12 @@ class _Entry:
     key: Hashable
     nbytes: int
     cacheable: bool
-    done: threading.Event = field(default_factory=threading.Event)
-    produced: Produced | None = None
+    started: threading.Event = field(default_factory=threading.Event)  # production started, or failed to
+    production: Production | None = None
     error: BaseException | None = None
-    users: int = 0
+    users: int = 0  # leases not yet released
     cached: bool = False
+    counted_inflight: bool = True  # its bytes are in the in-flight count (not cached, not yet released)
 
 
 @dataclass
@@ -58,6 +52,7 @@ class CacheStats:
     misses: int = 0
     evictions: int = 0
     refused: int = 0
+    abandoned: int = 0
 
 
 class Lease:
@@ -70,9 +65,9 @@ class Lease:
         self._released = False
 
     @property
-    def produced(self) -> Produced:
-        assert self._entry.produced is not None
-        return self._entry.produced
+    def production(self) -> Production:
+        assert self._entry.production is not None
+        return self._entry.production
 
     def release(self) -> None:
         if not self._released:
@@ -101,17 +96,19 @@ class TensorCache:
         self,
         key: Hashable,
         nbytes: int,
-        produce: Callable[[], Produced],
+        start: Callable[[], Production],
         *,
         cacheable: bool = True,
         is_active: Callable[[], bool] = lambda: True,
     ) -> Lease:
-        """A lease on the tensor for ``key``: from the cache, a joined generation, or ``produce()`` now.
+        """A lease on the production for ``key``: from the cache, a joined production, or ``start()`` now.
 
-        Raises :class:`Overloaded` when a new generation does not fit the in-flight budget, whatever
-        ``produce`` raised (for this request and for every request that joined it), or :class:`Abandoned`
-        when ``is_active`` turns false while waiting for a joined generation.
+        ``start`` returns once the production's first bytes are final (or it is finished); it may still be
+        filling. Raises :class:`Overloaded` when a new production does not fit the in-flight budget, whatever
+        ``start`` raised (for this request and for every request that joined it), or :class:`Abandoned` when
+        ``is_active`` turns false while waiting for a joined production to start.
         """
+        leader = False
         with self._lock:
             self.stats.requests += 1
             entry = self._cached.get(key)
@@ -137,35 +134,44 @@ class TensorCache:
                 self._generating[key] = entry
                 self._inflight_bytes += nbytes
                 self.stats.misses += 1
-                return self._generate(entry, produce)
+                leader = True
+        if leader:
+            return self._start(entry, start)
         return self._wait(entry, is_active)
 
-    def _generate(self, entry: _Entry, produce: Callable[[], Produced]) -> Lease:
-        # Called with the lock held; generation itself runs without it.
-        self._lock.release()
+    def _start(self, entry: _Entry, start: Callable[[], Production]) -> Lease:
         try:
-            try:
-                produced = produce()
-            except BaseException as error:
-                with self._lock:
-                    del self._generating[entry.key]
-                    entry.error = error
-                    self._release_locked(entry)
-                entry.done.set()
-                raise
+            production = start()
+        except BaseException as error:
             with self._lock:
+                if self._generating.get(entry.key) is entry:
+                    del self._generating[entry.key]
+                entry.error = error
+                self._release_locked(entry)
+            entry.started.set()
+            raise
+        with self._lock:
+            entry.production = production
+        entry.started.set()
+        production.on_done(lambda finished: self._finished(entry, finished))
+        return Lease(self, entry, shared=False)
+
+    def _finished(self, entry: _Entry, production: Production) -> None:
+        """The producer is done: a finished tensor enters the cache (if it may and fits), a failed one never."""
+        with self._lock:
+            if self._generating.get(entry.key) is entry:
                 del self._generating[entry.key]
-                entry.produced = produced
-                self.stats.generations += 1
-                if entry.cacheable and 0 < entry.nbytes <= self.cache_bytes:
-                    self._insert_locked(entry)
-            entry.done.set()
-            return Lease(self, entry, shared=False)
-        finally:
-            self._lock.acquire()
+            if production.error is not None:
+                if isinstance(production.error, Abandoned):
+                    self.stats.abandoned += 1
+                return
+            self.stats.generations += 1
+            if entry.cacheable and 0 < entry.nbytes <= self.cache_bytes and entry.key not in self._cached:
+                entry.production = production  # kept even when every stream already went (one-piece generation)
+                self._insert_locked(entry)
 
     def _wait(self, entry: _Entry, is_active: Callable[[], bool]) -> Lease:
-        while not entry.done.wait(WAIT_POLL_SECONDS):
+        while not entry.started.wait(WAIT_POLL_SECONDS):
             if not is_active():
                 self._release(entry)
                 raise Abandoned("the call ended while waiting for an identical generation in flight")
@@ -182,10 +188,15 @@ class TensorCache:
             self.stats.evictions += 1
             if oldest.users:  # still streamed: its memory is in flight until they finish
                 self._inflight_bytes += oldest.nbytes
+                oldest.counted_inflight = True
+            else:
+                oldest.production = None
         entry.cached = True
         self._cached[entry.key] = entry
         self._cached_bytes += entry.nbytes
-        self._inflight_bytes -= entry.nbytes  # it was held by its generator, outside the cache
+        if entry.counted_inflight:  # it was held by its producer and streams, outside the cache
+            self._inflight_bytes -= entry.nbytes
+            entry.counted_inflight = False
 
     def _release(self, entry: _Entry) -> None:
         with self._lock:
@@ -194,8 +205,14 @@ class TensorCache:
     def _release_locked(self, entry: _Entry) -> None:
         entry.users -= 1
         if entry.users == 0 and not entry.cached:
-            self._inflight_bytes -= entry.nbytes
-            entry.produced = None  # drop the tensor now, not when the last reference happens to go
+            if entry.counted_inflight:
+                self._inflight_bytes -= entry.nbytes
+                entry.counted_inflight = False
+            if self._generating.get(entry.key) is entry:
+                del self._generating[entry.key]  # nobody may join a production that nobody wants
+            production, entry.production = entry.production, None  # drop the tensor now
+            if production is not None and not production.done:
+                production.cancel()
 
     def gauges(self) -> tuple[int, int, int]:
         """(entries cached, bytes cached, bytes in flight)."""

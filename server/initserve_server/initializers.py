@@ -60,14 +60,82 @@ def sparse_(
 INITIALIZERS: dict[str, Callable[..., torch.Tensor]] = {name: getattr(torch.nn.init, f"{name}_") for name in SCHEMES}
 INITIALIZERS["sparse"] = sparse_
 
+# Schemes whose torch function computes its bounds or std from the full shape and then makes one fill of the
+# whole tensor, Tensor.normal_ or Tensor.uniform_, as its last step. On the CPU such a fill draws from the
+# generator element after element (normal_ transforms pairs of uniforms in blocks of 16 and redraws a short
+# tail), so filling consecutive pieces that are multiples of 16 elements, the last at least 16, with the same
+# generator writes the same bytes as one call: the tensor can be streamed while the rest is generated.
+# tests/test_production.py checks every scheme and dtype against one call.
+PIECEWISE_SCHEMES = frozenset(
+    {"normal", "uniform", "xavier_normal", "xavier_uniform", "kaiming_normal", "kaiming_uniform"}
+)
+PIECE_MULTIPLE = 16  # elements
+PIECE_BYTES = 4 << 20  # a piece as long as 4 of the checksum's blocks: long enough that a call's cost vanishes
 
-def generate(spec: InitSpec) -> torch.Tensor:
-    """The contract tensor for ``spec``, on ``spec.device``; raises whatever torch raises."""
+OnPiece = Callable[[torch.Tensor, int], None]  # (the tensor, how many of its leading bytes are final)
+
+
+def piece_bounds(numel: int, piece_elements: int) -> list[tuple[int, int]]:
+    """Consecutive ``(start, end)`` element ranges covering ``numel``: whole multiples of 16 elements, and a
+    last piece of at least 16 (a short remainder joins the piece before it). Under 16 elements: one piece."""
+    if piece_elements <= 0 or piece_elements % PIECE_MULTIPLE:
+        raise ValueError(f"piece_elements must be a positive multiple of {PIECE_MULTIPLE}, got {piece_elements}")
+    bounds = []
+    start = 0
+    while start < numel:
+        end = min(numel, start + piece_elements)
+        if numel - end < PIECE_MULTIPLE:
+            end = numel
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+class _FilledInPieces(torch.Tensor):
+    """What torch.nn.init fills: its one normal_/uniform_ call runs piece by piece, reporting each prefix."""
+
+    _on_piece: OnPiece
+    _piece_elements: int
+    _filled: bool
+
+    def normal_(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return self._fill(torch.Tensor.normal_, args, kwargs)
+
+    def uniform_(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return self._fill(torch.Tensor.uniform_, args, kwargs)
+
+    def _fill(self, method: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
+        if self._filled:  # a torch whose scheme fills twice: its bytes would not be final after the first
+            raise RuntimeError("initserve: a piecewise scheme filled its tensor twice; this torch needs a new table")
+        self._filled = True
+        tensor = self.as_subclass(torch.Tensor)
+        flat = tensor.view(-1)
+        itemsize = tensor.element_size()
+        for start, end in piece_bounds(flat.numel(), self._piece_elements):
+            method(flat[start:end], *args, **kwargs)
+            self._on_piece(tensor, end * itemsize)
+        return self
+
+
+def generate(spec: InitSpec, on_piece: OnPiece | None = None, *, piece_bytes: int = PIECE_BYTES) -> torch.Tensor:
+    """The contract tensor for ``spec``, on ``spec.device``; raises whatever torch raises.
+
+    ``on_piece(tensor, final_bytes)``, when given, is called as leading bytes of a CPU tensor become final:
+    piece by piece for a scheme of :data:`PIECEWISE_SCHEMES`, otherwise never (the caller takes the result).
+    """
     if not getattr(_configured, "done", False):
         configure_torch()
     tensor = torch.empty(spec.shape, dtype=spec.dtype.torch_dtype, device=spec.device)
     kwargs = spec.kwargs()
     if spec.scheme.seeded:
         kwargs["generator"] = torch.Generator(spec.device).manual_seed(spec.seed)
-    INITIALIZERS[spec.scheme.name](tensor, **kwargs)
+    target = tensor
+    if on_piece is not None and spec.scheme.name in PIECEWISE_SCHEMES and tensor.device.type == "cpu":
+        target = tensor.as_subclass(_FilledInPieces)
+        target._on_piece = on_piece
+        target._piece_elements = max(
+            PIECE_MULTIPLE, piece_bytes // tensor.element_size() // PIECE_MULTIPLE * PIECE_MULTIPLE
+        )
+        target._filled = False
+    INITIALIZERS[spec.scheme.name](target, **kwargs)
     return tensor

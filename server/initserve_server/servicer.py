@@ -9,22 +9,25 @@ import secrets
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
 from google.protobuf.message import DecodeError
 
 from initserve import _dtypes
-from initserve._checksum import CHECKSUM_ALGORITHM, tensor_checksum
+from initserve._checksum import CHECKSUM_ALGORITHM
 from initserve._codec import encode_stream, seal_header, tensor_bytes
 from initserve._errors import TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES
 from initserve._schemes import SCHEMES
+from initserve._wire import serialize_response
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
 from initserve_server import __version__, devices
-from initserve_server.cache import Abandoned, Overloaded, Produced, TensorCache
+from initserve_server.cache import Abandoned, Overloaded, TensorCache
 from initserve_server.config import MAX_CHUNKS_PER_STREAM, MAX_STRING_PARAM_CHARS, ServerConfig
-from initserve_server.initializers import generate
+from initserve_server.initializers import configure_torch, generate
+from initserve_server.production import Production
 from initserve_server.spec import InitSpec
 from initserve_server.validation import InvalidRequest, OffsetOutOfRange, check_finite, validate_request
 
@@ -94,13 +97,22 @@ def _header(spec: InitSpec, cache_hit: bool) -> pb.Header:
     )
 
 
-def produce(spec: InitSpec) -> Produced:
-    """Generate the contract tensor for ``spec`` on the host, with its whole-tensor checksum."""
-    tensor = generate(spec)
-    check_finite(spec)
-    host = tensor.contiguous().cpu()
-    del tensor
-    return Produced(tensor=host, checksum=tensor_checksum(tensor_bytes(host)))
+def produce(spec: InitSpec, production: Production) -> None:
+    """Generate the contract tensor for ``spec`` into ``production``, piece by piece where the scheme allows."""
+
+    def on_piece(tensor: torch.Tensor, final_bytes: int) -> None:
+        if production.tensor is None:
+            production.attach(tensor)
+        production.advance(final_bytes)
+
+    try:
+        tensor = generate(spec, on_piece)
+        if production.tensor is None:
+            production.attach(tensor.contiguous().cpu())
+        del tensor
+        production.finish()
+    except BaseException as error:  # noqa: BLE001 - the streams waiting on it re-raise it
+        production.fail(error)
 
 
 class MalformedRequest:
@@ -136,10 +148,28 @@ class InitServicer(pb_grpc.InitServiceServicer):
         self.cache = TensorCache(config.cache_bytes, config.max_inflight_bytes)
         self.inflight_requests = _Gauge()
         self.cancelled = _Gauge()
+        # Generation runs here, beside the streams that send its bytes as they become final.
+        self._producers = ThreadPoolExecutor(config.workers, "initserve-produce", initializer=configure_torch)
+
+    def _start(self, spec: InitSpec, is_active: Callable[[], bool]) -> Production:
+        """A production for ``spec``, once torch has accepted the request (its first bytes are final)."""
+        production = Production(spec.total_bytes)
+        self._producers.submit(produce, spec, production)
+        try:
+            production.wait_started(is_active)
+            check_finite(spec)
+        except BaseException:
+            production.cancel()
+            raise
+        return production
 
     def Init(self, request: pb.InitRequest, context: grpc.ServicerContext) -> Iterator[pb.InitResponse]:
         ended = threading.Event()
         context.add_callback(ended.set)  # cancelled, expired, disconnected or finished
+
+        def is_active() -> bool:
+            return not ended.is_set()
+
         self.inflight_requests.add(1)
         finished = False
         try:
@@ -150,26 +180,35 @@ class InitServicer(pb_grpc.InitServiceServicer):
                 lease = self.cache.acquire(
                     spec.key,
                     spec.total_bytes,
-                    lambda: produce(spec),
+                    lambda: self._start(spec, is_active),
                     cacheable=not spec.seed_drawn,
-                    is_active=lambda: not ended.is_set(),
+                    is_active=is_active,
                 )
             except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in _abort
                 _abort(context, error)
                 return
             with lease:
-                produced = lease.produced
+                production = lease.production
+                assert production.tensor is not None
                 messages = encode_stream(
                     _header(spec, lease.shared),
-                    tensor_bytes(produced.tensor),
+                    tensor_bytes(production.tensor),
                     spec.chunk_bytes,
                     offset=spec.offset,
-                    checksum=produced.checksum,
+                    checksum=production.final_checksum,
+                    block_crcs=production.block_crcs,
+                    ready=lambda end: production.wait_for(end, is_active),
                 )
-                for message in messages:
-                    if ended.is_set():
-                        return
-                    yield message
+                try:
+                    for message in messages:
+                        if ended.is_set():
+                            return
+                        yield message
+                except Abandoned:
+                    return  # this call ended while waiting for bytes
+                except Exception as error:  # noqa: BLE001 - the production failed part-way
+                    _abort(context, error)
+                    return
             finished = True
         finally:
             self.inflight_requests.add(-1)
@@ -199,6 +238,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
             inflight_bytes=inflight_bytes,
             refused_inflight_bytes=counters.refused,
             cancelled=self.cancelled.value,
+            abandoned_generations=counters.abandoned,
         )
 
 
@@ -209,7 +249,7 @@ def add_to_server(servicer: InitServicer, server: grpc.Server) -> None:
         "Init": grpc.unary_stream_rpc_method_handler(
             servicer.Init,
             request_deserializer=_parser(pb.InitRequest),
-            response_serializer=pb.InitResponse.SerializeToString,
+            response_serializer=serialize_response,
         ),
         "Describe": grpc.unary_unary_rpc_method_handler(
             servicer.Describe,

@@ -1,0 +1,179 @@
+"""Generation in pieces and the production that streams read while it fills: same bytes as one torch call.
+
+The server streams an uncached tensor while generating it (initserve_server.initializers.PIECEWISE_SCHEMES):
+this file holds the evidence that a fill in pieces writes exactly what one call writes, for every such scheme
+and dtype, with tails, small tensors and odd piece sizes, and that each reported prefix really is final.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from initserve._checksum import BLOCK_BYTES, BlockCrcs, tensor_checksum
+from initserve._codec import tensor_bytes
+from initserve.v1 import initserve_pb2 as pb
+from initserve_server.config import ServerConfig
+from initserve_server.initializers import PIECEWISE_SCHEMES, generate, piece_bounds
+from initserve_server.production import Abandoned, Production
+from initserve_server.servicer import produce
+from initserve_server.spec import InitSpec
+from initserve_server.validation import validate_request
+from tests.conftest import reference, same_bytes
+
+DTYPES = {
+    torch.float32: pb.DTYPE_FLOAT32,
+    torch.float64: pb.DTYPE_FLOAT64,
+    torch.float16: pb.DTYPE_FLOAT16,
+    torch.bfloat16: pb.DTYPE_BFLOAT16,
+}
+PARAMS = {
+    "normal": {"mean": 0.5, "std": 2.0},
+    "uniform": {"a": -2.0, "b": 3.0},
+    "xavier_uniform": {},
+    "xavier_normal": {"gain": 1.5},
+    "kaiming_uniform": {"a": 0.3},
+    "kaiming_normal": {"mode": "fan_out", "nonlinearity": "relu"},
+}
+# 15 elements (under 16: one piece), exact multiples of 16, and tails of 1 to 15 elements
+SHAPES = [(3, 5), (4, 4), (5, 7), (16, 3), (33, 17), (100, 101), (64, 64), (7, 1001)]
+
+
+def spec_for(scheme: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 5) -> InitSpec:
+    request = pb.InitRequest(scheme=scheme, shape=shape, dtype=DTYPES[dtype], seed=seed)
+    for name, value in PARAMS.get(scheme, {}).items():
+        setattr(request.params, name, value)
+    return validate_request(request, ServerConfig(), lambda: 0)
+
+
+def test_the_piecewise_table_is_the_schemes_that_end_in_one_fill() -> None:
+    assert set(PARAMS) == PIECEWISE_SCHEMES
+
+
+@pytest.mark.parametrize("numel, piece, expected", [
+    (0, 16, []),
+    (15, 16, [(0, 15)]),
+    (16, 16, [(0, 16)]),
+    (47, 16, [(0, 16), (16, 47)]),  # a 15-element remainder joins the piece before it
+    (48, 16, [(0, 16), (16, 32), (32, 48)]),
+    (40, 32, [(0, 40)]),
+    (50, 32, [(0, 32), (32, 50)]),
+    (100, 32, [(0, 32), (32, 64), (64, 100)]),
+])  # fmt: skip
+def test_piece_bounds(numel: int, piece: int, expected: list[tuple[int, int]]) -> None:
+    assert piece_bounds(numel, piece) == expected
+
+
+def test_piece_bounds_refuse_a_piece_that_is_not_a_multiple_of_16() -> None:
+    with pytest.raises(ValueError, match="multiple of 16, got 24"):
+        piece_bounds(100, 24)
+
+
+def generate_in_pieces(spec: InitSpec, expected: torch.Tensor, piece_bytes: int) -> tuple[torch.Tensor, list[int]]:
+    """Generate ``spec`` piece by piece; returns the tensor and the reported prefixes, each checked as final."""
+    reports: list[int] = []
+
+    def on_piece(tensor: torch.Tensor, final_bytes: int) -> None:
+        done = final_bytes // tensor.element_size()
+        assert same_bytes(tensor.reshape(-1)[:done], expected.reshape(-1)[:done]), f"prefix of {final_bytes} bytes"
+        reports.append(final_bytes)
+
+    return generate(spec, on_piece, piece_bytes=piece_bytes), reports
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("scheme", sorted(PIECEWISE_SCHEMES))
+def test_a_fill_in_pieces_writes_the_bytes_of_one_call(scheme: str, dtype: torch.dtype) -> None:
+    for shape in SHAPES:
+        expected = reference(scheme, shape, dtype=dtype, seed=5, **PARAMS[scheme])
+        itemsize = expected.element_size()
+        for piece_elements in (16, 48, 160):
+            actual, reports = generate_in_pieces(spec_for(scheme, shape, dtype), expected, piece_elements * itemsize)
+            assert same_bytes(actual, expected), (shape, piece_elements)
+            bounds = piece_bounds(expected.numel(), piece_elements)
+            assert reports == [end * itemsize for _, end in bounds], (shape, piece_elements)
+
+
+def test_other_schemes_are_generated_in_one_piece() -> None:
+    reports: list[int] = []
+    actual = generate(spec_for("orthogonal", (64, 64)), lambda tensor, final: reports.append(final))
+    assert same_bytes(actual, reference("orthogonal", (64, 64), seed=5))
+    assert reports == []  # the caller takes the finished tensor
+
+
+def test_production_streams_a_prefix_before_the_tensor_is_finished() -> None:
+    """A reader gets the first block while the producer is held after its first piece."""
+    spec = spec_for("normal", (1024, 1024))  # 4 MiB: 4 pieces of 1 MiB
+    production = Production(spec.total_bytes)
+    first_piece_done = threading.Event()
+    go_on = threading.Event()
+
+    def on_piece(tensor: torch.Tensor, final_bytes: int) -> None:
+        if production.tensor is None:
+            production.attach(tensor)
+        production.advance(final_bytes)
+        if final_bytes == BLOCK_BYTES:
+            first_piece_done.set()
+            assert go_on.wait(10)
+
+    def run() -> None:
+        generate(spec, on_piece, piece_bytes=BLOCK_BYTES)
+        production.finish()
+
+    producer = threading.Thread(target=run)
+    producer.start()
+    try:
+        production.wait_started()
+        assert first_piece_done.wait(10)
+        production.wait_for(BLOCK_BYTES)  # returns: the first block is final
+        assert not production.done and len(production.block_crcs) == 1
+        expected = reference("normal", (1024, 1024), seed=5, mean=0.5, std=2.0)
+        assert same_bytes(production.tensor.reshape(-1)[: BLOCK_BYTES // 4], expected.reshape(-1)[: BLOCK_BYTES // 4])
+        with pytest.raises(Abandoned):
+            production.wait_for(2 * BLOCK_BYTES, is_active=lambda: False)  # not final yet, and the caller left
+    finally:
+        go_on.set()
+        producer.join(10)
+    production.wait_for(spec.total_bytes)
+    assert same_bytes(production.tensor, expected)
+    assert production.final_checksum() == tensor_checksum(tensor_bytes(expected))
+    crcs = BlockCrcs()
+    crcs.update(tensor_bytes(expected))
+    assert production.block_crcs == crcs.finished()
+
+
+def test_a_cancelled_production_stops_at_its_next_piece() -> None:
+    spec = spec_for("uniform", (4096, 1024))  # 16 MiB: 16 pieces of 1 MiB
+    production = Production(spec.total_bytes)
+    pieces: list[int] = []
+
+    def on_piece(tensor: torch.Tensor, final_bytes: int) -> None:
+        pieces.append(final_bytes)
+        if production.tensor is None:
+            production.attach(tensor)
+        production.advance(final_bytes)
+        production.cancel()  # every stream went away after the first piece
+
+    with pytest.raises(Abandoned):
+        generate(spec, on_piece, piece_bytes=BLOCK_BYTES)
+    assert pieces == [BLOCK_BYTES, 2 * BLOCK_BYTES]  # the piece in progress completes; no further one starts
+
+
+def test_produce_reports_torchs_error_to_every_reader() -> None:
+    spec = spec_for("kaiming_normal", (7,))  # torch: fewer than 2 dimensions
+    production = Production(spec.total_bytes)
+    produce(spec, production)
+    with pytest.raises(ValueError, match="Fan in and fan out can not be computed for tensor with fewer than 2"):
+        production.wait_started()
+    with pytest.raises(ValueError):
+        production.wait_for(spec.total_bytes)
+    assert production.done and production.checksum is None
+
+
+def test_a_finished_production_of_zero_bytes() -> None:
+    production = Production.finished(torch.empty(0, 3))
+    production.wait_started()
+    production.wait_for(0)
+    assert production.final_checksum() == tensor_checksum(b"")
