@@ -148,18 +148,23 @@ def test_chunk_size_never_changes_the_bytes(
     client: initserve.Client, tiny_chunk_server: ServerProcess, dtype: torch.dtype
 ) -> None:
     expected = reference("kaiming_normal", CHUNK_SHAPE, dtype=dtype, seed=5, nonlinearity="tanh")
-    default_chunk_bytes = client.describe().limits.default_chunk_bytes
+    total_bytes = expected.numel() * expected.element_size()
     received = {}
     for chunk_bytes in (1, 3, 7, 4096, None):
         result = client.fetch(
             CHUNK_SHAPE, "kaiming_normal", seed=5, dtype=dtype, chunk_bytes=chunk_bytes, nonlinearity="tanh"
         )
-        assert result.header.chunk_bytes == (default_chunk_bytes if chunk_bytes is None else chunk_bytes)
+        # None: no chunk size asked for, so the small tensor comes in one InitUnary call, one chunk
+        assert result.header.chunk_bytes == (total_bytes if chunk_bytes is None else chunk_bytes)
         received[chunk_bytes] = result.tensor
-    with tiny_chunk_server.client() as tiny_client:
+    with tiny_chunk_server.client(unary_max_bytes=0) as tiny_client:
         result = tiny_client.fetch(CHUNK_SHAPE, "kaiming_normal", seed=5, dtype=dtype, nonlinearity="tanh")
         assert result.header.chunk_bytes == 7
         received["tiny server"] = result.tensor
+    with tiny_chunk_server.client() as unary_client:  # no chunk size asked for: one InitUnary call
+        result = unary_client.fetch(CHUNK_SHAPE, "kaiming_normal", seed=5, dtype=dtype, nonlinearity="tanh")
+        assert result.header.chunk_bytes == total_bytes
+        received["unary"] = result.tensor
     with tiny_chunk_server.client(chunk_bytes=3) as preferring_three:
         result = preferring_three.fetch(CHUNK_SHAPE, "kaiming_normal", seed=5, dtype=dtype, nonlinearity="tanh")
         assert result.header.chunk_bytes == 3  # the client's preferred chunk size wins over the server default

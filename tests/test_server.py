@@ -67,7 +67,7 @@ def test_health_and_reflection_are_served(server) -> None:
 def test_flags_set_the_limits_that_describe_reports_and_requests_meet() -> None:
     running = start_server("--chunk-bytes", "1000", "--max-tensor-bytes", "64K", "--max-dims", "3")
     try:
-        with running.client() as client:
+        with running.client(unary_max_bytes=0) as client:  # streamed, in the default chunks
             limits = client.describe().limits
             assert (limits.default_chunk_bytes, limits.max_tensor_bytes, limits.max_dims) == (1000, 65536, 3)
             result = client.fetch((100, 50), "uniform", seed=1)
@@ -84,7 +84,7 @@ def test_flags_set_the_limits_that_describe_reports_and_requests_meet() -> None:
 def test_environment_variables_configure_the_server() -> None:
     running = start_server(env={"INITSERVE_CHUNK_BYTES": "333", "INITSERVE_MAX_DIMS": "5"})
     try:
-        with running.client() as client:
+        with running.client(unary_max_bytes=0) as client:
             limits = client.describe().limits
             assert (limits.default_chunk_bytes, limits.max_dims) == (333, 5)
             assert client.fetch((10, 10), "normal", seed=0).header.chunk_bytes == 333
@@ -150,3 +150,61 @@ def test_signals_stop_the_server_with_exit_status_zero(sig: int) -> None:
         assert client.ones((2, 2)).sum().item() == 4
     assert running.stop(sig) == 0
     assert not running.alive()
+
+
+# --- InitUnary: small tensors in one call ------------------------------------------------------------------------
+
+
+def unary_request(shape: tuple[int, ...], seed: int = 3, offset: int = 0) -> pb.InitRequest:
+    return pb.InitRequest(scheme="normal", shape=shape, seed=seed, offset=offset)
+
+
+def test_init_unary_answers_the_streams_bytes_in_one_message(server) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        unary = channel.unary_unary(
+            f"/{SERVICE}/InitUnary",
+            request_serializer=pb.InitRequest.SerializeToString,
+            response_deserializer=pb.InitUnaryResponse.FromString,
+        )
+        response = unary(unary_request((256, 256)), timeout=30)
+        expected = reference("normal", (256, 256), seed=3)
+        assert response.header.total_bytes == 256 * 256 * 4 and response.header.chunk_bytes == 256 * 256 * 4
+        assert response.chunk.offset == 0 and response.chunk.data == expected.numpy().tobytes()
+        assert response.trailer.checksum == initserve.tensor_checksum(response.chunk.data)
+        # from an offset: the rest of the tensor, header and trailer of the whole
+        rest = unary(unary_request((256, 256), offset=1000), timeout=30)
+        assert rest.chunk.offset == 1000 and rest.chunk.data == response.chunk.data[1000:]
+        assert (rest.header.offset, rest.trailer.checksum) == (1000, response.trailer.checksum)
+        # zero bytes: no chunk at all
+        empty = unary(unary_request((0, 5)), timeout=30)
+        assert not empty.HasField("chunk") and empty.header.total_bytes == 0
+        # past the limit: FAILED_PRECONDITION, naming it; the Init stream serves it
+        limit = initserve.Client(server.target).describe().limits.max_unary_bytes
+        assert limit == 1 << 20
+        with pytest.raises(grpc.RpcError) as raised:
+            unary(unary_request((513, 512)), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert raised.value.details() == (
+            f"InitUnary answers at most {limit} bytes (max_unary_bytes); this request is {513 * 512 * 4} bytes "
+            "from its offset: use Init, which streams"
+        )
+
+
+def test_the_client_streams_when_a_servers_messages_are_too_small_for_unary() -> None:
+    small_messages = start_server("--max-message-bytes", "256K", "--chunk-bytes", "64K")
+    try:
+        with small_messages.client() as client:
+            assert client.describe().limits.max_unary_bytes == (256 - 4) << 10
+            shape = (200, 1000)  # 800,000 bytes: under the client's 1 MiB, over this server's unary limit
+            result = client.fetch(shape, "normal", seed=4)
+            assert same_bytes(result.tensor, reference("normal", shape, seed=4))
+            assert result.header.chunk_bytes == 64 << 10  # streamed, in the server's default chunks
+            small = client.fetch((8, 8), "normal", seed=4)  # from now on this client streams
+            assert small.header.chunk_bytes == 64 << 10
+    finally:
+        small_messages.stop()
+
+
+def test_unary_max_bytes_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"unary_max_bytes must be in 0\.\.1048576, got 1048577"):
+        initserve.Client("127.0.0.1:1", unary_max_bytes=(1 << 20) + 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from initserve import _dtypes
 from initserve._codec import StreamAssembler
 from initserve._retry import RetryPolicy, fetch_resuming
 from initserve._schemes import SCHEMES, ParamValue, Scheme
-from initserve._transport import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, Transport
+from initserve._transport import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, UNARY_MAX_BYTES, Transport
 from initserve.v1 import initserve_pb2 as pb
 
 DEFAULT_TARGET = "localhost:50051"
@@ -104,6 +105,8 @@ class Client:
         chunk_bytes: preferred chunk size (0: the server's default).
         require_device_fingerprint: refuse results generated on any other device (FailedPrecondition).
         retry: how many streams one fetch may use and the backoff between them (see RetryPolicy).
+        unary_max_bytes: a fetch of at most this many bytes, with no chunk size asked for, is one InitUnary
+            call instead of a stream (lower latency); 0 always streams. At most 1 MiB (the server's limit).
     """
 
     def __init__(
@@ -117,7 +120,11 @@ class Client:
         chunk_bytes: int = 0,
         require_device_fingerprint: str | None = None,
         retry: RetryPolicy | None = None,
+        unary_max_bytes: int = UNARY_MAX_BYTES,
     ) -> None:
+        if not 0 <= unary_max_bytes <= UNARY_MAX_BYTES:
+            raise ValueError(f"unary_max_bytes must be in 0..{UNARY_MAX_BYTES}, got {unary_max_bytes}")
+        self.unary_max_bytes = unary_max_bytes
         self.target = target
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
@@ -177,12 +184,15 @@ class Client:
         if seed is not None:
             request.seed = _seed(seed)
 
+        total_bytes = math.prod(sizes) * entry.itemsize
+
         def open_stream(offset: int, resume_seed: int | None, remaining: float | None) -> Any:
             if offset or resume_seed is not None:
                 request.offset = offset
                 if resume_seed is not None:
                     request.seed = resume_seed
-            return self._transport.init_stream(request, remaining)
+            unary = request.chunk_bytes == 0 and total_bytes - offset <= self.unary_max_bytes
+            return self._transport.init(request, remaining, unary=unary)
 
         assembler = StreamAssembler(
             expected_shape=sizes,

@@ -15,6 +15,13 @@ from initserve._wire import ChunkView, decode_response
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
 
+# Tensors of at most this many bytes (from the request's offset) are fetched by one InitUnary call: a stream's
+# per-message costs are most of a small tensor's latency. A server whose messages are too small for it says so
+# (FAILED_PRECONDITION) and the client streams instead.
+UNARY_MAX_BYTES = 1 << 20
+Message = pb.InitResponse | ChunkView
+_UNARY_REFUSAL = "InitUnary answers at most"
+
 # Large enough for any chunk a server sends (its limit defaults to 4 MiB); requests themselves are tiny.
 DEFAULT_MAX_RECEIVE_MESSAGE_BYTES = 64 << 20
 SERVICE = pb.DESCRIPTOR.services_by_name["InitService"].full_name
@@ -116,8 +123,15 @@ class Transport:
             response_deserializer=decode_response,
             _registered_method=True,
         )
+        self._init_unary = self._channel.unary_unary(
+            f"/{SERVICE}/InitUnary",
+            request_serializer=pb.InitRequest.SerializeToString,
+            response_deserializer=pb.InitUnaryResponse.FromString,
+            _registered_method=True,
+        )
+        self._unary_refused = False
 
-    def init_stream(self, request: pb.InitRequest, timeout: float | None) -> Iterator[pb.InitResponse | ChunkView]:
+    def init_stream(self, request: pb.InitRequest, timeout: float | None) -> Iterator[Message]:
         """The Init stream's messages; on early exit (an integrity error, say) the call is cancelled."""
         call = self._init(request, timeout=timeout)
         try:
@@ -126,6 +140,29 @@ class Transport:
             raise from_grpc_error(error) from error
         finally:
             call.cancel()  # a no-op once the stream has finished; otherwise it stops the server's work
+
+    def init(self, request: pb.InitRequest, timeout: float | None, *, unary: bool) -> Iterator[Message]:
+        """The Init call's messages: from one InitUnary call when ``unary`` (and the server takes it), else a stream."""
+        if unary and not self._unary_refused:
+            return self.init_unary(request, timeout)
+        return self.init_stream(request, timeout)
+
+    def init_unary(self, request: pb.InitRequest, timeout: float | None) -> Iterator[Message]:
+        """InitUnary's answer as the stream's messages; the Init stream where the server refuses the size."""
+        try:
+            response = self._init_unary(request, timeout=timeout)
+        except grpc.RpcError as error:
+            failure = from_grpc_error(error)
+            if error.code() == grpc.StatusCode.FAILED_PRECONDITION and str(failure).startswith(_UNARY_REFUSAL):
+                self._unary_refused = True  # this server's messages are smaller: stream from now on
+                yield from self.init_stream(request, timeout)
+                return
+            raise failure from error
+        yield pb.InitResponse(header=response.header)
+        if response.HasField("chunk"):
+            chunk = response.chunk
+            yield ChunkView(chunk.offset, memoryview(chunk.data), chunk.crc32)
+        yield pb.InitResponse(trailer=response.trailer)
 
     def describe(self, timeout: float | None) -> pb.ServerInfo:
         try:

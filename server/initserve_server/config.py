@@ -32,6 +32,9 @@ MAX_CHUNKS_PER_STREAM = 1 << 20
 # Requests are small (a shape, a few parameters); anything larger is refused by gRPC before parsing.
 MAX_REQUEST_BYTES = 64 << 10
 MAX_STRING_PARAM_CHARS = 64
+# InitUnary answers a tensor of at most this many bytes in one message; room is left for its header and trailer.
+MAX_UNARY_BYTES = 1 << 20
+UNARY_OVERHEAD_BYTES = 4 << 10
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,10 @@ class ServerConfig:
     @property
     def max_chunk_bytes(self) -> int:
         return self.max_message_bytes - CHUNK_OVERHEAD_BYTES
+
+    @property
+    def max_unary_bytes(self) -> int:
+        return max(0, min(MAX_UNARY_BYTES, self.max_message_bytes - UNARY_OVERHEAD_BYTES))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

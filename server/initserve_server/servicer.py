@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import logging
 import os
 import secrets
@@ -64,7 +65,7 @@ def _abort(context: grpc.ServicerContext, error: BaseException) -> None:
         context.abort(grpc.StatusCode.OUT_OF_RANGE, str(error))
     if isinstance(error, InvalidRequest):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-    if isinstance(error, devices.DeviceUnavailable):
+    if isinstance(error, (devices.DeviceUnavailable, TooLargeForUnary)):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
     if _is_out_of_memory(error):
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory generating the tensor: {error}")
@@ -115,6 +116,21 @@ def produce(spec: InitSpec, production: Production) -> None:
         production.fail(error)
 
 
+class TooLargeForUnary(Exception):
+    """FAILED_PRECONDITION: the client falls back to the Init stream on it."""
+
+
+def _unary(spec: InitSpec, config: ServerConfig) -> InitSpec:
+    """The spec of an InitUnary call: its bytes in one chunk, if they fit the unary limit."""
+    size = spec.total_bytes - spec.offset
+    if size > config.max_unary_bytes:
+        raise TooLargeForUnary(
+            f"InitUnary answers at most {config.max_unary_bytes} bytes (max_unary_bytes); this request is "
+            f"{size} bytes from its offset: use Init, which streams"
+        )
+    return dataclasses.replace(spec, chunk_bytes=max(size, 1))
+
+
 class MalformedRequest:
     """Request bytes that do not parse: answered INVALID_ARGUMENT by the servicer, never INTERNAL by grpc."""
 
@@ -163,7 +179,23 @@ class InitServicer(pb_grpc.InitServiceServicer):
             raise
         return production
 
-    def Init(self, request: pb.InitRequest, context: grpc.ServicerContext) -> Iterator[pb.InitResponse]:
+    def Init(self, request: pb.InitRequest, context: grpc.ServicerContext) -> Iterator[pb.InitResponse | bytes]:
+        return self._serve(request, context, unary=False)
+
+    def InitUnary(self, request: pb.InitRequest, context: grpc.ServicerContext) -> pb.InitUnaryResponse:
+        response = pb.InitUnaryResponse()
+        for message in self._serve(request, context, unary=True):  # an abort raises out of this loop
+            if isinstance(message, bytes):  # the one chunk, encoded by hand for streams
+                response.chunk.CopyFrom(pb.InitResponse.FromString(message).chunk)
+            elif message.WhichOneof("part") == "header":
+                response.header.CopyFrom(message.header)
+            else:
+                response.trailer.CopyFrom(message.trailer)
+        return response
+
+    def _serve(
+        self, request: pb.InitRequest, context: grpc.ServicerContext, *, unary: bool
+    ) -> Iterator[pb.InitResponse | bytes]:
         ended = threading.Event()
         context.add_callback(ended.set)  # cancelled, expired, disconnected or finished
 
@@ -177,6 +209,8 @@ class InitServicer(pb_grpc.InitServiceServicer):
                 if isinstance(request, MalformedRequest):
                     raise InvalidRequest(request.message)
                 spec = validate_request(request, self._config, draw_seed)
+                if unary:
+                    spec = _unary(spec, self._config)
                 lease = self.cache.acquire(
                     spec.key,
                     spec.total_bytes,
@@ -251,6 +285,11 @@ def add_to_server(servicer: InitServicer, server: grpc.Server) -> None:
             request_deserializer=_parser(pb.InitRequest),
             response_serializer=serialize_response,
         ),
+        "InitUnary": grpc.unary_unary_rpc_method_handler(
+            servicer.InitUnary,
+            request_deserializer=_parser(pb.InitRequest),
+            response_serializer=pb.InitUnaryResponse.SerializeToString,
+        ),
         "Describe": grpc.unary_unary_rpc_method_handler(
             servicer.Describe,
             request_deserializer=_parser(pb.DescribeRequest),
@@ -299,6 +338,7 @@ def describe(config: ServerConfig) -> pb.ServerInfo:
             max_string_param_chars=MAX_STRING_PARAM_CHARS,
             max_inflight_bytes=config.max_inflight_bytes,
             cache_bytes=config.cache_bytes,
+            max_unary_bytes=config.max_unary_bytes,
         ),
         checksum_algorithm=CHECKSUM_ALGORITHM,
         api_version=API_VERSION,
