@@ -280,3 +280,9 @@ def test_other_messages_and_malformed_bytes_go_to_protobuf() -> None:
     for malformed in (b"\x12\x05\x08", b"\x12\x03\x12\x09ab", b"\x12\x02\x0f\x00"):  # short, overrun, bad wire type
         with pytest.raises(DecodeError):
             _wire.decode_response(malformed)
+
+
+@pytest.mark.parametrize("size", [0, 5, BLOCK_BYTES * 4, BLOCK_BYTES * 5 + 17])
+def test_the_checksum_in_threads_equals_the_serial_one(size: int) -> None:
+    data = random.Random(size).randbytes(size)
+    assert tensor_checksum(data, threads=2) == tensor_checksum(data) == tensor_checksum(data, threads=3)

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import torch
 
-from initserve import _dtypes
+from initserve import _dtypes, _shared
 from initserve._codec import StreamAssembler
 from initserve._retry import RetryPolicy, fetch_resuming
 from initserve._schemes import SCHEMES, ParamValue, Scheme
@@ -40,6 +40,29 @@ class InitResult:
     attempts: int = 1  # streams used: more than one when a broken stream was resumed
     resumed_at: tuple[int, ...] = ()  # the byte offsets that later streams started from
     server_ids: tuple[str, ...] = ()  # the replica behind each stream, in order
+    transport: str = "stream"  # how the bytes came: "stream", "unary" (InitUnary) or "shared_memory"
+
+
+def _result(
+    tensor: torch.Tensor,
+    header: pb.Header,
+    attempts: int,
+    resumed_at: tuple[int, ...],
+    server_ids: tuple[str, ...],
+    transport: str,
+) -> InitResult:
+    return InitResult(
+        tensor=tensor,
+        seed=header.seed_used,
+        seeded=header.seeded,
+        torch_version=header.torch_version,
+        device=header.device,
+        header=header,
+        attempts=attempts,
+        resumed_at=resumed_at,
+        server_ids=server_ids,
+        transport=transport,
+    )
 
 
 def _shape(shape: ShapeLike) -> tuple[int, ...]:
@@ -107,6 +130,9 @@ class Client:
         retry: how many streams one fetch may use and the backoff between them (see RetryPolicy).
         unary_max_bytes: a fetch of at most this many bytes, with no chunk size asked for, is one InitUnary
             call instead of a stream (lower latency); 0 always streams. At most 1 MiB (the server's limit).
+        shared_memory: on the server's host, have the server write each tensor into a /dev/shm object this
+            client creates (the server needs --shared-memory; both run as the same user); where it cannot,
+            fetches use gRPC (``InitResult.transport`` says which).
     """
 
     def __init__(
@@ -121,7 +147,9 @@ class Client:
         require_device_fingerprint: str | None = None,
         retry: RetryPolicy | None = None,
         unary_max_bytes: int = UNARY_MAX_BYTES,
+        shared_memory: bool = False,
     ) -> None:
+        self.shared_memory = shared_memory and _shared.available()
         if not 0 <= unary_max_bytes <= UNARY_MAX_BYTES:
             raise ValueError(f"unary_max_bytes must be in 0..{UNARY_MAX_BYTES}, got {unary_max_bytes}")
         self.unary_max_bytes = unary_max_bytes
@@ -185,15 +213,6 @@ class Client:
             request.seed = _seed(seed)
 
         total_bytes = math.prod(sizes) * entry.itemsize
-
-        def open_stream(offset: int, resume_seed: int | None, remaining: float | None) -> Any:
-            if offset or resume_seed is not None:
-                request.offset = offset
-                if resume_seed is not None:
-                    request.seed = resume_seed
-            unary = request.chunk_bytes == 0 and total_bytes - offset <= self.unary_max_bytes
-            return self._transport.init(request, remaining, unary=unary)
-
         assembler = StreamAssembler(
             expected_shape=sizes,
             expected_dtype=dtype,
@@ -202,18 +221,43 @@ class Client:
             out=out,
             progress=progress,
         )
-        outcome = fetch_resuming(open_stream, assembler, self.retry, self.timeout if timeout is None else timeout)
-        header = outcome.header
-        return InitResult(
-            tensor=outcome.tensor,
-            seed=header.seed_used,
-            seeded=header.seeded,
-            torch_version=header.torch_version,
-            device=header.device,
-            header=header,
-            attempts=outcome.attempts,
-            resumed_at=tuple(outcome.resumed_at),
-            server_ids=tuple(h.server_id for h in outcome.headers),
+        deadline = self.timeout if timeout is None else timeout
+        if self.shared_memory and total_bytes > 0:
+            shared = _shared.fetch_shared(
+                lambda name, remaining: self._transport.init_shared(request, name, remaining),
+                assembler,
+                sizes,
+                dtype,
+                total_bytes,
+                self.retry,
+                deadline,
+            )
+            if shared is not None:
+                tensor, header, attempts = shared
+                if out is not None:
+                    tensor = out.copy_(tensor)
+                if progress is not None:
+                    progress(total_bytes, total_bytes)
+                return _result(tensor, header, attempts, (), (header.server_id,), "shared_memory")
+            self.shared_memory = False  # the server cannot reach this client's shared memory: use gRPC
+        transport = "stream"
+
+        def open_stream(offset: int, resume_seed: int | None, remaining: float | None) -> Any:
+            if offset or resume_seed is not None:
+                request.offset = offset
+                if resume_seed is not None:
+                    request.seed = resume_seed
+            nonlocal transport
+            unary = request.chunk_bytes == 0 and total_bytes - offset <= self.unary_max_bytes
+            transport = "unary" if unary else "stream"
+            return self._transport.init(request, remaining, unary=unary)
+
+        outcome = fetch_resuming(open_stream, assembler, self.retry, deadline)
+        if transport == "unary" and self._transport.unary_refused:
+            transport = "stream"
+        server_ids = tuple(h.server_id for h in outcome.headers)
+        return _result(
+            outcome.tensor, outcome.header, outcome.attempts, tuple(outcome.resumed_at), server_ids, transport
         )
 
     def init(self, shape: ShapeLike, scheme: str, **kwargs: Any) -> torch.Tensor:

@@ -266,13 +266,17 @@ class StreamAssembler:
     def _broken(self, message: str) -> IntegrityError:
         return IntegrityError(message, received=self.received, recovery="resume")
 
-    def _start(self, header: pb.Header) -> None:
+    def check_header(self, header: pb.Header) -> _dtypes.DTypeEntry:
+        """Raise unless ``header`` is intact (its CRC) and describes the tensor asked for; its dtype entry."""
         crc = header_crc32(header)
         if crc != header.crc32:
             raise self._broken(f"header is damaged (CRC-32 {crc:#010x}, sent {header.crc32:#010x})")
         self._check_request(header)
+        return _check_header(header, self._expected_shape, self._expected_dtype)
+
+    def _start(self, header: pb.Header) -> None:
+        entry = self.check_header(header)
         if self.header is None:
-            entry = _check_header(header, self._expected_shape, self._expected_dtype)
             shape = tuple(header.shape)
             if self.tensor is None:
                 self.tensor = torch.empty(shape, dtype=entry.torch_dtype)

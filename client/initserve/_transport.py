@@ -129,7 +129,7 @@ class Transport:
             response_deserializer=pb.InitUnaryResponse.FromString,
             _registered_method=True,
         )
-        self._unary_refused = False
+        self.unary_refused = False
 
     def init_stream(self, request: pb.InitRequest, timeout: float | None) -> Iterator[Message]:
         """The Init stream's messages; on early exit (an integrity error, say) the call is cancelled."""
@@ -143,7 +143,7 @@ class Transport:
 
     def init(self, request: pb.InitRequest, timeout: float | None, *, unary: bool) -> Iterator[Message]:
         """The Init call's messages: from one InitUnary call when ``unary`` (and the server takes it), else a stream."""
-        if unary and not self._unary_refused:
+        if unary and not self.unary_refused:
             return self.init_unary(request, timeout)
         return self.init_stream(request, timeout)
 
@@ -154,7 +154,7 @@ class Transport:
         except grpc.RpcError as error:
             failure = from_grpc_error(error)
             if error.code() == grpc.StatusCode.FAILED_PRECONDITION and str(failure).startswith(_UNARY_REFUSAL):
-                self._unary_refused = True  # this server's messages are smaller: stream from now on
+                self.unary_refused = True  # this server's messages are smaller: stream from now on
                 yield from self.init_stream(request, timeout)
                 return
             raise failure from error
@@ -163,6 +163,22 @@ class Transport:
             chunk = response.chunk
             yield ChunkView(chunk.offset, memoryview(chunk.data), chunk.crc32)
         yield pb.InitResponse(trailer=response.trailer)
+
+    def init_shared(self, request: pb.InitRequest, name: str, timeout: float | None) -> list[pb.InitResponse]:
+        """InitUnary asked to fill the shared-memory object ``name``: its header and trailer (a chunk, too, if
+        the server sent one: the caller refuses it)."""
+        shared = pb.InitRequest()
+        shared.CopyFrom(request)
+        shared.shared_memory = name
+        try:
+            response = self._init_unary(shared, timeout=timeout)
+        except grpc.RpcError as error:
+            raise from_grpc_error(error) from error
+        messages = [pb.InitResponse(header=response.header)]
+        if response.HasField("chunk"):
+            messages.append(pb.InitResponse(chunk=response.chunk))
+        messages.append(pb.InitResponse(trailer=response.trailer))
+        return messages
 
     def describe(self, timeout: float | None) -> pb.ServerInfo:
         try:

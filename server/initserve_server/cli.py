@@ -37,6 +37,16 @@ def _size(text: str) -> int:
     return int(text)
 
 
+def _bool(text: str) -> bool:
+    """1/0, true/false, yes/no, on/off (any case)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="initserve-server",
@@ -94,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
         "bytes of tensors being generated or streamed outside the cache; past it RESOURCE_EXHAUSTED "
         "(default: 1/4 of memory, at least --max-tensor-bytes' default)",
     )
+    parser.add_argument(
+        "--shared-memory",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=_env("SHARED_MEMORY", _bool, False),
+        help="write tensors straight into the /dev/shm objects of clients on this host (Client(shared_memory=True)); "
+        f"off by default [env {ENV_PREFIX}SHARED_MEMORY=1]",
+    )
     option("--log-level", "LOG_LEVEL", str, "INFO", "logging level")
     parser.add_argument("--version", action="version", version=f"initserve-server {__version__}")
     return parser
@@ -112,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             grace_seconds=args.grace_seconds,
             cache_bytes=args.cache_bytes,
             max_inflight_bytes=args.max_inflight_bytes,
+            shared_memory=args.shared_memory,
         )
     except ValueError as error:
         raise SystemExit(f"initserve-server: {error}")

@@ -49,6 +49,7 @@ class ServerConfig:
     grace_seconds: float = DEFAULT_GRACE_SECONDS  # in-flight streams get this long after SIGTERM
     cache_bytes: int = DEFAULT_CACHE_BYTES  # LRU cache budget for finished tensors; 0 disables the cache
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES  # tensors generated/streamed outside the cache
+    shared_memory: bool = False  # write tensors into same-host clients' /dev/shm objects (InitUnary)
 
     @property
     def max_chunk_bytes(self) -> int:

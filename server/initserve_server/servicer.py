@@ -25,10 +25,11 @@ from initserve._wire import serialize_response
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
 from initserve_server import __version__, devices
-from initserve_server.cache import Abandoned, Overloaded, TensorCache
+from initserve_server.cache import Abandoned, Lease, Overloaded, TensorCache
 from initserve_server.config import MAX_CHUNKS_PER_STREAM, MAX_STRING_PARAM_CHARS, ServerConfig
 from initserve_server.initializers import configure_torch, generate
 from initserve_server.production import Production
+from initserve_server.shared_memory import SHARED_MEMORY_DIR, SharedMemoryInvalid, SharedMemoryUnavailable, SharedRegion
 from initserve_server.spec import InitSpec
 from initserve_server.validation import InvalidRequest, OffsetOutOfRange, check_finite, validate_request
 
@@ -63,9 +64,9 @@ def _abort(context: grpc.ServicerContext, error: BaseException) -> None:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
     if isinstance(error, OffsetOutOfRange):
         context.abort(grpc.StatusCode.OUT_OF_RANGE, str(error))
-    if isinstance(error, InvalidRequest):
+    if isinstance(error, (InvalidRequest, SharedMemoryInvalid)):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-    if isinstance(error, (devices.DeviceUnavailable, TooLargeForUnary)):
+    if isinstance(error, (devices.DeviceUnavailable, TooLargeForUnary, SharedMemoryUnavailable)):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
     if _is_out_of_memory(error):
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory generating the tensor: {error}")
@@ -180,11 +181,12 @@ class InitServicer(pb_grpc.InitServiceServicer):
         return production
 
     def Init(self, request: pb.InitRequest, context: grpc.ServicerContext) -> Iterator[pb.InitResponse | bytes]:
-        return self._serve(request, context, unary=False)
+        return self._serve(request, context, mode="stream")
 
     def InitUnary(self, request: pb.InitRequest, context: grpc.ServicerContext) -> pb.InitUnaryResponse:
         response = pb.InitUnaryResponse()
-        for message in self._serve(request, context, unary=True):  # an abort raises out of this loop
+        mode = "shared" if not isinstance(request, MalformedRequest) and request.shared_memory else "unary"
+        for message in self._serve(request, context, mode=mode):  # an abort raises out of this loop
             if isinstance(message, bytes):  # the one chunk, encoded by hand for streams
                 response.chunk.CopyFrom(pb.InitResponse.FromString(message).chunk)
             elif message.WhichOneof("part") == "header":
@@ -193,9 +195,16 @@ class InitServicer(pb_grpc.InitServiceServicer):
                 response.trailer.CopyFrom(message.trailer)
         return response
 
+    def _open_region(self, name: str, nbytes: int) -> SharedRegion:
+        if not self._config.shared_memory:
+            raise SharedMemoryUnavailable("this server does not write shared memory (start it with --shared-memory)")
+        return SharedRegion(name, nbytes)
+
     def _serve(
-        self, request: pb.InitRequest, context: grpc.ServicerContext, *, unary: bool
+        self, request: pb.InitRequest, context: grpc.ServicerContext, *, mode: str
     ) -> Iterator[pb.InitResponse | bytes]:
+        """One Init call: ``mode`` "stream" (Init), "unary" (InitUnary: one chunk) or "shared" (InitUnary with
+        shared_memory: the bytes go into the client's region, the messages carry header and trailer only)."""
         ended = threading.Event()
         context.add_callback(ended.set)  # cancelled, expired, disconnected or finished
 
@@ -204,13 +213,18 @@ class InitServicer(pb_grpc.InitServiceServicer):
 
         self.inflight_requests.add(1)
         finished = False
+        region: SharedRegion | None = None
         try:
             try:
                 if isinstance(request, MalformedRequest):
                     raise InvalidRequest(request.message)
                 spec = validate_request(request, self._config, draw_seed)
-                if unary:
+                if mode == "unary":
                     spec = _unary(spec, self._config)
+                elif mode == "shared":
+                    region = self._open_region(request.shared_memory, spec.total_bytes)
+                elif request.shared_memory:
+                    raise InvalidRequest("shared_memory is answered by InitUnary, not by the Init stream")
                 lease = self.cache.acquire(
                     spec.key,
                     spec.total_bytes,
@@ -224,6 +238,10 @@ class InitServicer(pb_grpc.InitServiceServicer):
             with lease:
                 production = lease.production
                 assert production.tensor is not None
+                if region is not None:
+                    yield from self._write_shared(spec, lease, region, context, is_active)
+                    finished = True
+                    return
                 messages = encode_stream(
                     _header(spec, lease.shared),
                     tensor_bytes(production.tensor),
@@ -245,9 +263,33 @@ class InitServicer(pb_grpc.InitServiceServicer):
                     return
             finished = True
         finally:
+            if region is not None:
+                region.close()
             self.inflight_requests.add(-1)
             if not finished and ended.is_set():
                 self.cancelled.add(1)
+
+    def _write_shared(
+        self,
+        spec: InitSpec,
+        lease: Lease,
+        region: SharedRegion,
+        context: grpc.ServicerContext,
+        is_active: Callable[[], bool],
+    ) -> Iterator[pb.InitResponse]:
+        production = lease.production
+        assert production.tensor is not None
+        try:
+            region.write(
+                production.tensor, spec.offset, spec.total_bytes, lambda end: production.wait_for(end, is_active)
+            )
+        except Abandoned:
+            return
+        except Exception as error:  # noqa: BLE001 - the production failed part-way
+            _abort(context, error)
+            return
+        yield pb.InitResponse(header=_header(spec, lease.shared))
+        yield pb.InitResponse(trailer=pb.Trailer(checksum=production.final_checksum()))
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
         if isinstance(request, MalformedRequest):
@@ -340,6 +382,7 @@ def describe(config: ServerConfig) -> pb.ServerInfo:
             cache_bytes=config.cache_bytes,
             max_unary_bytes=config.max_unary_bytes,
         ),
+        shared_memory_dir=SHARED_MEMORY_DIR if config.shared_memory else "",
         checksum_algorithm=CHECKSUM_ALGORITHM,
         api_version=API_VERSION,
         server_id=SERVER_ID,
