@@ -286,3 +286,22 @@ def test_other_messages_and_malformed_bytes_go_to_protobuf() -> None:
 def test_the_checksum_in_threads_equals_the_serial_one(size: int) -> None:
     data = random.Random(size).randbytes(size)
     assert tensor_checksum(data, threads=2) == tensor_checksum(data) == tensor_checksum(data, threads=3)
+
+
+def test_the_unary_response_is_the_stream_messages_joined() -> None:
+    header = pb.InitResponse(header=pb.Header(shape=[3], total_bytes=3, scheme="normal"))
+    chunk = _wire.encode_chunk(0, memoryview(b"abc"), 7)
+    trailer = pb.InitResponse(trailer=pb.Trailer(checksum=b"\x01" * 32))
+    encoded = _wire.encode_unary([header, chunk, trailer])
+    parsed = pb.InitUnaryResponse.FromString(encoded)  # what any protobuf reader sees
+    assert parsed.header == header.header and parsed.trailer == trailer.trailer
+    assert (parsed.chunk.offset, parsed.chunk.data, parsed.chunk.crc32) == (0, b"abc", 7)
+    decoded = _wire.decode_unary(parsed.SerializeToString())
+    assert decoded[0] == header and decoded[2] == trailer
+    assert isinstance(decoded[1], _wire.ChunkView) and bytes(decoded[1].data) == b"abc"
+    no_chunk = _wire.decode_unary(_wire.encode_unary([header, trailer]))
+    assert no_chunk == [header, trailer]
+    reordered = _wire.decode_unary(trailer.SerializeToString() + header.SerializeToString())  # protobuf's way
+    assert [m.WhichOneof("part") for m in reordered] == ["header", "trailer"]
+    with pytest.raises(DecodeError):
+        _wire.decode_unary(b"\x0a\x05\x08")

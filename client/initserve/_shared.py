@@ -21,6 +21,7 @@ from initserve._checksum import tensor_checksum
 from initserve._codec import StreamAssembler
 from initserve._errors import DeadlineExceeded, FailedPrecondition, InitServeError, IntegrityError
 from initserve._retry import RETRYABLE_CODES, RetryPolicy
+from initserve._wire import ChunkView
 from initserve.v1 import initserve_pb2 as pb
 
 SHARED_MEMORY_DIR = "/dev/shm"
@@ -60,7 +61,7 @@ def available(directory: str = SHARED_MEMORY_DIR) -> bool:
 
 def receive(
     region: SharedRegion,
-    messages: Sequence[pb.InitResponse],
+    messages: Sequence[pb.InitResponse | ChunkView],
     assembler: StreamAssembler,
     shape: Sequence[int],
     dtype: torch.dtype,
@@ -70,7 +71,8 @@ def receive(
     ``assembler`` checks the header as for a stream (its CRC, and that it answers the request); the checksum is
     computed here over the region, which the server filled.
     """
-    if [m.WhichOneof("part") for m in messages] != ["header", "trailer"]:
+    parts = [m.WhichOneof("part") if isinstance(m, pb.InitResponse) else "chunk" for m in messages]
+    if parts != ["header", "trailer"]:
         raise IntegrityError("a shared-memory answer must be exactly a header and a trailer", recovery="restart")
     header = messages[0].header
     assembler.check_header(header)
@@ -89,7 +91,8 @@ def receive(
     return tensor, header
 
 
-Call = Callable[[str, float | None], Sequence[pb.InitResponse]]  # (region name, remaining seconds) -> messages
+# (region name, remaining seconds) -> the InitUnary answer as messages
+Call = Callable[[str, float | None], Sequence[pb.InitResponse | ChunkView]]
 
 
 def fetch_shared(

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from initserve._errors import from_grpc_error
-from initserve._wire import ChunkView, decode_response
+from initserve._wire import ChunkView, decode_response, decode_unary
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
 
@@ -126,7 +126,7 @@ class Transport:
         self._init_unary = self._channel.unary_unary(
             f"/{SERVICE}/InitUnary",
             request_serializer=pb.InitRequest.SerializeToString,
-            response_deserializer=pb.InitUnaryResponse.FromString,
+            response_deserializer=decode_unary,  # the stream's messages, the chunk's payload not copied
             _registered_method=True,
         )
         self.unary_refused = False
@@ -150,7 +150,7 @@ class Transport:
     def init_unary(self, request: pb.InitRequest, timeout: float | None) -> Iterator[Message]:
         """InitUnary's answer as the stream's messages; the Init stream where the server refuses the size."""
         try:
-            response = self._init_unary(request, timeout=timeout)
+            messages = self._init_unary(request, timeout=timeout)
         except grpc.RpcError as error:
             failure = from_grpc_error(error)
             if error.code() == grpc.StatusCode.FAILED_PRECONDITION and str(failure).startswith(_UNARY_REFUSAL):
@@ -158,27 +158,18 @@ class Transport:
                 yield from self.init_stream(request, timeout)
                 return
             raise failure from error
-        yield pb.InitResponse(header=response.header)
-        if response.HasField("chunk"):
-            chunk = response.chunk
-            yield ChunkView(chunk.offset, memoryview(chunk.data), chunk.crc32)
-        yield pb.InitResponse(trailer=response.trailer)
+        yield from messages
 
-    def init_shared(self, request: pb.InitRequest, name: str, timeout: float | None) -> list[pb.InitResponse]:
+    def init_shared(self, request: pb.InitRequest, name: str, timeout: float | None) -> list[Message]:
         """InitUnary asked to fill the shared-memory object ``name``: its header and trailer (a chunk, too, if
         the server sent one: the caller refuses it)."""
         shared = pb.InitRequest()
         shared.CopyFrom(request)
         shared.shared_memory = name
         try:
-            response = self._init_unary(shared, timeout=timeout)
+            return self._init_unary(shared, timeout=timeout)
         except grpc.RpcError as error:
             raise from_grpc_error(error) from error
-        messages = [pb.InitResponse(header=response.header)]
-        if response.HasField("chunk"):
-            messages.append(pb.InitResponse(chunk=response.chunk))
-        messages.append(pb.InitResponse(trailer=response.trailer))
-        return messages
 
     def describe(self, timeout: float | None) -> pb.ServerInfo:
         try:

@@ -100,6 +100,44 @@ def _parse_chunk(data: memoryview) -> ChunkView:
     return ChunkView(offset, payload, crc32)
 
 
+def encode_unary(messages: list[bytes | pb.InitResponse]) -> bytes:
+    """An ``InitUnaryResponse`` from a stream's messages: its header, chunk and trailer are fields 1, 2 and 3,
+    as in ``InitResponse``'s oneof, so the serialized stream messages, joined, are the unary response."""
+    return b"".join(serialize_response(message) for message in messages)
+
+
+def decode_unary(data: bytes) -> list[ChunkView | pb.InitResponse]:
+    """An ``InitUnaryResponse`` as the stream's messages (header, chunk if any, trailer); the chunk's payload is a
+    view into ``data``. Anything but exactly those fields, once each in order, is parsed by protobuf."""
+    view = memoryview(data)
+    parts: list[ChunkView | pb.InitResponse] = []
+    position = 0
+    try:
+        for tag, field in ((0x0A, "header"), (0x12, "chunk"), (0x1A, "trailer")):
+            if position < len(data) and data[position] == tag:
+                size, start = _read_varint(view, position + 1)
+                end = start + size
+                if end > len(data):
+                    raise ValueError("field overruns the message")
+                if field == "chunk":
+                    parts.append(_parse_chunk(view[start:end]))
+                elif field == "header":
+                    parts.append(pb.InitResponse(header=pb.Header.FromString(view[start:end])))
+                else:
+                    parts.append(pb.InitResponse(trailer=pb.Trailer.FromString(view[start:end])))
+                position = end
+        if position == len(data):
+            return parts
+    except (ValueError, IndexError):
+        pass
+    response = pb.InitUnaryResponse.FromString(data)  # raises on malformed bytes
+    return (
+        [pb.InitResponse(header=response.header)]
+        + ([pb.InitResponse(chunk=response.chunk)] if response.HasField("chunk") else [])
+        + [pb.InitResponse(trailer=response.trailer)]
+    )
+
+
 def decode_response(data: bytes) -> ChunkView | pb.InitResponse:
     """gRPC's response deserializer: a message that is exactly one chunk becomes a :class:`ChunkView`
     without copying its payload; anything else is parsed by protobuf (which raises on malformed bytes)."""

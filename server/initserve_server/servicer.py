@@ -21,7 +21,7 @@ from initserve._checksum import CHECKSUM_ALGORITHM
 from initserve._codec import encode_stream, seal_header, tensor_bytes
 from initserve._errors import TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES
 from initserve._schemes import SCHEMES
-from initserve._wire import serialize_response
+from initserve._wire import encode_unary, serialize_response
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
 from initserve_server import __version__, devices
@@ -183,17 +183,10 @@ class InitServicer(pb_grpc.InitServiceServicer):
     def Init(self, request: pb.InitRequest, context: grpc.ServicerContext) -> Iterator[pb.InitResponse | bytes]:
         return self._serve(request, context, mode="stream")
 
-    def InitUnary(self, request: pb.InitRequest, context: grpc.ServicerContext) -> pb.InitUnaryResponse:
-        response = pb.InitUnaryResponse()
+    def InitUnary(self, request: pb.InitRequest, context: grpc.ServicerContext) -> bytes:
+        """The stream's messages in one serialized InitUnaryResponse (see initserve._wire.encode_unary)."""
         mode = "shared" if not isinstance(request, MalformedRequest) and request.shared_memory else "unary"
-        for message in self._serve(request, context, mode=mode):  # an abort raises out of this loop
-            if isinstance(message, bytes):  # the one chunk, encoded by hand for streams
-                response.chunk.CopyFrom(pb.InitResponse.FromString(message).chunk)
-            elif message.WhichOneof("part") == "header":
-                response.header.CopyFrom(message.header)
-            else:
-                response.trailer.CopyFrom(message.trailer)
-        return response
+        return encode_unary(list(self._serve(request, context, mode=mode)))  # an abort raises out of this
 
     def _open_region(self, name: str, nbytes: int) -> SharedRegion:
         if not self._config.shared_memory:
@@ -330,7 +323,7 @@ def add_to_server(servicer: InitServicer, server: grpc.Server) -> None:
         "InitUnary": grpc.unary_unary_rpc_method_handler(
             servicer.InitUnary,
             request_deserializer=_parser(pb.InitRequest),
-            response_serializer=pb.InitUnaryResponse.SerializeToString,
+            response_serializer=None,  # InitUnary returns the serialized response
         ),
         "Describe": grpc.unary_unary_rpc_method_handler(
             servicer.Describe,
