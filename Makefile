@@ -9,7 +9,7 @@ PROTO := proto/initserve/v1/initserve.proto
 STUBS := client/initserve/v1/initserve_pb2.py client/initserve/v1/initserve_pb2_grpc.py client/initserve/v1/initserve_pb2.pyi
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install proto serve demo test test-all soak lint clean
+.PHONY: install proto serve demo test test-all soak bench lint clean
 
 install: $(INSTALLED) $(STUBS)
 
@@ -40,6 +40,11 @@ test-all: install
 # The long fault-and-load run; writes its figures to docs/reliability.md.
 soak: install
 	$(PY) -m tests.soak --duration 300 --report docs/reliability.md
+
+# Throughput, latency, concurrency and memory against ceilings measured in the same run (about 10-15 min);
+# writes docs/bench/bench.json and docs/bench/bench.png. A wrong byte fails it; a missed target does not.
+bench: install
+	$(PY) bench/run.py --json docs/bench/bench.json --plot docs/bench/bench.png
 
 lint: install
 	$(VENV)/bin/ruff check client server tests examples bench
