@@ -86,6 +86,9 @@ def small_request_client(target: str, connection: Connection) -> None:
     fetch in a loop until ``start_at + duration``; answer ``(completed_in_window, wrong, cache_misses)``.
     Every result is compared with the reference inside the loop: the rate counts verified requests only.
     """
+    # One intra-op thread: with 8 or 32 processes on 2 cores, the verification's torch.equal spun OpenMP
+    # threads that starved everything else (measured: 261 req/s of 256x256 with 8 processes, 1201 with this).
+    torch.set_num_threads(1)
     with initserve.Client(target, timeout=CLIENT_TIMEOUT_SECONDS) as client:
         request, expected, seed = None, None, 0
         while True:
