@@ -177,3 +177,25 @@ def test_a_finished_production_of_zero_bytes() -> None:
     production.wait_started()
     production.wait_for(0)
     assert production.final_checksum() == tensor_checksum(b"")
+
+
+def test_a_tensor_of_many_pieces_is_exact_over_the_wire_for_its_generator_and_a_joiner(server) -> None:
+    """Uncached, 9 MiB of float32 (three 4 MiB pieces, a tail of 15 elements) in ragged chunks, fetched by two
+    clients at once: one generates, the other joins and streams along; both get the contract bytes."""
+    shape = (2305, 1025)  # 2,362,625 elements: 15 past a multiple of 16
+    expected = reference("kaiming_normal", shape, seed=77, mode="fan_out")
+    results: dict[str, torch.Tensor] = {}
+
+    def fetch(name: str) -> None:
+        with server.client() as client:
+            results[name] = client.fetch(
+                shape, "kaiming_normal", seed=77, mode="fan_out", chunk_bytes=(1 << 20) + 3
+            ).tensor
+
+    threads = [threading.Thread(target=fetch, args=(name,)) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert set(results) == {"first", "second"}
+    assert same_bytes(results["first"], expected) and same_bytes(results["second"], expected)
