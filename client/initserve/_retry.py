@@ -46,6 +46,47 @@ class RetryPolicy:
         return random.uniform(0, ceiling)
 
 
+def retryable(error: InitServeError) -> bool:
+    """Whether another attempt may mend ``error``: a damaged stream that can be resumed or restarted, or a
+    status of :data:`RETRYABLE_CODES`."""
+    if isinstance(error, IntegrityError):
+        return error.recovery != "none"
+    return error.code in RETRYABLE_CODES
+
+
+class Attempts:
+    """One fetch's retry budget: the number of attempts, the backoff between them, the whole fetch's deadline."""
+
+    def __init__(self, policy: RetryPolicy, timeout: float | None, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.policy = policy
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.count = 0
+        self._sleep = sleep
+
+    def start(self, spent: Callable[[], str]) -> float | None:
+        """Begin an attempt; the seconds left for it (None: no deadline). Raises DeadlineExceeded, naming what
+        was ``spent()``, when none are left."""
+        remaining = None if self.deadline is None else self.deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(f"deadline of {self.timeout}s passed after {spent()}")
+        self.count += 1
+        return remaining
+
+    def failed(self, error: InitServeError, spent: Callable[[], str]) -> None:
+        """After a failed attempt: re-raise ``error`` unless it is retryable and attempts remain (its note then
+        says what was ``spent()``); otherwise wait the backoff, never past the deadline."""
+        if not retryable(error):
+            raise error
+        if self.count >= self.policy.max_attempts:
+            error.add_note(f"initserve: gave up after {spent()}")
+            raise error
+        pause = self.policy.backoff(self.count)
+        if self.deadline is not None:
+            pause = min(pause, max(0.0, self.deadline - time.monotonic()))
+        self._sleep(pause)
+
+
 @dataclass
 class FetchOutcome:
     tensor: torch.Tensor
@@ -71,38 +112,19 @@ def fetch_resuming(
     ``seed`` is None for the first stream and the first header's ``seed_used`` for every later one, so a
     request that gave no seed resumes with the seed the server drew.
     """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    attempts = 0
+    attempts = Attempts(policy, timeout, sleep)
     resumed_at: list[int] = []
     while True:
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded(
-                f"deadline of {timeout}s passed after {attempts} stream(s), {assembler.received} bytes verified"
-            )
+        remaining = attempts.start(lambda: f"{attempts.count} stream(s), {assembler.received} bytes verified")
         offset = assembler.received
         seed = assembler.header.seed_used if assembler.header is not None and assembler.header.seeded else None
-        if attempts:
+        if attempts.count > 1:
             resumed_at.append(offset)
-        attempts += 1
         try:
             with contextlib.closing(open_stream(offset, seed, remaining)) as stream:  # closing cancels the call
                 tensor, header = assembler.consume(stream)
-            return FetchOutcome(tensor, header, assembler.headers, attempts, resumed_at)
-        except IntegrityError as error:
-            if error.recovery == "none":
-                raise
-            if error.recovery == "restart":
-                assembler.restart()
-            last: InitServeError = error
+            return FetchOutcome(tensor, header, assembler.headers, attempts.count, resumed_at)
         except InitServeError as error:
-            if error.code not in RETRYABLE_CODES:
-                raise
-            last = error
-        if attempts >= policy.max_attempts:
-            last.add_note(f"initserve: gave up after {attempts} streams; {assembler.received} bytes were verified")
-            raise last
-        pause = policy.backoff(attempts)
-        if deadline is not None:
-            pause = min(pause, max(0.0, deadline - time.monotonic()))
-        sleep(pause)
+            if isinstance(error, IntegrityError) and error.recovery == "restart":
+                assembler.restart()
+            attempts.failed(error, lambda: f"{attempts.count} streams; {assembler.received} bytes were verified")

@@ -19,8 +19,8 @@ import torch
 
 from initserve._checksum import tensor_checksum
 from initserve._codec import StreamAssembler
-from initserve._errors import DeadlineExceeded, FailedPrecondition, InitServeError, IntegrityError
-from initserve._retry import RETRYABLE_CODES, RetryPolicy
+from initserve._errors import FailedPrecondition, InitServeError, IntegrityError
+from initserve._retry import Attempts, RetryPolicy
 from initserve._wire import ChunkView
 from initserve.v1 import initserve_pb2 as pb
 
@@ -108,13 +108,9 @@ def fetch_shared(
 ) -> tuple[torch.Tensor, pb.Header, int] | None:
     """(tensor, header, attempts) through shared memory, retried as a stream would be; None when the server
     cannot fill this client's shared memory (the caller uses gRPC)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    attempts = 0
+    attempts = Attempts(policy, timeout, sleep)
     while True:
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded(f"deadline of {timeout}s passed after {attempts} shared-memory attempt(s)")
-        attempts += 1
+        remaining = attempts.start(lambda: f"{attempts.count} shared-memory attempt(s)")
         region = SharedRegion(nbytes)
         try:
             try:
@@ -122,23 +118,10 @@ def fetch_shared(
             finally:
                 region.unlink()  # the server has opened it, or never will
             tensor, header = receive(region, messages, assembler, shape, dtype)
-            return tensor, header, attempts
+            return tensor, header, attempts.count
         except FailedPrecondition as error:
             if str(error).startswith(_REFUSALS):
                 return None
             raise
-        except IntegrityError as error:
-            if error.recovery == "none":
-                raise
-            last: InitServeError = error
         except InitServeError as error:
-            if error.code not in RETRYABLE_CODES:
-                raise
-            last = error
-        if attempts >= policy.max_attempts:
-            last.add_note(f"initserve: gave up after {attempts} shared-memory attempts")
-            raise last
-        pause = policy.backoff(attempts)
-        if deadline is not None:
-            pause = min(pause, max(0.0, deadline - time.monotonic()))
-        sleep(pause)
+            attempts.failed(error, lambda: f"{attempts.count} shared-memory attempts")

@@ -34,7 +34,6 @@ class Production:
         self.block_crcs: list[int] = []  # grows as blocks become final; chunks that are one block reuse them
         self.checksum: bytes | None = None  # the whole tensor's, once finished
         self.error: BaseException | None = None
-        self._ready = 0  # bytes final and covered by block_crcs (all of them once finished)
         self._final = 0  # bytes final
         self._crcs = TensorChecksum()
         self._cancelled = False
@@ -66,7 +65,6 @@ class Production:
         self._final = final_bytes
         with self._changed:
             self.block_crcs.extend(self._crcs.crcs[len(self.block_crcs) :])  # one list that only grows
-            self._ready = len(self.block_crcs) * BLOCK_BYTES
             self._changed.notify_all()
 
     def finish(self) -> None:
@@ -75,7 +73,6 @@ class Production:
         with self._changed:
             self.block_crcs.extend(self._crcs.finished()[len(self.block_crcs) :])
             self.checksum = self._crcs.digest()
-            self._ready = self.nbytes
             self._changed.notify_all()
         self._done()
 
@@ -88,10 +85,6 @@ class Production:
     def cancel(self) -> None:
         """Ask the producer to stop at its next :meth:`advance` (one that generates in one piece cannot)."""
         self._cancelled = True
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
 
     def _done(self) -> None:
         with self._changed:
@@ -136,8 +129,11 @@ class Production:
                 raise self.error  # type: ignore[misc]
 
     def _has(self, end: int) -> bool:
-        # The last byte counts only with the checksum: the trailer follows it.
-        return self._ready >= end and (end < self.nbytes or self.checksum is not None)
+        """Whether bytes ``[0, end)`` may be read: whole blocks whose CRCs are known, and the last byte only
+        with the checksum, which the trailer after it carries."""
+        if self.checksum is not None:
+            return end <= self.nbytes
+        return end <= min(len(self.block_crcs) * BLOCK_BYTES, self.nbytes - 1)
 
     def final_checksum(self) -> bytes:
         """The whole tensor's checksum; call after every byte was waited for."""

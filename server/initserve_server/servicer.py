@@ -25,7 +25,7 @@ from initserve._wire import encode_unary, serialize_response
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
 from initserve_server import __version__, devices
-from initserve_server.cache import Abandoned, Lease, Overloaded, TensorCache
+from initserve_server.cache import Abandoned, Overloaded, TensorCache
 from initserve_server.config import MAX_CHUNKS_PER_STREAM, MAX_STRING_PARAM_CHARS, ServerConfig
 from initserve_server.initializers import configure_torch, generate
 from initserve_server.production import Production
@@ -115,6 +115,17 @@ def produce(spec: InitSpec, production: Production) -> None:
         production.finish()
     except BaseException as error:  # noqa: BLE001 - the streams waiting on it re-raise it
         production.fail(error)
+
+
+def _write_shared(
+    region: SharedRegion, spec: InitSpec, shared: bool, production: Production, ready: Callable[[int], None]
+) -> Iterator[pb.InitResponse]:
+    """The shared-memory answer: the bytes into the client's region as they become final, then the header and
+    the trailer."""
+    assert production.tensor is not None
+    region.write(production.tensor, spec.offset, spec.total_bytes, ready)
+    yield pb.InitResponse(header=_header(spec, shared))
+    yield pb.InitResponse(trailer=pb.Trailer(checksum=production.final_checksum()))
 
 
 class TooLargeForUnary(Exception):
@@ -231,19 +242,22 @@ class InitServicer(pb_grpc.InitServiceServicer):
             with lease:
                 production = lease.production
                 assert production.tensor is not None
+
+                def ready(end: int) -> None:
+                    production.wait_for(end, is_active)
+
                 if region is not None:
-                    yield from self._write_shared(spec, lease, region, context, is_active)
-                    finished = True
-                    return
-                messages = encode_stream(
-                    _header(spec, lease.shared),
-                    tensor_bytes(production.tensor),
-                    spec.chunk_bytes,
-                    offset=spec.offset,
-                    checksum=production.final_checksum,
-                    block_crcs=production.block_crcs,
-                    ready=lambda end: production.wait_for(end, is_active),
-                )
+                    messages = _write_shared(region, spec, lease.shared, production, ready)
+                else:
+                    messages = encode_stream(
+                        _header(spec, lease.shared),
+                        tensor_bytes(production.tensor),
+                        spec.chunk_bytes,
+                        offset=spec.offset,
+                        checksum=production.final_checksum,
+                        block_crcs=production.block_crcs,
+                        ready=ready,
+                    )
                 try:
                     for message in messages:
                         if ended.is_set():
@@ -261,28 +275,6 @@ class InitServicer(pb_grpc.InitServiceServicer):
             self.inflight_requests.add(-1)
             if not finished and ended.is_set():
                 self.cancelled.add(1)
-
-    def _write_shared(
-        self,
-        spec: InitSpec,
-        lease: Lease,
-        region: SharedRegion,
-        context: grpc.ServicerContext,
-        is_active: Callable[[], bool],
-    ) -> Iterator[pb.InitResponse]:
-        production = lease.production
-        assert production.tensor is not None
-        try:
-            region.write(
-                production.tensor, spec.offset, spec.total_bytes, lambda end: production.wait_for(end, is_active)
-            )
-        except Abandoned:
-            return
-        except Exception as error:  # noqa: BLE001 - the production failed part-way
-            _abort(context, error)
-            return
-        yield pb.InitResponse(header=_header(spec, lease.shared))
-        yield pb.InitResponse(trailer=pb.Trailer(checksum=production.final_checksum()))
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
         if isinstance(request, MalformedRequest):
