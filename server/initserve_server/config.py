@@ -35,6 +35,8 @@ MAX_STRING_PARAM_CHARS = 64
 # InitUnary answers a tensor of at most this many bytes in one message; room is left for its header and trailer.
 MAX_UNARY_BYTES = 1 << 20
 UNARY_OVERHEAD_BYTES = 4 << 10
+# Serialized InitUnary answers to repeated cached requests (initserve_server.answers), apart from cache_bytes.
+MAX_ANSWER_MEMO_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ class ServerConfig:
     @property
     def max_chunk_bytes(self) -> int:
         return self.max_message_bytes - CHUNK_OVERHEAD_BYTES
+
+    @property
+    def answer_memo_bytes(self) -> int:
+        """The InitUnary answer memo's budget: none without a tensor cache, never more than the cache."""
+        return min(MAX_ANSWER_MEMO_BYTES, self.cache_bytes)
 
     @property
     def max_unary_bytes(self) -> int:

@@ -25,6 +25,7 @@ from initserve._wire import encode_unary, serialize_response
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
 from initserve_server import __version__, devices
+from initserve_server.answers import AnswerMemo
 from initserve_server.cache import Abandoned, Overloaded, TensorCache
 from initserve_server.config import MAX_CHUNKS_PER_STREAM, MAX_STRING_PARAM_CHARS, ServerConfig
 from initserve_server.initializers import configure_torch, generate
@@ -160,6 +161,21 @@ def _parser(message_type: type) -> Callable[[bytes], object]:
     return parse
 
 
+_parse_init_request = _parser(pb.InitRequest)
+
+
+def _reusable(messages: list[pb.InitResponse | bytes]) -> bool:
+    """A whole answer (header, chunk, trailer) served from the cache: the same request bytes get the same one."""
+    first, last = messages[0], messages[-1]
+    return (
+        len(messages) == 3
+        and isinstance(first, pb.InitResponse)
+        and first.header.cache_hit
+        and isinstance(last, pb.InitResponse)
+        and last.WhichOneof("part") == "trailer"
+    )
+
+
 class _Gauge:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -174,6 +190,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
     def __init__(self, config: ServerConfig) -> None:
         self._config = config
         self.cache = TensorCache(config.cache_bytes, config.max_inflight_bytes)
+        self.answers = AnswerMemo(config.answer_memo_bytes)
         self.inflight_requests = _Gauge()
         self.cancelled = _Gauge()
         # Generation runs here, beside the streams that send its bytes as they become final.
@@ -194,10 +211,20 @@ class InitServicer(pb_grpc.InitServiceServicer):
     def Init(self, request: pb.InitRequest, context: grpc.ServicerContext) -> Iterator[pb.InitResponse | bytes]:
         return self._serve(request, context, mode="stream")
 
-    def InitUnary(self, request: pb.InitRequest, context: grpc.ServicerContext) -> bytes:
-        """The stream's messages in one serialized InitUnaryResponse (see initserve._wire.encode_unary)."""
+    def InitUnary(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        """The stream's messages in one serialized InitUnaryResponse (see initserve._wire.encode_unary).
+
+        ``data`` is the request's bytes: a repeat of a request the cache served is answered from the memo."""
+        answer = self.answers.get(data)
+        if answer is not None:
+            return answer
+        request = _parse_init_request(data)
         mode = "shared" if not isinstance(request, MalformedRequest) and request.shared_memory else "unary"
-        return encode_unary(list(self._serve(request, context, mode=mode)))  # an abort raises out of this
+        messages = list(self._serve(request, context, mode=mode))  # an abort raises out of this
+        answer = encode_unary(messages)
+        if mode == "unary" and _reusable(messages):
+            self.answers.put(data, answer)
+        return answer
 
     def _open_region(self, name: str, nbytes: int) -> SharedRegion:
         if not self._config.shared_memory:
@@ -286,10 +313,11 @@ class InitServicer(pb_grpc.InitServiceServicer):
     def stats(self) -> pb.ServerStats:
         entries, cached_bytes, inflight_bytes = self.cache.gauges()
         counters = self.cache.stats
+        reused = self.answers.hits  # each one a cache hit that skipped the tensor cache
         return pb.ServerStats(
-            requests=counters.requests,
+            requests=counters.requests + reused,
             generations=counters.generations,
-            cache_hits=counters.hits,
+            cache_hits=counters.hits + reused,
             single_flight_joins=counters.joins,
             cache_misses=counters.misses,
             cache_evictions=counters.evictions,
@@ -300,6 +328,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
             refused_inflight_bytes=counters.refused,
             cancelled=self.cancelled.value,
             abandoned_generations=counters.abandoned,
+            unary_answers_reused=reused,
         )
 
 
@@ -314,7 +343,7 @@ def add_to_server(servicer: InitServicer, server: grpc.Server) -> None:
         ),
         "InitUnary": grpc.unary_unary_rpc_method_handler(
             servicer.InitUnary,
-            request_deserializer=_parser(pb.InitRequest),
+            request_deserializer=None,  # InitUnary parses the request itself, after looking it up in its memo
             response_serializer=None,  # InitUnary returns the serialized response
         ),
         "Describe": grpc.unary_unary_rpc_method_handler(
