@@ -66,6 +66,8 @@ def _result(
 
 
 def _shape(shape: ShapeLike) -> tuple[int, ...]:
+    if type(shape) is tuple and all(type(size) is int for size in shape):  # the common case, checked cheaply
+        return shape
     if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         return (int(shape),)
     try:

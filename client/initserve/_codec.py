@@ -219,14 +219,18 @@ class StreamAssembler:
         Errors of the stream's transport propagate unchanged; the bytes before :attr:`received` stay
         verified, so the caller may resume there.
         """
-        iterator = (decode_response(m) if type(m) is bytes else m for m in responses)
+        iterator = iter(responses)
         first = next(iterator, None)
+        if type(first) is bytes:
+            first = decode_response(first)
         if first is None or type(first) is ChunkView or first.WhichOneof("part") != "header":
             raise self._broken("stream did not start with a header")
         self._start(first.header)
         assert self.header is not None and self._destination is not None
         total = self.header.total_bytes
         for message in iterator:
+            if type(message) is bytes:
+                message = decode_response(message)
             if type(message) is ChunkView:  # the hot path: decoded by initserve._wire without a copy
                 self._chunk(message, total)
                 continue

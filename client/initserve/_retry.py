@@ -7,7 +7,6 @@ that failed a check: when the attempts or the deadline run out, the last error i
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -121,8 +120,12 @@ def fetch_resuming(
         if attempts.count > 1:
             resumed_at.append(offset)
         try:
-            with contextlib.closing(open_stream(offset, seed, remaining)) as stream:  # closing cancels the call
+            stream = open_stream(offset, seed, remaining)
+            try:
                 tensor, header = assembler.consume(stream)
+            finally:
+                if hasattr(stream, "close"):  # a stream's generator: closing it cancels the call
+                    stream.close()
             return FetchOutcome(tensor, header, assembler.headers, attempts.count, resumed_at)
         except InitServeError as error:
             if isinstance(error, IntegrityError) and error.recovery == "restart":

@@ -150,15 +150,13 @@ class Transport:
     def init_unary(self, request: pb.InitRequest, timeout: float | None) -> Iterator[Message]:
         """InitUnary's answer as the stream's messages; the Init stream where the server refuses the size."""
         try:
-            messages = self._init_unary(request, timeout=timeout)
+            return iter(self._init_unary(request, timeout=timeout))
         except grpc.RpcError as error:
             failure = from_grpc_error(error)
             if error.code() == grpc.StatusCode.FAILED_PRECONDITION and str(failure).startswith(_UNARY_REFUSAL):
                 self.unary_refused = True  # this server's messages are smaller: stream from now on
-                yield from self.init_stream(request, timeout)
-                return
+                return self.init_stream(request, timeout)
             raise failure from error
-        yield from messages
 
     def init_shared(self, request: pb.InitRequest, name: str, timeout: float | None) -> list[Message]:
         """InitUnary asked to fill the shared-memory object ``name``: its header and trailer (a chunk, too, if

@@ -106,9 +106,30 @@ def encode_unary(messages: list[bytes | pb.InitResponse]) -> bytes:
     return b"".join(serialize_response(message) for message in messages)
 
 
+# Below this size protobuf's parse, which copies the payload, is cheaper than parsing the fields by hand.
+SMALL_UNARY_BYTES = 64 << 10
+
+
 def decode_unary(data: bytes) -> list[ChunkView | pb.InitResponse]:
-    """An ``InitUnaryResponse`` as the stream's messages (header, chunk if any, trailer); the chunk's payload is a
-    view into ``data``. Anything but exactly those fields, once each in order, is parsed by protobuf."""
+    """An ``InitUnaryResponse`` as the stream's messages (header, chunk if any, trailer). Above
+    :data:`SMALL_UNARY_BYTES`, the chunk's payload is a view into ``data`` when the fields are exactly those,
+    once each in order; anything else is parsed by protobuf (which raises on malformed bytes)."""
+    if len(data) > SMALL_UNARY_BYTES:
+        parts = _split_unary(data)
+        if parts is not None:
+            return parts
+    response = pb.InitUnaryResponse.FromString(data)
+    parts = [pb.InitResponse(header=response.header)]
+    if response.HasField("chunk"):
+        chunk = response.chunk
+        parts.append(ChunkView(chunk.offset, memoryview(chunk.data), chunk.crc32))
+    parts.append(pb.InitResponse(trailer=response.trailer))
+    return parts
+
+
+def _split_unary(data: bytes) -> list[ChunkView | pb.InitResponse] | None:
+    """Header, chunk (a view into ``data``) and trailer, parsed by hand; None unless the fields are exactly
+    those, once each in order."""
     view = memoryview(data)
     parts: list[ChunkView | pb.InitResponse] = []
     position = 0
@@ -126,16 +147,9 @@ def decode_unary(data: bytes) -> list[ChunkView | pb.InitResponse]:
                 else:
                     parts.append(pb.InitResponse(trailer=pb.Trailer.FromString(view[start:end])))
                 position = end
-        if position == len(data):
-            return parts
     except (ValueError, IndexError):
-        pass
-    response = pb.InitUnaryResponse.FromString(data)  # raises on malformed bytes
-    return (
-        [pb.InitResponse(header=response.header)]
-        + ([pb.InitResponse(chunk=response.chunk)] if response.HasField("chunk") else [])
-        + [pb.InitResponse(trailer=response.trailer)]
-    )
+        return None
+    return parts if position == len(data) else None
 
 
 def decode_response(data: bytes) -> ChunkView | pb.InitResponse:
