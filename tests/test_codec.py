@@ -183,7 +183,7 @@ def test_header_must_match_the_request() -> None:
 
 
 def test_every_header_field_is_under_its_crc() -> None:
-    """Changing any field 1-14 (one at a time) without resealing is caught as a damaged header."""
+    """Changing any field but the CRC (one at a time) without resealing is caught as a damaged header."""
     sealed = header_for(SOURCE, seed_used=7, seeded=True, scheme="normal", torch_version="2.13.0")
     sealed.device.fingerprint = "cpu|x86_64|AVX2"
     changes = {
@@ -201,6 +201,10 @@ def test_every_header_field_is_under_its_crc() -> None:
         "offset": lambda h: setattr(h, "offset", 5),
         "cache_hit": lambda h: setattr(h, "cache_hit", True),
         "shape": lambda h: h.shape.append(1),
+        "name": lambda h: setattr(h, "name", "w"),
+        "base_seed": lambda h: setattr(h, "base_seed", 0),  # present, even as 0, differs from absent
+        "full_shape": lambda h: h.full_shape.append(48),
+        "slices": lambda h: h.slices.add(dim=0, start=0, length=1),
     }
     assert set(changes) == {f.name for f in pb.Header.DESCRIPTOR.fields} - {"crc32"}
     for name, change in changes.items():

@@ -469,6 +469,23 @@ def test_a_resumed_request_without_a_seed_matches_the_seed_it_reports(pair: list
     assert same_bytes(result.tensor, expected)
 
 
+@pytest.mark.parametrize("kind", ["cut", "flip"])
+def test_a_resumed_named_slice_keeps_its_base_seed_and_slice(pair: list[ServerProcess], kind: str) -> None:
+    """A derived seed is never sent back as the seed: the resumed stream asks for the same base seed, name and
+    slice, and the result is the derived seed's slice."""
+    fault = Fault(kind, at=(3 << 20) // 2, mask=0x40)  # in the data, 1.5 MiB into a 2 MiB slice
+    slices = [initserve.Shard(dim=1, index=1, count=2)]
+    with FaultProxy(pair[0].port, first_connection(fault)) as proxy:
+        with initserve.Client(proxy.target, timeout=FETCH_TIMEOUT, retry=RETRY) as client:
+            result = client.fetch(
+                MEDIUM_SHAPE, "normal", seed=77, name="decoder.proj.weight", slices=slices, chunk_bytes=MEDIUM_CHUNK
+            )
+    assert fault.fired and result.attempts >= 2 and result.resumed_at[0] > 0
+    derived = initserve.derive_seed(77, "decoder.proj.weight")
+    assert result.seed == derived and result.header.base_seed == 77
+    assert same_bytes(result.tensor, reference("normal", MEDIUM_SHAPE, seed=derived)[:, 512:])
+
+
 SEED_WITH_A_LONG_VARINT = 0x0123456789ABCDEF
 
 

@@ -30,6 +30,8 @@ from initserve._errors import (
 )
 from initserve._retry import RetryPolicy
 from initserve._schemes import SCHEMES
+from initserve._seeds import derive_seed
+from initserve._slices import Range, Shard, shard_bounds
 
 __version__ = "0.1.0"
 
@@ -47,13 +49,17 @@ __all__ = [
     "InvalidArgument",
     "OutOfRange",
     "PermissionDenied",
+    "Range",
     "ResourceExhausted",
     "RetryPolicy",
+    "Shard",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "calculate_gain",
+    "derive_seed",
     "draw_seed",
     "from_grpc_error",
+    "shard_bounds",
     "tensor_checksum",
 ]

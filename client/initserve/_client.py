@@ -16,13 +16,13 @@ from initserve import _dtypes, _shared
 from initserve._codec import StreamAssembler
 from initserve._retry import RetryPolicy, fetch_resuming
 from initserve._schemes import SCHEMES, ParamValue, Scheme
+from initserve._seeds import check_name, check_seed, derive_seed
+from initserve._slices import Slice, resolve, sliced_shape
 from initserve._transport import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, UNARY_MAX_BYTES, Transport
 from initserve.v1 import initserve_pb2 as pb
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_SECONDS = 300.0
-SEED_MIN = -(1 << 63)  # torch.Generator.manual_seed takes [-2**63, 2**64); negatives wrap to two's complement
-SEED_LIMIT = 1 << 64
 
 ShapeLike = int | Sequence[int] | torch.Size
 
@@ -78,14 +78,6 @@ def _shape(shape: ShapeLike) -> tuple[int, ...]:
         if not isinstance(size, numbers.Integral) or isinstance(size, bool):
             raise TypeError(f"shape must contain ints, got {size!r} in {shape!r}")
     return tuple(int(size) for size in sizes)
-
-
-def _seed(seed: int) -> int:
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, not {type(seed).__name__}")
-    if not SEED_MIN <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
-    return int(seed) % SEED_LIMIT
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
@@ -183,6 +175,9 @@ class Client:
         scheme: str,
         *,
         seed: int | None = None,
+        name: str | None = None,
+        derive: bool | None = None,
+        slices: Sequence[Slice] = (),
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         chunk_bytes: int | None = None,
@@ -194,7 +189,11 @@ class Client:
     ) -> InitResult:
         """Generate ``scheme`` on the server and return the verified tensor with its header.
 
-        ``out``: a contiguous CPU tensor of this shape and dtype to write into instead of a new one.
+        ``name``: the parameter's name. With a ``seed``, the generator's seed is then
+        ``initserve.derive_seed(seed, name)`` (``derive=False`` uses ``seed`` itself); the header reports both.
+        ``slices``: :class:`initserve.Range` / :class:`initserve.Shard` items: the result is ``full[slices]``
+        of the tensor of the whole ``shape`` (fans from the whole shape), with the slice's shape.
+        ``out``: a contiguous CPU tensor of the result's shape and dtype to write into instead of a new one.
         ``progress(received_bytes, total_bytes)``: called after every chunk.
         ``timeout``: the whole fetch's deadline, resumed streams included.
         """
@@ -202,6 +201,8 @@ class Client:
             raise ValueError(f"unknown scheme {scheme!r}; use one of: {', '.join(SCHEMES)}")
         entry = _dtypes.from_torch(dtype)
         sizes = _shape(shape)
+        resolved = resolve(sizes, slices) if slices else ()
+        out_shape = sliced_shape(sizes, resolved)
         request = pb.InitRequest(
             scheme=scheme,
             shape=sizes,
@@ -211,15 +212,28 @@ class Client:
             chunk_bytes=self.chunk_bytes if chunk_bytes is None else chunk_bytes,
             require_device_fingerprint=require_device_fingerprint or self.require_device_fingerprint or "",
         )
+        if resolved:
+            request.slices.extend(pb.Slice(dim=dim, start=start, length=length) for dim, start, length in resolved)
+        expected_seed = None
         if seed is not None:
-            request.seed = _seed(seed)
+            request.seed = expected_seed = check_seed(seed)
+        if name is not None:
+            request.name = check_name(name)
+        if derive is None:
+            derive = name is not None and seed is not None
+        if derive:
+            if seed is None or name is None:
+                raise ValueError("derive needs both seed (the job's base seed) and name")
+            request.derive_seed = True
+            expected_seed = derive_seed(request.seed, request.name)
+        seed_given = seed is not None
 
-        total_bytes = math.prod(sizes) * entry.itemsize
+        total_bytes = math.prod(out_shape) * entry.itemsize
         assembler = StreamAssembler(
-            expected_shape=sizes,
+            expected_shape=out_shape,
             expected_dtype=dtype,
             expected_scheme=scheme,
-            expected_seed=request.seed if request.HasField("seed") else None,
+            expected_seed=expected_seed,
             out=out,
             progress=progress,
         )
@@ -228,7 +242,7 @@ class Client:
             shared = _shared.fetch_shared(
                 lambda name, remaining: self._transport.init_shared(request, name, remaining),
                 assembler,
-                sizes,
+                out_shape,
                 dtype,
                 total_bytes,
                 self.retry,
@@ -247,8 +261,8 @@ class Client:
         def open_stream(offset: int, resume_seed: int | None, remaining: float | None) -> Any:
             if offset or resume_seed is not None:
                 request.offset = offset
-                if resume_seed is not None:
-                    request.seed = resume_seed
+                if resume_seed is not None and not seed_given:
+                    request.seed = resume_seed  # the seed the server drew for the first stream
             nonlocal transport
             unary = request.chunk_bytes == 0 and total_bytes - offset <= self.unary_max_bytes
             transport = "unary" if unary else "stream"

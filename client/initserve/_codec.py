@@ -107,7 +107,7 @@ _CANONICAL_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)  # 
 
 
 def header_crc32(header: pb.Header) -> int:
-    """CRC-32 of the header's fields 1-14 in the canonical form the proto documents (Header.crc32)."""
+    """CRC-32 of the header's fields 1-14 and 16-19 in the canonical form the proto documents (Header.crc32)."""
     device = header.device
     fields = [
         list(header.shape),
@@ -124,6 +124,10 @@ def header_crc32(header: pb.Header) -> int:
         header.server_id,
         header.offset,
         header.cache_hit,
+        header.name,
+        header.base_seed if header.HasField("base_seed") else None,
+        list(header.full_shape),
+        [[part.dim, part.start, part.length] for part in header.slices],
     ]
     return crc32(_CANONICAL_JSON.encode(fields).encode("ascii"))
 

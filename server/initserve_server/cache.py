@@ -35,6 +35,7 @@ class _Entry:
     key: Hashable
     nbytes: int
     cacheable: bool
+    generates: bool = True  # its production generates a tensor (False: it cuts a slice from a cached one)
     started: threading.Event = field(default_factory=threading.Event)  # production started, or failed to
     production: Production | None = None
     error: BaseException | None = None
@@ -47,6 +48,7 @@ class _Entry:
 class CacheStats:
     requests: int = 0
     generations: int = 0
+    slices_cut: int = 0
     hits: int = 0
     joins: int = 0
     misses: int = 0
@@ -99,6 +101,7 @@ class TensorCache:
         start: Callable[[], Production],
         *,
         cacheable: bool = True,
+        generates: bool = True,
         is_active: Callable[[], bool] = lambda: True,
     ) -> Lease:
         """A lease on the production for ``key``: from the cache, a joined production, or ``start()`` now.
@@ -130,7 +133,7 @@ class TensorCache:
                     raise Overloaded(
                         f"{limit}: {self._inflight_bytes} bytes in flight, this request needs {nbytes}; retry later"
                     )
-                entry = _Entry(key=key, nbytes=nbytes, cacheable=cacheable, users=1)
+                entry = _Entry(key=key, nbytes=nbytes, cacheable=cacheable, generates=generates, users=1)
                 self._generating[key] = entry
                 self._inflight_bytes += nbytes
                 self.stats.misses += 1
@@ -165,7 +168,10 @@ class TensorCache:
                 if isinstance(production.error, Abandoned):
                     self.stats.abandoned += 1
                 return
-            self.stats.generations += 1
+            if entry.generates:
+                self.stats.generations += 1
+            else:
+                self.stats.slices_cut += 1
             if entry.cacheable and 0 < entry.nbytes <= self.cache_bytes and entry.key not in self._cached:
                 entry.production = production  # kept even when every stream already went (one-piece generation)
                 self._insert_locked(entry)

@@ -21,6 +21,7 @@ from initserve._checksum import CHECKSUM_ALGORITHM
 from initserve._codec import encode_stream, seal_header, tensor_bytes
 from initserve._errors import TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES
 from initserve._schemes import SCHEMES
+from initserve._slices import index
 from initserve._wire import encode_unary, serialize_response
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
@@ -82,7 +83,7 @@ def _abort(context: grpc.ServicerContext, error: BaseException) -> None:
 def _header(spec: InitSpec, cache_hit: bool) -> pb.Header:
     return seal_header(
         pb.Header(
-            shape=spec.shape,
+            shape=spec.out_shape,
             dtype=spec.dtype.wire,
             total_bytes=spec.total_bytes,
             seed_used=spec.seed,
@@ -96,6 +97,10 @@ def _header(spec: InitSpec, cache_hit: bool) -> pb.Header:
             server_id=SERVER_ID,
             offset=spec.offset,
             cache_hit=cache_hit,
+            name=spec.name,
+            base_seed=spec.base_seed,
+            full_shape=spec.shape if spec.slices else (),
+            slices=[pb.Slice(dim=dim, start=start, length=length) for dim, start, length in spec.slices],
         )
     )
 
@@ -208,6 +213,22 @@ class InitServicer(pb_grpc.InitServiceServicer):
             raise
         return production
 
+    def _cut(self, spec: InitSpec, is_active: Callable[[], bool]) -> Production:
+        """A slice's production: the whole tensor from the cache (generated there if need be), then its slice
+        copied out, so every slice of one tensor shares one generation."""
+        whole = spec.whole()
+        with self.cache.acquire(
+            whole.key,
+            whole.total_bytes,
+            lambda: self._start(whole, is_active),
+            cacheable=not whole.seed_drawn,
+            is_active=is_active,
+        ) as lease:
+            lease.production.wait_for(whole.total_bytes, is_active)
+            assert lease.production.tensor is not None
+            piece = lease.production.tensor[index(spec.slices)].clone(memory_format=torch.contiguous_format)
+        return Production.finished(piece)
+
     def Init(self, request: pb.InitRequest, context: grpc.ServicerContext) -> Iterator[pb.InitResponse | bytes]:
         return self._serve(request, context, mode="stream")
 
@@ -259,8 +280,9 @@ class InitServicer(pb_grpc.InitServiceServicer):
                 lease = self.cache.acquire(
                     spec.key,
                     spec.total_bytes,
-                    lambda: self._start(spec, is_active),
+                    lambda: self._cut(spec, is_active) if spec.slices else self._start(spec, is_active),
                     cacheable=not spec.seed_drawn,
+                    generates=not spec.slices,
                     is_active=is_active,
                 )
             except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in _abort
@@ -329,6 +351,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
             cancelled=self.cancelled.value,
             abandoned_generations=counters.abandoned,
             unary_answers_reused=reused,
+            slices_cut=counters.slices_cut,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import torch
 
 from initserve._dtypes import DTypeEntry
 from initserve._schemes import ParamValue, Scheme
+from initserve._slices import Resolved, sliced_shape
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,9 @@ class InitSpec:
     chunk_bytes: int  # effective payload bytes per chunk
     offset: int = 0  # resume: the first byte to stream
     seed_drawn: bool = False  # the server drew the seed (the request gave none): not worth caching
+    name: str = ""  # the request's name (echoed in the header)
+    base_seed: int | None = None  # set when ``seed`` was derived from it and ``name``
+    slices: Resolved = ()  # (dim, start, length) per sliced dim: the bytes served are full[slices]
 
     @property
     def key(self) -> tuple:
@@ -30,15 +35,25 @@ class InitSpec:
         Floats enter by their bits: -0.0 == 0.0 in Python, but constant_(val=-0.0) writes different bytes.
         """
         params = tuple((name, value.hex() if isinstance(value, float) else value) for name, value in self.params)
-        return (self.scheme.name, self.shape, self.dtype.wire, params, self.seed, str(self.device))
+        return (self.scheme.name, self.shape, self.dtype.wire, params, self.seed, str(self.device), self.slices)
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+    def out_shape(self) -> tuple[int, ...]:
+        """The shape of the bytes served: the slice's, or the whole ``shape``."""
+        return sliced_shape(self.shape, self.slices)
 
     @property
     def total_bytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        """The bytes served (the slice's, when sliced); offsets and the checksum refer to them."""
+        return math.prod(self.out_shape) * self.dtype.itemsize
+
+    @property
+    def full_bytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def whole(self) -> InitSpec:
+        """The unsliced tensor this slice is cut from, from its first byte."""
+        return dataclasses.replace(self, slices=(), offset=0)
 
     def kwargs(self) -> dict[str, ParamValue]:
         return dict(self.params)

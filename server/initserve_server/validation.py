@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 from initserve import _dtypes
 from initserve._schemes import INFINITE_ALLOWED, PARAM_NAMES, SCHEMES, ParamValue
+from initserve._seeds import MAX_NAME_CHARS, derive_seed
+from initserve._slices import MAX_SLICES, Range, Resolved, Shard, resolve, sliced_shape
 from initserve.v1 import initserve_pb2 as pb
 from initserve_server import devices
 from initserve_server.config import MAX_CHUNKS_PER_STREAM, MAX_STRING_PARAM_CHARS, ServerConfig
@@ -75,6 +77,36 @@ def _chunk_bytes(requested: int, total_bytes: int, config: ServerConfig) -> int:
     return max(chunk_bytes, -(-total_bytes // MAX_CHUNKS_PER_STREAM))
 
 
+def _check_slices(request: pb.InitRequest, shape: tuple[int, ...]) -> Resolved:
+    if len(request.slices) > MAX_SLICES:
+        raise InvalidRequest(f"{len(request.slices)} slices; the limit is {MAX_SLICES} (one per dim)")
+    slices = []
+    for number, part in enumerate(request.slices):
+        if part.shard_count:
+            if part.start or part.length:
+                raise InvalidRequest(f"slices[{number}] sets both a range (start, length) and a shard (shard_count)")
+            slices.append(Shard(part.dim, part.shard_index, part.shard_count))
+        else:
+            slices.append(Range(part.dim, part.start, part.length))
+    try:
+        return resolve(shape, slices)
+    except ValueError as error:
+        raise InvalidRequest(str(error)) from None
+
+
+def _seed(request: pb.InitRequest, seeded: bool, draw_seed: Callable[[], int]) -> tuple[int, int | None, bool]:
+    """(seed, base seed it was derived from or None, whether the server drew it)."""
+    if not seeded:
+        return 0, None, False
+    if request.derive_seed:
+        if not request.HasField("seed"):
+            raise InvalidRequest("derive_seed needs seed: the job's base seed, from which the name's seed is derived")
+        return derive_seed(request.seed, request.name), request.seed, False
+    if request.HasField("seed"):
+        return request.seed, None, False
+    return draw_seed(), None, True
+
+
 def validate_request(request: pb.InitRequest, config: ServerConfig, draw_seed: Callable[[], int]) -> InitSpec:
     """The request as an InitSpec; InvalidRequest or devices.DeviceUnavailable if it cannot be served."""
     if not request.scheme:
@@ -99,14 +131,11 @@ def validate_request(request: pb.InitRequest, config: ServerConfig, draw_seed: C
                 f"device fingerprint mismatch: the request requires "
                 f"{_shown(request.require_device_fingerprint, 200)}, this server's {device} is {fingerprint!r}"
             )
-    seed_drawn = False
-    if not scheme.seeded:
-        seed = 0
-    elif request.HasField("seed"):
-        seed = request.seed
-    else:
-        seed, seed_drawn = draw_seed(), True
-    total_bytes = math.prod(shape) * dtype.itemsize
+    if len(request.name) > MAX_NAME_CHARS:
+        raise InvalidRequest(f"name is {len(request.name)} characters; the limit is {MAX_NAME_CHARS}")
+    slices = _check_slices(request, shape)
+    seed, base_seed, seed_drawn = _seed(request, scheme.seeded, draw_seed)
+    total_bytes = math.prod(sliced_shape(shape, slices)) * dtype.itemsize
     if request.offset > total_bytes:
         raise OffsetOutOfRange(f"offset {request.offset} is past the tensor's end ({total_bytes} bytes)")
     return InitSpec(
@@ -119,6 +148,9 @@ def validate_request(request: pb.InitRequest, config: ServerConfig, draw_seed: C
         chunk_bytes=_chunk_bytes(request.chunk_bytes, total_bytes, config),
         offset=request.offset,
         seed_drawn=seed_drawn,
+        name=request.name,
+        base_seed=base_seed,
+        slices=slices,
     )
 
 
