@@ -24,7 +24,7 @@ INIT_METHOD = f"/{SERVICE}/Init"
 # The trailing-metadata key is wire contract, so it is spelled out here rather than imported.
 TORCH_EXCEPTION_KEY = "initserve-torch-exception"
 RPC_TIMEOUT_SECONDS = 30.0
-MAX_REQUEST_BYTES = 64 << 10
+MAX_REQUEST_BYTES = 4 << 20  # initserve_server.config.MAX_REQUEST_BYTES, as Describe reports it
 DEFAULT_MAX_TENSOR_BYTES = 4 << 30
 SCHEME_LIST = ", ".join(initserve.SCHEMES)
 DTYPE_LIST = "float32, float64, float16, bfloat16"
@@ -412,8 +412,8 @@ def test_raw_bytes_that_parse_reach_the_servicer(channel: grpc.Channel) -> None:
     assert raised.value.details() == f"scheme is empty; use one of: {SCHEME_LIST}"
 
 
-def test_a_request_over_64_kib_is_resource_exhausted(channel: grpc.Channel) -> None:
-    oversized = pb.InitRequest(scheme="normal", shape=[1 << 62] * 20000).SerializeToString()
+def test_a_request_over_the_request_limit_is_resource_exhausted(channel: grpc.Channel) -> None:
+    oversized = pb.InitRequest(scheme="normal", shape=[1 << 62] * 500_000).SerializeToString()
     assert len(oversized) > MAX_REQUEST_BYTES
     raw_init = channel.unary_stream(INIT_METHOD, request_serializer=None, response_deserializer=None)
     with pytest.raises(grpc.RpcError) as raised:
@@ -421,12 +421,12 @@ def test_a_request_over_64_kib_is_resource_exhausted(channel: grpc.Channel) -> N
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert str(MAX_REQUEST_BYTES) in raised.value.details()
     # Just under the limit, the request is parsed and refused by validation instead.
-    just_under = pb.InitRequest(scheme="normal", shape=[1] * 60000).SerializeToString()
+    just_under = pb.InitRequest(scheme="normal", shape=[1] * 2_000_000).SerializeToString()
     assert len(just_under) < MAX_REQUEST_BYTES
     with pytest.raises(grpc.RpcError) as raised:
         list(raw_init(just_under, timeout=RPC_TIMEOUT_SECONDS))
     assert raised.value.code() == INVALID
-    assert raised.value.details() == "shape has 60000 dims; the limit is 16 (max_dims)"
+    assert raised.value.details() == "shape has 2000000 dims; the limit is 16 (max_dims)"
 
 
 # --- the client's error types ---------------------------------------------------------------------------------------

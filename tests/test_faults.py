@@ -486,6 +486,29 @@ def test_a_resumed_named_slice_keeps_its_base_seed_and_slice(pair: list[ServerPr
     assert same_bytes(result.tensor, reference("normal", MEDIUM_SHAPE, seed=derived)[:, 512:])
 
 
+@pytest.mark.parametrize("at_mib", [1.5, 4.0, 6.25])  # inside tensor 0, at the boundary, inside tensor 1
+@pytest.mark.parametrize("kind", ["cut", "flip"])
+@pytest.mark.parametrize("seeded", [True, False], ids=["base-seed", "drawn-seeds"])
+def test_a_broken_init_many_resumes_at_the_first_unverified_tensor(
+    pair: list[ServerProcess], at_mib: float, kind: str, seeded: bool
+) -> None:
+    specs = [initserve.TensorSpec(f"layer{i}.weight", MEDIUM_SHAPE, "normal") for i in range(3)]  # 4 MiB each
+    fault = Fault(kind, at=int(at_mib * (1 << 20)), mask=0x40)
+    with FaultProxy(pair[0].port, first_connection(fault)) as proxy:
+        with initserve.Client(proxy.target, timeout=FETCH_TIMEOUT, retry=RETRY) as client:
+            results = client.fetch_many(specs, seed=99 if seeded else None, chunk_bytes=MEDIUM_CHUNK)
+    assert fault.fired
+    attempts = {result.attempts for result in results.values()}
+    assert attempts == {2}
+    resumed = [results[spec.name].resumed_at for spec in specs]
+    assert sum(len(offsets) for offsets in resumed) == 1  # exactly one tensor was resumed, from its last byte
+    for spec in specs:
+        result = results[spec.name]
+        seed = initserve.derive_seed(99, spec.name) if seeded else result.seed
+        assert result.seed == seed
+        assert same_bytes(result.tensor, reference("normal", MEDIUM_SHAPE, seed=seed))
+
+
 SEED_WITH_A_LONG_VARINT = 0x0123456789ABCDEF
 
 

@@ -28,6 +28,7 @@ from initserve._errors import (
     Unimplemented,
     from_grpc_error,
 )
+from initserve._many import TensorSpec
 from initserve._retry import RetryPolicy
 from initserve._schemes import SCHEMES
 from initserve._seeds import derive_seed
@@ -53,6 +54,7 @@ __all__ = [
     "ResourceExhausted",
     "RetryPolicy",
     "Shard",
+    "TensorSpec",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,18 +11,16 @@ import grpc
 import torch
 
 from initserve import _dtypes, _shared
-from initserve._codec import StreamAssembler
+from initserve._many import TensorSpec, fetch_many_resuming
+from initserve._requests import ShapeLike, prepare
 from initserve._retry import RetryPolicy, fetch_resuming
 from initserve._schemes import SCHEMES, ParamValue, Scheme
-from initserve._seeds import check_name, check_seed, derive_seed
-from initserve._slices import Slice, resolve, sliced_shape
+from initserve._slices import Slice
 from initserve._transport import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, UNARY_MAX_BYTES, Transport
 from initserve.v1 import initserve_pb2 as pb
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_SECONDS = 300.0
-
-ShapeLike = int | Sequence[int] | torch.Size
 
 
 @dataclass(frozen=True)
@@ -65,47 +61,10 @@ def _result(
     )
 
 
-def _shape(shape: ShapeLike) -> tuple[int, ...]:
-    if type(shape) is tuple and all(type(size) is int for size in shape):  # the common case, checked cheaply
-        return shape
-    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
-        return (int(shape),)
-    try:
-        sizes = tuple(shape)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"shape must be an int or a sequence of ints, not {type(shape).__name__}") from None
-    for size in sizes:
-        if not isinstance(size, numbers.Integral) or isinstance(size, bool):
-            raise TypeError(f"shape must contain ints, got {size!r} in {shape!r}")
-    return tuple(int(size) for size in sizes)
-
-
 def draw_seed(generator: torch.Generator | None = None) -> int:
     """A seed drawn from ``generator``, or torch's global RNG when None: ``torch.manual_seed`` makes it repeatable."""
     device = generator.device if generator is not None else torch.device("cpu")
     return int(torch.empty((), dtype=torch.int64, device=device).random_(generator=generator))
-
-
-def _params(scheme: Scheme, params: dict[str, Any]) -> pb.InitParams:
-    message = pb.InitParams()
-    for name, value in params.items():
-        param = scheme.param(name)
-        if param is None:
-            takes = ", ".join(scheme.param_names) or "no parameters"
-            raise TypeError(f"{scheme.name}() got an unexpected parameter {name!r} (it takes: {takes})")
-        if param.kind is str:
-            if not isinstance(value, str):
-                raise TypeError(f"{scheme.name}(): {name} must be a str, not {type(value).__name__}")
-        elif param.kind is int:
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                raise TypeError(f"{scheme.name}(): {name} must be an int, not {type(value).__name__}")
-            value = int(value)
-        else:
-            if not isinstance(value, numbers.Real) or isinstance(value, bool):
-                raise TypeError(f"{scheme.name}(): {name} must be a number, not {type(value).__name__}")
-            value = float(value)
-        setattr(message, name, value)
-    return message
 
 
 class Client:
@@ -197,46 +156,26 @@ class Client:
         ``progress(received_bytes, total_bytes)``: called after every chunk.
         ``timeout``: the whole fetch's deadline, resumed streams included.
         """
-        if scheme not in SCHEMES:
-            raise ValueError(f"unknown scheme {scheme!r}; use one of: {', '.join(SCHEMES)}")
-        entry = _dtypes.from_torch(dtype)
-        sizes = _shape(shape)
-        resolved = resolve(sizes, slices) if slices else ()
-        out_shape = sliced_shape(sizes, resolved)
-        request = pb.InitRequest(
-            scheme=scheme,
-            shape=sizes,
-            dtype=entry.wire,
-            params=_params(SCHEMES[scheme], params),
-            device=str(device),
+        prepared = prepare(
+            shape,
+            scheme,
+            seed=seed,
+            name=name,
+            derive=derive,
+            slices=slices,
+            dtype=dtype,
+            device=device,
             chunk_bytes=self.chunk_bytes if chunk_bytes is None else chunk_bytes,
             require_device_fingerprint=require_device_fingerprint or self.require_device_fingerprint or "",
+            params=params,
         )
-        if resolved:
-            request.slices.extend(pb.Slice(dim=dim, start=start, length=length) for dim, start, length in resolved)
-        expected_seed = None
-        if seed is not None:
-            request.seed = expected_seed = check_seed(seed)
-        if name is not None:
-            request.name = check_name(name)
-        if derive is None:
-            derive = name is not None and seed is not None
-        if derive:
-            if seed is None or name is None:
-                raise ValueError("derive needs both seed (the job's base seed) and name")
-            request.derive_seed = True
-            expected_seed = derive_seed(request.seed, request.name)
-        seed_given = seed is not None
-
-        total_bytes = math.prod(out_shape) * entry.itemsize
-        assembler = StreamAssembler(
-            expected_shape=out_shape,
-            expected_dtype=dtype,
-            expected_scheme=scheme,
-            expected_seed=expected_seed,
-            out=out,
-            progress=progress,
+        request, out_shape, total_bytes, seed_given = (
+            prepared.request,
+            prepared.out_shape,
+            prepared.total_bytes,
+            prepared.seed_given,
         )
+        assembler = prepared.assembler(out=out, progress=progress)
         deadline = self.timeout if timeout is None else timeout
         if self.shared_memory and total_bytes > 0:
             shared = _shared.fetch_shared(
@@ -275,6 +214,85 @@ class Client:
         return _result(
             outcome.tensor, outcome.header, outcome.attempts, tuple(outcome.resumed_at), server_ids, transport
         )
+
+    def fetch_many(
+        self,
+        specs: Sequence[TensorSpec],
+        *,
+        seed: int | None = None,
+        device: str = "cpu",
+        chunk_bytes: int | None = None,
+        timeout: float | None = None,
+        require_device_fingerprint: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, InitResult]:
+        """Every tensor of ``specs`` on one InitMany stream, verified, by name (in order).
+
+        ``seed``: the job's base seed, for every spec that gives none: each tensor's seed is then
+        ``derive_seed(seed, spec.name)``. ``progress(received_bytes, total_bytes)`` counts the whole call.
+        ``timeout``: the whole call's deadline, resumed streams included. A broken stream resumes from the first
+        tensor not yet verified, at its last verified byte. Names must be unique.
+        """
+        seen: set[str] = set()
+        for spec in specs:
+            if spec.name in seen:
+                raise ValueError(f"tensor name {spec.name!r} appears twice")
+            seen.add(spec.name)
+        prepared = [
+            prepare(
+                spec.shape,
+                spec.scheme,
+                seed=seed if spec.seed is None else spec.seed,
+                name=spec.name,
+                derive=spec.derive,
+                slices=spec.slices,
+                dtype=spec.dtype,
+                device=device,
+                chunk_bytes=self.chunk_bytes if chunk_bytes is None else chunk_bytes,
+                require_device_fingerprint=require_device_fingerprint or self.require_device_fingerprint or "",
+                params=dict(spec.params),
+            )
+            for spec in specs
+        ]
+        total = sum(item.total_bytes for item in prepared)
+        before = [sum(item.total_bytes for item in prepared[:position]) for position in range(len(prepared))]
+
+        def tensor_progress(position: int) -> Callable[[int, int], None] | None:
+            if progress is None:
+                return None
+            return lambda received, _: progress(before[position] + received, total)
+
+        assemblers = [
+            item.assembler(out=spec.out, progress=tensor_progress(position))
+            for position, (item, spec) in enumerate(zip(prepared, specs, strict=True))
+        ]
+
+        def open_many(first: int, offset: int, drawn_seed: int | None, remaining: float | None) -> Any:
+            tensors = [item.request for item in prepared[first:]]
+            if tensors and (offset or drawn_seed is not None):
+                resumed = pb.InitRequest()
+                resumed.CopyFrom(tensors[0])
+                resumed.offset = offset
+                if drawn_seed is not None and not prepared[first].seed_given:
+                    resumed.seed = drawn_seed  # the seed the server drew for the first stream
+                tensors[0] = resumed
+            return self._transport.init_many(pb.InitManyRequest(tensors=tensors), remaining)
+
+        deadline = self.timeout if timeout is None else timeout
+        outcome = fetch_many_resuming(open_many, assemblers, self.retry, deadline)
+        results = {}
+        for position, (spec, assembler) in enumerate(zip(specs, assemblers, strict=True)):
+            assert assembler.tensor is not None and assembler.header is not None
+            server_ids = tuple(header.server_id for header in assembler.headers)
+            results[spec.name] = _result(
+                assembler.tensor,
+                assembler.header,
+                outcome.attempts,
+                tuple(outcome.resumed_at[position]),
+                server_ids,
+                "stream",
+            )
+        return results
 
     def init(self, shape: ShapeLike, scheme: str, **kwargs: Any) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.<scheme>_``; keywords as :meth:`fetch`."""

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from initserve._errors import from_grpc_error
-from initserve._wire import ChunkView, decode_response, decode_unary
+from initserve._wire import ChunkView, decode_many_response, decode_response, decode_unary
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
 
@@ -129,6 +129,12 @@ class Transport:
             response_deserializer=decode_unary,  # the stream's messages, the chunk's payload not copied
             _registered_method=True,
         )
+        self._init_many = self._channel.unary_stream(
+            f"/{SERVICE}/InitMany",
+            request_serializer=pb.InitManyRequest.SerializeToString,
+            response_deserializer=decode_many_response,  # (tensor index, message), chunks not copied
+            _registered_method=True,
+        )
         self.unary_refused = False
 
     def init_stream(self, request: pb.InitRequest, timeout: float | None) -> Iterator[Message]:
@@ -140,6 +146,16 @@ class Transport:
             raise from_grpc_error(error) from error
         finally:
             call.cancel()  # a no-op once the stream has finished; otherwise it stops the server's work
+
+    def init_many(self, request: pb.InitManyRequest, timeout: float | None) -> Iterator[tuple[int, Message]]:
+        """The InitMany stream's (tensor index, message) pairs; on early exit the call is cancelled."""
+        call = self._init_many(request, timeout=timeout)
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            raise from_grpc_error(error) from error
+        finally:
+            call.cancel()
 
     def init(self, request: pb.InitRequest, timeout: float | None, *, unary: bool) -> Iterator[Message]:
         """The Init call's messages: from one InitUnary call when ``unary`` (and the server takes it), else a stream."""

@@ -152,6 +152,34 @@ def _split_unary(data: bytes) -> list[ChunkView | pb.InitResponse] | None:
     return parts if position == len(data) else None
 
 
+_TENSOR_TAG = b"\x20"  # InitManyResponse.tensor: field 4, varint
+
+
+def tensor_tag(position: int) -> bytes:
+    """The serialized ``InitManyResponse.tensor`` field: an InitResponse's bytes after it are an
+    InitManyResponse of that tensor."""
+    return _TENSOR_TAG + _varint(position)
+
+
+def decode_many_response(data: bytes) -> tuple[int, ChunkView | pb.InitResponse]:
+    """gRPC's InitMany deserializer: (tensor index, message). The tensor field first and then exactly one chunk
+    is decoded without copying the payload (as :func:`decode_response`); anything else goes to protobuf."""
+    if data[:1] == _TENSOR_TAG:
+        try:
+            position, start = _read_varint(memoryview(data), 1)
+            if data[start : start + 1] == _CHUNK_TAG:
+                view = memoryview(data)[start:]
+                size, offset = _read_varint(view, 1)
+                if offset + size == len(view):
+                    return position, _parse_chunk(view[offset:])
+        except (ValueError, IndexError):
+            pass
+    message = pb.InitManyResponse.FromString(data)
+    part = message.WhichOneof("part")
+    response = pb.InitResponse(**{part: getattr(message, part)}) if part else pb.InitResponse()
+    return message.tensor, response
+
+
 def decode_response(data: bytes) -> ChunkView | pb.InitResponse:
     """gRPC's response deserializer: a message that is exactly one chunk becomes a :class:`ChunkView`
     without copying its payload; anything else is parsed by protobuf (which raises on malformed bytes)."""

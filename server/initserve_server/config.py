@@ -29,8 +29,10 @@ DEFAULT_MAX_INFLIGHT_BYTES = max(_physical_memory_bytes() // 4, DEFAULT_MAX_TENS
 CHUNK_OVERHEAD_BYTES = 64
 # A stream never has more chunks than this: a tiny requested chunk size is raised for a large tensor.
 MAX_CHUNKS_PER_STREAM = 1 << 20
-# Requests are small (a shape, a few parameters); anything larger is refused by gRPC before parsing.
-MAX_REQUEST_BYTES = 64 << 10
+# Requests are small (a shape, a few parameters; an InitMany call a few hundred bytes per tensor of a model);
+# anything larger is refused by gRPC before parsing.
+MAX_REQUEST_BYTES = 4 << 20
+MAX_TENSORS_PER_CALL = 16384  # tensors of one InitMany call
 MAX_STRING_PARAM_CHARS = 64
 # InitUnary answers a tensor of at most this many bytes in one message; room is left for its header and trailer.
 MAX_UNARY_BYTES = 1 << 20

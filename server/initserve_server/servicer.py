@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import logging
 import os
@@ -22,13 +23,19 @@ from initserve._codec import encode_stream, seal_header, tensor_bytes
 from initserve._errors import TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES
 from initserve._schemes import SCHEMES
 from initserve._slices import index
-from initserve._wire import encode_unary, serialize_response
+from initserve._wire import encode_unary, serialize_response, tensor_tag
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
 from initserve_server import __version__, devices
 from initserve_server.answers import AnswerMemo
 from initserve_server.cache import Abandoned, Overloaded, TensorCache
-from initserve_server.config import MAX_CHUNKS_PER_STREAM, MAX_STRING_PARAM_CHARS, ServerConfig
+from initserve_server.config import (
+    MAX_CHUNKS_PER_STREAM,
+    MAX_REQUEST_BYTES,
+    MAX_STRING_PARAM_CHARS,
+    MAX_TENSORS_PER_CALL,
+    ServerConfig,
+)
 from initserve_server.initializers import configure_torch, generate
 from initserve_server.production import Production
 from initserve_server.shared_memory import SHARED_MEMORY_DIR, SharedMemoryInvalid, SharedMemoryUnavailable, SharedRegion
@@ -58,26 +65,32 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
-def _abort(context: grpc.ServicerContext, error: BaseException) -> None:
-    """Every failure of an Init call becomes its status here, and only here."""
+def _abort(context: grpc.ServicerContext, error: BaseException, label: str = "") -> None:
+    """Every failure of an Init call becomes its status here, and only here; ``label`` names the tensor of an
+    InitMany call (its message's prefix)."""
     if isinstance(error, Abandoned):
-        context.abort(grpc.StatusCode.CANCELLED, str(error))
+        context.abort(grpc.StatusCode.CANCELLED, f"{label}{error}")
     if isinstance(error, Overloaded):
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{label}{error}")
     if isinstance(error, OffsetOutOfRange):
-        context.abort(grpc.StatusCode.OUT_OF_RANGE, str(error))
+        context.abort(grpc.StatusCode.OUT_OF_RANGE, f"{label}{error}")
     if isinstance(error, (InvalidRequest, SharedMemoryInvalid)):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{label}{error}")
     if isinstance(error, (devices.DeviceUnavailable, TooLargeForUnary, SharedMemoryUnavailable)):
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{label}{error}")
     if _is_out_of_memory(error):
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory generating the tensor: {error}")
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{label}out of memory generating the tensor: {error}")
     torch_exception = _torch_exception_name(error)
     if torch_exception is not None:
         context.set_trailing_metadata(((TORCH_EXCEPTION_KEY, torch_exception),))
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{label}{error}")
     log.exception("unexpected error generating a tensor", exc_info=error)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error generating the tensor ({type(error).__name__})")
+    context.abort(grpc.StatusCode.INTERNAL, f"{label}internal error generating the tensor ({type(error).__name__})")
+
+
+def _tensor_label(position: int, name: str) -> str:
+    """How an InitMany error names its tensor: ``tensors[3] ('layer.weight'): ``."""
+    return f"tensors[{position}] ({name!r}): " if name else f"tensors[{position}]: "
 
 
 def _header(spec: InitSpec, cache_hit: bool) -> pb.Header:
@@ -147,6 +160,17 @@ def _unary(spec: InitSpec, config: ServerConfig) -> InitSpec:
             f"{size} bytes from its offset: use Init, which streams"
         )
     return dataclasses.replace(spec, chunk_bytes=max(size, 1))
+
+
+@dataclasses.dataclass
+class _Call:
+    """An RPC in progress: ``ended`` is set when it is cancelled, expires, disconnects or finishes."""
+
+    ended: threading.Event
+    finished: bool = False  # its last tensor was sent whole
+
+    def is_active(self) -> bool:
+        return not self.ended.is_set()
 
 
 class MalformedRequest:
@@ -257,73 +281,126 @@ class InitServicer(pb_grpc.InitServiceServicer):
     ) -> Iterator[pb.InitResponse | bytes]:
         """One Init call: ``mode`` "stream" (Init), "unary" (InitUnary: one chunk) or "shared" (InitUnary with
         shared_memory: the bytes go into the client's region, the messages carry header and trailer only)."""
-        ended = threading.Event()
-        context.add_callback(ended.set)  # cancelled, expired, disconnected or finished
-
-        def is_active() -> bool:
-            return not ended.is_set()
-
-        self.inflight_requests.add(1)
-        finished = False
-        region: SharedRegion | None = None
-        try:
+        with self._call(context) as call:
+            region: SharedRegion | None = None
             try:
-                if isinstance(request, MalformedRequest):
-                    raise InvalidRequest(request.message)
-                spec = validate_request(request, self._config, draw_seed)
-                if mode == "unary":
-                    spec = _unary(spec, self._config)
-                elif mode == "shared":
-                    region = self._open_region(request.shared_memory, spec.total_bytes)
-                elif request.shared_memory:
-                    raise InvalidRequest("shared_memory is answered by InitUnary, not by the Init stream")
-                lease = self.cache.acquire(
-                    spec.key,
-                    spec.total_bytes,
-                    lambda: self._cut(spec, is_active) if spec.slices else self._start(spec, is_active),
-                    cacheable=not spec.seed_drawn,
-                    generates=not spec.slices,
-                    is_active=is_active,
-                )
-            except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in _abort
-                _abort(context, error)
-                return
-            with lease:
-                production = lease.production
-                assert production.tensor is not None
-
-                def ready(end: int) -> None:
-                    production.wait_for(end, is_active)
-
-                if region is not None:
-                    messages = _write_shared(region, spec, lease.shared, production, ready)
-                else:
-                    messages = encode_stream(
-                        _header(spec, lease.shared),
-                        tensor_bytes(production.tensor),
-                        spec.chunk_bytes,
-                        offset=spec.offset,
-                        checksum=production.final_checksum,
-                        block_crcs=production.block_crcs,
-                        ready=ready,
-                    )
                 try:
-                    for message in messages:
-                        if ended.is_set():
-                            return
-                        yield message
-                except Abandoned:
-                    return  # this call ended while waiting for bytes
-                except Exception as error:  # noqa: BLE001 - the production failed part-way
+                    if isinstance(request, MalformedRequest):
+                        raise InvalidRequest(request.message)
+                    spec = validate_request(request, self._config, draw_seed)
+                    if mode == "unary":
+                        spec = _unary(spec, self._config)
+                    elif mode == "shared":
+                        region = self._open_region(request.shared_memory, spec.total_bytes)
+                    elif request.shared_memory:
+                        raise InvalidRequest("shared_memory is answered by InitUnary, not by the Init stream")
+                except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in _abort
                     _abort(context, error)
                     return
-            finished = True
+                yield from self._answer(spec, region, context, call)
+            finally:
+                if region is not None:
+                    region.close()
+
+    def InitMany(
+        self, request: pb.InitManyRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.InitManyResponse | bytes]:
+        """Every tensor of the request in order on one stream, each message tagged with its tensor's index.
+        All are validated before the first byte is sent; an error names the tensor (index and name)."""
+        with self._call(context) as call:
+            if isinstance(request, MalformedRequest):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            count = len(request.tensors)
+            if count > MAX_TENSORS_PER_CALL:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{count} tensors in one InitMany call; the limit is {MAX_TENSORS_PER_CALL} (max_tensors_per_call)",
+                )
+            specs = []
+            for position, tensor in enumerate(request.tensors):
+                label = _tensor_label(position, tensor.name)
+                try:
+                    if tensor.shared_memory:
+                        raise InvalidRequest("shared_memory is answered by InitUnary, not by InitMany")
+                    specs.append(validate_request(tensor, self._config, draw_seed))
+                except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in _abort
+                    _abort(context, error, label)
+                    return
+            for position, spec in enumerate(specs):
+                tag = tensor_tag(position)
+                label = _tensor_label(position, spec.name)
+                for message in self._answer(spec, None, context, call, label):
+                    yield tag + serialize_response(message)
+                if call.ended.is_set():
+                    return
+
+    @contextlib.contextmanager
+    def _call(self, context: grpc.ServicerContext) -> Iterator[_Call]:
+        """One RPC's bookkeeping: its end as an event, the in-flight gauge, and the cancelled count."""
+        call = _Call(threading.Event())
+        context.add_callback(call.ended.set)  # cancelled, expired, disconnected or finished
+        self.inflight_requests.add(1)
+        try:
+            yield call
         finally:
-            if region is not None:
-                region.close()
             self.inflight_requests.add(-1)
-            if not finished and ended.is_set():
+            if not call.finished and call.ended.is_set():
                 self.cancelled.add(1)
+
+    def _answer(
+        self,
+        spec: InitSpec,
+        region: SharedRegion | None,
+        context: grpc.ServicerContext,
+        call: _Call,
+        label: str = "",
+    ) -> Iterator[pb.InitResponse | bytes]:
+        """One validated tensor's messages (header, chunks or a shared-memory write, trailer), from the cache or
+        a new production; ``label`` prefixes every error's message."""
+        call.finished = False
+        is_active = call.is_active
+        try:
+            lease = self.cache.acquire(
+                spec.key,
+                spec.total_bytes,
+                lambda: self._cut(spec, is_active) if spec.slices else self._start(spec, is_active),
+                cacheable=not spec.seed_drawn,
+                generates=not spec.slices,
+                is_active=is_active,
+            )
+        except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in _abort
+            _abort(context, error, label)
+            return
+        with lease:
+            production = lease.production
+            assert production.tensor is not None
+
+            def ready(end: int) -> None:
+                production.wait_for(end, is_active)
+
+            if region is not None:
+                messages = _write_shared(region, spec, lease.shared, production, ready)
+            else:
+                messages = encode_stream(
+                    _header(spec, lease.shared),
+                    tensor_bytes(production.tensor),
+                    spec.chunk_bytes,
+                    offset=spec.offset,
+                    checksum=production.final_checksum,
+                    block_crcs=production.block_crcs,
+                    ready=ready,
+                )
+            try:
+                for message in messages:
+                    if call.ended.is_set():
+                        return
+                    yield message
+            except Abandoned:
+                return  # this call ended while waiting for bytes
+            except Exception as error:  # noqa: BLE001 - the production failed part-way
+                _abort(context, error, label)
+                return
+        call.finished = True
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
         if isinstance(request, MalformedRequest):
@@ -368,6 +445,11 @@ def add_to_server(servicer: InitServicer, server: grpc.Server) -> None:
             servicer.InitUnary,
             request_deserializer=None,  # InitUnary parses the request itself, after looking it up in its memo
             response_serializer=None,  # InitUnary returns the serialized response
+        ),
+        "InitMany": grpc.unary_stream_rpc_method_handler(
+            servicer.InitMany,
+            request_deserializer=_parser(pb.InitManyRequest),
+            response_serializer=None,  # InitMany yields serialized messages (initserve._wire.tensor_tag)
         ),
         "Describe": grpc.unary_unary_rpc_method_handler(
             servicer.Describe,
@@ -418,6 +500,8 @@ def describe(config: ServerConfig) -> pb.ServerInfo:
             max_inflight_bytes=config.max_inflight_bytes,
             cache_bytes=config.cache_bytes,
             max_unary_bytes=config.max_unary_bytes,
+            max_tensors_per_call=MAX_TENSORS_PER_CALL,
+            max_request_bytes=MAX_REQUEST_BYTES,
         ),
         shared_memory_dir=SHARED_MEMORY_DIR if config.shared_memory else "",
         checksum_algorithm=CHECKSUM_ALGORITHM,

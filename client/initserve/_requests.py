@@ -1,0 +1,135 @@
+"""A call's arguments checked and turned into an InitRequest, with what the answer to it must say."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from initserve import _dtypes
+from initserve._codec import StreamAssembler
+from initserve._schemes import SCHEMES, Scheme
+from initserve._seeds import check_name, check_seed, derive_seed
+from initserve._slices import Slice, resolve, sliced_shape
+from initserve.v1 import initserve_pb2 as pb
+
+ShapeLike = int | Sequence[int] | torch.Size
+
+
+@dataclass
+class Prepared:
+    """An InitRequest and what its answer must carry: the slice's shape, the bytes, the seed."""
+
+    request: pb.InitRequest
+    dtype: torch.dtype
+    out_shape: tuple[int, ...]  # the result's shape: the slice's when sliced
+    total_bytes: int
+    expected_seed: int | None  # the seed the header must report (derived when derive_seed), None if drawn
+    seed_given: bool  # the request names its seed: a resumed stream never replaces it
+
+    def assembler(
+        self, *, out: torch.Tensor | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> StreamAssembler:
+        return StreamAssembler(
+            expected_shape=self.out_shape,
+            expected_dtype=self.dtype,
+            expected_scheme=self.request.scheme,
+            expected_seed=self.expected_seed,
+            out=out,
+            progress=progress,
+        )
+
+
+def prepare(
+    shape: ShapeLike,
+    scheme: str,
+    *,
+    seed: int | None = None,
+    name: str | None = None,
+    derive: bool | None = None,
+    slices: Sequence[Slice] = (),
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    chunk_bytes: int = 0,
+    require_device_fingerprint: str = "",
+    params: dict[str, Any] | None = None,
+) -> Prepared:
+    """The request for one tensor, refused here (as torch would refuse the call) when it cannot be valid."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; use one of: {', '.join(SCHEMES)}")
+    entry = _dtypes.from_torch(dtype)
+    sizes = _shape(shape)
+    resolved = resolve(sizes, slices) if slices else ()
+    out_shape = sliced_shape(sizes, resolved)
+    request = pb.InitRequest(
+        scheme=scheme,
+        shape=sizes,
+        dtype=entry.wire,
+        params=_params(SCHEMES[scheme], params or {}),
+        device=str(device),
+        chunk_bytes=chunk_bytes,
+        require_device_fingerprint=require_device_fingerprint,
+    )
+    if resolved:
+        request.slices.extend(pb.Slice(dim=dim, start=start, length=length) for dim, start, length in resolved)
+    expected_seed = None
+    if seed is not None:
+        request.seed = expected_seed = check_seed(seed)
+    if name is not None:
+        request.name = check_name(name)
+    if derive is None:
+        derive = name is not None and seed is not None
+    if derive:
+        if seed is None or name is None:
+            raise ValueError("derive needs both seed (the job's base seed) and name")
+        request.derive_seed = True
+        expected_seed = derive_seed(request.seed, request.name)
+    return Prepared(
+        request=request,
+        dtype=dtype,
+        out_shape=out_shape,
+        total_bytes=math.prod(out_shape) * entry.itemsize,
+        expected_seed=expected_seed,
+        seed_given=seed is not None,
+    )
+
+
+def _shape(shape: ShapeLike) -> tuple[int, ...]:
+    if type(shape) is tuple and all(type(size) is int for size in shape):  # the common case, checked cheaply
+        return shape
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        return (int(shape),)
+    try:
+        sizes = tuple(shape)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"shape must be an int or a sequence of ints, not {type(shape).__name__}") from None
+    for size in sizes:
+        if not isinstance(size, numbers.Integral) or isinstance(size, bool):
+            raise TypeError(f"shape must contain ints, got {size!r} in {shape!r}")
+    return tuple(int(size) for size in sizes)
+
+
+def _params(scheme: Scheme, params: dict[str, Any]) -> pb.InitParams:
+    message = pb.InitParams()
+    for name, value in params.items():
+        param = scheme.param(name)
+        if param is None:
+            takes = ", ".join(scheme.param_names) or "no parameters"
+            raise TypeError(f"{scheme.name}() got an unexpected parameter {name!r} (it takes: {takes})")
+        if param.kind is str:
+            if not isinstance(value, str):
+                raise TypeError(f"{scheme.name}(): {name} must be a str, not {type(value).__name__}")
+        elif param.kind is int:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(f"{scheme.name}(): {name} must be an int, not {type(value).__name__}")
+            value = int(value)
+        else:
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError(f"{scheme.name}(): {name} must be a number, not {type(value).__name__}")
+            value = float(value)
+        setattr(message, name, value)
+    return message
