@@ -29,6 +29,7 @@ from initserve._errors import (
     from_grpc_error,
 )
 from initserve._many import TensorSpec
+from initserve._modules import Rule
 from initserve._retry import RetryPolicy
 from initserve._schemes import SCHEMES
 from initserve._seeds import derive_seed
@@ -53,6 +54,7 @@ __all__ = [
     "Range",
     "ResourceExhausted",
     "RetryPolicy",
+    "Rule",
     "Shard",
     "TensorSpec",
     "Unauthenticated",

@@ -9,9 +9,11 @@ from typing import Any
 
 import grpc
 import torch
+from torch import nn
 
-from initserve import _dtypes, _shared
+from initserve import _dtypes, _modules, _shared
 from initserve._many import TensorSpec, fetch_many_resuming
+from initserve._modules import Rule
 from initserve._requests import ShapeLike, prepare
 from initserve._retry import RetryPolicy, fetch_resuming
 from initserve._schemes import SCHEMES, ParamValue, Scheme
@@ -293,6 +295,48 @@ class Client:
                 "stream",
             )
         return results
+
+    def init_module(
+        self,
+        module: nn.Module,
+        *,
+        seed: int,
+        rules: Sequence[Rule] = (),
+        prefix: str = "",
+        device: str = "cpu",
+        timeout: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> nn.Module:
+        """Initialize every parameter of ``module`` in place, each with ``derive_seed(seed, prefix + name)``, in
+        one InitMany call: with no ``rules`` as each layer's ``reset_parameters`` does, else the first matching
+        :class:`initserve.Rule` (see ``initserve._modules`` for the defaults). Returns ``module``."""
+        return _modules.init_module(
+            self, module, seed=seed, rules=rules, prefix=prefix, device=device, timeout=timeout, progress=progress
+        )
+
+    def materialize(
+        self,
+        module: nn.Module,
+        *,
+        seed: int,
+        device: str | torch.device = "cpu",
+        rules: Sequence[Rule] = (),
+        prefix: str = "",
+        leave_buffers: bool = False,
+        timeout: float | None = None,
+    ) -> nn.Module:
+        """A ``meta``-device ``module`` allocated once on ``device`` (``to_empty``) and initialized in place as
+        :meth:`init_module` does; also usable as FSDP's ``param_init_fn``. Returns ``module``."""
+        return _modules.materialize(
+            self,
+            module,
+            seed=seed,
+            device=device,
+            rules=rules,
+            prefix=prefix,
+            leave_buffers=leave_buffers,
+            timeout=timeout,
+        )
 
     def init(self, shape: ShapeLike, scheme: str, **kwargs: Any) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.<scheme>_``; keywords as :meth:`fetch`."""
