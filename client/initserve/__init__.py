@@ -29,7 +29,7 @@ from initserve._errors import (
     from_grpc_error,
 )
 from initserve._many import TensorSpec
-from initserve._modules import Rule
+from initserve._modules import Rule, Sharding
 from initserve._retry import RetryPolicy
 from initserve._schemes import SCHEMES
 from initserve._seeds import derive_seed
@@ -56,6 +56,7 @@ __all__ = [
     "RetryPolicy",
     "Rule",
     "Shard",
+    "Sharding",
     "TensorSpec",
     "Unauthenticated",
     "Unavailable",

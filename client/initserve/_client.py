@@ -13,7 +13,7 @@ from torch import nn
 
 from initserve import _dtypes, _modules, _shared
 from initserve._many import TensorSpec, fetch_many_resuming
-from initserve._modules import Rule
+from initserve._modules import Rule, Sharding
 from initserve._requests import ShapeLike, prepare
 from initserve._retry import RetryPolicy, fetch_resuming
 from initserve._schemes import SCHEMES, ParamValue, Scheme
@@ -303,7 +303,7 @@ class Client:
         seed: int,
         rules: Sequence[Rule] = (),
         prefix: str = "",
-        device: str = "cpu",
+        generate_on: str = "cpu",
         timeout: float | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> nn.Module:
@@ -311,7 +311,14 @@ class Client:
         one InitMany call: with no ``rules`` as each layer's ``reset_parameters`` does, else the first matching
         :class:`initserve.Rule` (see ``initserve._modules`` for the defaults). Returns ``module``."""
         return _modules.init_module(
-            self, module, seed=seed, rules=rules, prefix=prefix, device=device, timeout=timeout, progress=progress
+            self,
+            module,
+            seed=seed,
+            rules=rules,
+            prefix=prefix,
+            generate_on=generate_on,
+            timeout=timeout,
+            progress=progress,
         )
 
     def materialize(
@@ -322,11 +329,14 @@ class Client:
         device: str | torch.device = "cpu",
         rules: Sequence[Rule] = (),
         prefix: str = "",
+        shard: Sharding | None = None,
         leave_buffers: bool = False,
+        generate_on: str = "cpu",
         timeout: float | None = None,
     ) -> nn.Module:
-        """A ``meta``-device ``module`` allocated once on ``device`` (``to_empty``) and initialized in place as
-        :meth:`init_module` does; also usable as FSDP's ``param_init_fn``. Returns ``module``."""
+        """A ``meta``-device ``module`` with each parameter allocated once on ``device`` and initialized in place
+        as :meth:`init_module` does; with ``shard`` (:class:`initserve.Sharding`) only this process's shard of
+        each parameter it matches. Also usable as FSDP's ``param_init_fn``. Returns ``module``."""
         return _modules.materialize(
             self,
             module,
@@ -334,7 +344,9 @@ class Client:
             device=device,
             rules=rules,
             prefix=prefix,
+            shard=shard,
             leave_buffers=leave_buffers,
+            generate_on=generate_on,
             timeout=timeout,
         )
 

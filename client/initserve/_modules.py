@@ -21,6 +21,7 @@ nobody chose.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from torch import nn
 
 from initserve._many import TensorSpec
 from initserve._schemes import SCHEMES, ParamValue
+from initserve._slices import Shard, resolve, shard_bounds, sliced_shape
 
 if TYPE_CHECKING:
     from initserve._client import Client
@@ -143,13 +145,57 @@ def _writable_in_place(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.is_contiguous()
 
 
-def _zero_padding_rows(planned: Sequence[_Parameter]) -> None:
+def _zero_padding_rows(planned: Sequence[_Parameter], shard: Sharding | None = None) -> None:
+    """Embedding's padding row is zeroed after its normal_, as torch does (in this process's shard, if any)."""
     for parameter in planned:
         module = parameter.module
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and parameter.tensor is module.weight:
-            if module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].fill_(0)
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or module.padding_idx is None:
+            continue
+        if module.weight is not parameter.tensor:
+            continue
+        row = module.padding_idx  # torch keeps it non-negative
+        part = shard.shard(parameter.name) if shard is not None else None
+        if part is not None and part.dim % 2 == 0:  # rows are split: the padding row is in one shard
+            start, length = shard_bounds(module.num_embeddings, part.index, part.count)
+            row -= start
+            if not 0 <= row < length:
+                continue
+        with torch.no_grad():
+            module.weight[row].fill_(0)
+
+
+def _fill(
+    client: Client,
+    specs: Sequence[TensorSpec],
+    targets: Sequence[torch.Tensor],
+    *,
+    seed: int,
+    generate_on: str,
+    timeout: float | None,
+    progress: Callable[[int, int], None] | None = None,
+    call_bytes: int = DEFAULT_CALL_BYTES,
+) -> None:
+    """Fetch each spec into its target: CPU-contiguous targets in one call, straight into their storage; the
+    others through the CPU, in calls of about ``call_bytes``, each copied into its target."""
+    in_place = [(spec, target) for spec, target in zip(specs, targets, strict=True) if _writable_in_place(target)]
+    elsewhere = [(spec, target) for spec, target in zip(specs, targets, strict=True) if not _writable_in_place(target)]
+    with torch.no_grad():
+        if in_place:
+            direct = [dataclasses.replace(spec, out=target.detach()) for spec, target in in_place]
+            client.fetch_many(direct, seed=seed, device=generate_on, timeout=timeout, progress=progress)
+        batch: list[tuple[TensorSpec, torch.Tensor]] = []
+        for position, item in enumerate(elsewhere):
+            batch.append(item)
+            if sum(t.numel() * t.element_size() for _, t in batch) >= call_bytes or position == len(elsewhere) - 1:
+                results = client.fetch_many([spec for spec, _ in batch], seed=seed, device=generate_on, timeout=timeout)
+                for spec, target in batch:
+                    target.copy_(results[spec.name].tensor)
+                batch = []
+
+
+def _spec(parameter: _Parameter, shape: tuple[int, ...], slices: Sequence[Shard] = ()) -> TensorSpec:
+    scheme, params = parameter.choice
+    return TensorSpec(parameter.name, shape, scheme, params, slices=slices, dtype=parameter.tensor.dtype)
 
 
 def init_module(
@@ -159,37 +205,56 @@ def init_module(
     seed: int,
     rules: Sequence[Rule] = (),
     prefix: str = "",
-    device: str = "cpu",
+    generate_on: str = "cpu",
     timeout: float | None = None,
-    call_bytes: int = DEFAULT_CALL_BYTES,
     progress: Callable[[int, int], None] | None = None,
 ) -> nn.Module:
-    """Initialize every parameter of ``model`` in place from the server (see the module's docs); returns it."""
+    """Initialize every parameter of ``model`` in place from the server (see the module's docs); returns it.
+    ``generate_on`` is the server's device."""
     planned = plan(model, rules, prefix)
-    in_place = [p for p in planned if _writable_in_place(p.tensor)]
-    elsewhere = [p for p in planned if not _writable_in_place(p.tensor)]
-
-    def spec(parameter: _Parameter, out: torch.Tensor | None) -> TensorSpec:
-        scheme, params = parameter.choice
-        return TensorSpec(
-            parameter.name, tuple(parameter.tensor.shape), scheme, params, dtype=parameter.tensor.dtype, out=out
-        )
-
-    with torch.no_grad():
-        if in_place:  # one call, straight into the parameters' storage
-            specs = [spec(p, p.tensor.detach()) for p in in_place]
-            client.fetch_many(specs, seed=seed, device=device, timeout=timeout, progress=progress)
-        batch: list[_Parameter] = []
-        for position, parameter in enumerate(elsewhere):  # other devices: through the CPU, a bounded batch at once
-            batch.append(parameter)
-            batch_bytes = sum(p.tensor.numel() * p.tensor.element_size() for p in batch)
-            if batch_bytes >= call_bytes or position == len(elsewhere) - 1:
-                results = client.fetch_many([spec(p, None) for p in batch], seed=seed, device=device, timeout=timeout)
-                for p in batch:
-                    p.tensor.copy_(results[p.name].tensor)
-                batch = []
+    specs = [_spec(p, tuple(p.tensor.shape)) for p in planned]
+    targets = [p.tensor for p in planned]
+    _fill(client, specs, targets, seed=seed, generate_on=generate_on, timeout=timeout, progress=progress)
     _zero_padding_rows(planned)
     return model
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """Which shard of each parameter this process holds: parameters whose qualified name matches a pattern of
+    ``dims`` (``fnmatch``, first match wins) are split along that dim into ``world_size`` shards as
+    ``torch.chunk`` splits (:class:`initserve.Shard`), and this process gets shard ``rank``; the others are whole.
+    """
+
+    rank: int
+    world_size: int
+    dims: Mapping[str, int]
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in 0..world_size-1, got rank {self.rank} of {self.world_size}")
+
+    @classmethod
+    def from_process_group(cls, dims: Mapping[str, int], group: object = None) -> Sharding:
+        """This process's rank and the world size of ``group`` (the default group when None)."""
+        import torch.distributed as dist
+
+        return cls(dist.get_rank(group), dist.get_world_size(group), dims)
+
+    def shard(self, qualified_name: str) -> Shard | None:
+        for pattern, dim in self.dims.items():
+            if fnmatch.fnmatchcase(qualified_name, pattern):
+                return Shard(dim, self.rank, self.world_size)
+        return None
+
+
+def _replace(model: nn.Module, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Every reference to parameter or buffer ``old`` in ``model`` (tied ones included) becomes ``new``."""
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, value in table.items():
+                if value is old:
+                    table[name] = new
 
 
 def materialize(
@@ -200,32 +265,50 @@ def materialize(
     device: str | torch.device = "cpu",
     rules: Sequence[Rule] = (),
     prefix: str = "",
+    shard: Sharding | None = None,
     leave_buffers: bool = False,
+    generate_on: str = "cpu",
     timeout: float | None = None,
 ) -> nn.Module:
-    """Allocate a meta-device ``model`` on ``device`` once (``to_empty``) and initialize it in place, as
-    :func:`init_module` does; returns it. Usable as FSDP's ``param_init_fn`` (pass ``prefix`` for the wrapped
-    module's place in the whole model, so its names, and so its seeds, are the whole model's).
+    """Allocate each parameter of a meta-device ``model`` once on ``device`` and fill it in place, as
+    :func:`init_module` does; returns it. With ``shard``, each parameter it matches is allocated and fetched
+    as this process's shard only (fans still from the whole shape), and stays that shape. Usable as FSDP's
+    ``param_init_fn`` (pass ``prefix`` for the wrapped module's place in the whole model, so its names, and so
+    its seeds, are the whole model's).
 
     Buffers: the norms' running statistics are reset as torch resets them; any other buffer on the meta device
     has no value to restore, which is an error unless ``leave_buffers`` (they are then left uninitialized for
     the caller to fill).
     """
-    plan(model, rules, prefix)  # refuse an uncovered parameter before allocating anything
+    planned = plan(model, rules, prefix)  # refuses an uncovered parameter before allocating anything
     resettable = (nn.modules.batchnorm._NormBase,)
-    unknown = [
-        prefix + (f"{module_name}.{name}" if module_name else name)
+    meta_buffers = [
+        (module, prefix + (f"{module_name}.{name}" if module_name else name), buffer)
         for module_name, module in model.named_modules()
         for name, buffer in module.named_buffers(recurse=False)
-        if buffer is not None and buffer.is_meta and not isinstance(module, resettable)
+        if buffer is not None and buffer.is_meta
     ]
+    unknown = [name for module, name, _ in meta_buffers if not isinstance(module, resettable)]
     if unknown and not leave_buffers:
         raise ValueError(
             f"materialize: meta buffers {', '.join(unknown)} have no known initializer; fill them yourself "
             "after materialize(..., leave_buffers=True)"
         )
-    model.to_empty(device=device)
+    specs, targets = [], []
+    for parameter in planned:
+        meta = parameter.tensor
+        part = shard.shard(parameter.name) if shard is not None else None
+        slices = [part] if part is not None else []
+        local = torch.empty(sliced_shape(meta.shape, resolve(meta.shape, slices)), dtype=meta.dtype, device=device)
+        parameter.tensor = nn.Parameter(local, requires_grad=meta.requires_grad)
+        _replace(model, meta, parameter.tensor)
+        specs.append(_spec(parameter, tuple(meta.shape), slices))
+        targets.append(local)
+    for _, _, buffer in meta_buffers:
+        _replace(model, buffer, torch.empty_like(buffer, device=device))
     for module in model.modules():
-        if isinstance(module, resettable):
+        if isinstance(module, resettable) and module.track_running_stats:
             module.reset_running_stats()
-    return init_module(client, model, seed=seed, rules=rules, prefix=prefix, timeout=timeout)
+    _fill(client, specs, targets, seed=seed, generate_on=generate_on, timeout=timeout)
+    _zero_padding_rows(planned, shard)
+    return model
