@@ -73,3 +73,38 @@ def test_the_torchrun_example_gathers_the_single_process_model(server) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "OK: the gathered model equals a single-process init (" in done.stdout
     assert "rank 1/2: fetched" in done.stdout
+
+
+FSDP_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+import initserve
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+client = initserve.Client(sys.argv[1], timeout=60)
+def build():
+    return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Sequential(nn.Linear(16, 4)))
+with torch.device("meta"):
+    model = build()
+names = {module: name for name, module in model.named_modules()}
+def param_init_fn(module):  # FSDP calls it per module with meta parameters: names relative to the whole model
+    client.materialize(module, seed=3, prefix=names[module] + "." if names[module] else "")
+wrapped = FSDP(model, param_init_fn=param_init_fn, device_id=torch.device("cpu"), use_orig_params=True)
+reference = dict(client.init_module(build(), seed=3).named_parameters())
+with FSDP.summon_full_params(wrapped):
+    got = {name.replace("_fsdp_wrapped_module.", ""): p for name, p in wrapped.named_parameters()}
+    assert got.keys() == reference.keys(), (sorted(got), sorted(reference))
+    equal = all(torch.equal(got[name].detach(), reference[name].detach()) for name in reference)
+print("equal" if equal else "DIFFERENT")
+dist.destroy_process_group()
+"""
+
+
+def test_materialize_as_fsdps_param_init_fn(server) -> None:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo"}
+    done = subprocess.run(
+        [sys.executable, "-c", FSDP_SCRIPT, server.target], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "equal"
