@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -69,6 +71,13 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     return int(torch.empty((), dtype=torch.int64, device=device).random_(generator=generator))
 
 
+def _pem(value: bytes | str | os.PathLike | None) -> bytes | None:
+    """PEM bytes as given, or read from a path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
 class Client:
     """A connection to an initserve server; use as a context manager or call :meth:`close`.
 
@@ -77,7 +86,14 @@ class Client:
             (or comma-separated string) of ``host:port`` replicas; requests are balanced round robin, and a
             stream that breaks resumes from its last verified byte, on another replica when one is up.
         timeout: default per-call deadline in seconds (None: no deadline); each call may override it.
-        credentials: ``grpc.ChannelCredentials`` for a TLS channel; None for an insecure channel.
+        credentials: ``grpc.ChannelCredentials`` for a TLS channel; None for an insecure channel (unless a
+            TLS option below is given).
+        root_certificates: PEM CA bundle (bytes, or a path) that signed the server's certificate: a TLS channel.
+        client_certificate, client_key: PEM certificate chain and key (bytes, or paths) for mutual TLS.
+        tls_server_name: the name to check the server's certificate against, when it differs from the target's
+            host (an IP address, say).
+        token: bearer token sent with every call (``authorization: Bearer <token>``) to a server started with
+            ``--auth-token-file``; use it over TLS.
         max_receive_message_bytes: largest message accepted; must exceed the server's chunk size.
         options: extra gRPC channel options, e.g. keepalive settings.
         chunk_bytes: preferred chunk size (0: the server's default).
@@ -96,6 +112,11 @@ class Client:
         *,
         timeout: float | None = DEFAULT_TIMEOUT_SECONDS,
         credentials: grpc.ChannelCredentials | None = None,
+        root_certificates: bytes | str | os.PathLike | None = None,
+        client_certificate: bytes | str | os.PathLike | None = None,
+        client_key: bytes | str | os.PathLike | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
         max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
         chunk_bytes: int = 0,
@@ -113,8 +134,24 @@ class Client:
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.require_device_fingerprint = require_device_fingerprint
+        if root_certificates is not None or client_certificate is not None or client_key is not None:
+            if credentials is not None:
+                raise ValueError("give credentials= or the TLS files, not both")
+            if (client_certificate is None) != (client_key is None):
+                raise ValueError("client_certificate and client_key go together (mutual TLS)")
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(root_certificates),
+                private_key=_pem(client_key),
+                certificate_chain=_pem(client_certificate),
+            )
+        if tls_server_name is not None:
+            options = [*options, ("grpc.ssl_target_name_override", tls_server_name)]
         self._transport = Transport(
-            target, credentials=credentials, max_receive_message_bytes=max_receive_message_bytes, options=options
+            target,
+            credentials=credentials,
+            max_receive_message_bytes=max_receive_message_bytes,
+            options=options,
+            token=token,
         )
 
     def __enter__(self) -> Client:

@@ -103,8 +103,11 @@ class Transport:
         credentials: grpc.ChannelCredentials | None = None,
         max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
+        token: str | None = None,
     ) -> None:
         self.target = channel_target(target)
+        # Sent with every call; over TLS, or to a trusted proxy that terminates it.
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         given = {name for name, _ in options}
         channel_options = [
             ("grpc.max_receive_message_length", max_receive_message_bytes),
@@ -139,7 +142,7 @@ class Transport:
 
     def init_stream(self, request: pb.InitRequest, timeout: float | None) -> Iterator[Message]:
         """The Init stream's messages; on early exit (an integrity error, say) the call is cancelled."""
-        call = self._init(request, timeout=timeout)
+        call = self._init(request, timeout=timeout, metadata=self._metadata)
         try:
             yield from call
         except grpc.RpcError as error:
@@ -149,7 +152,7 @@ class Transport:
 
     def init_many(self, request: pb.InitManyRequest, timeout: float | None) -> Iterator[tuple[int, Message]]:
         """The InitMany stream's (tensor index, message) pairs; on early exit the call is cancelled."""
-        call = self._init_many(request, timeout=timeout)
+        call = self._init_many(request, timeout=timeout, metadata=self._metadata)
         try:
             yield from call
         except grpc.RpcError as error:
@@ -166,7 +169,7 @@ class Transport:
     def init_unary(self, request: pb.InitRequest, timeout: float | None) -> Iterator[Message]:
         """InitUnary's answer as the stream's messages; the Init stream where the server refuses the size."""
         try:
-            return iter(self._init_unary(request, timeout=timeout))
+            return iter(self._init_unary(request, timeout=timeout, metadata=self._metadata))
         except grpc.RpcError as error:
             failure = from_grpc_error(error)
             if error.code() == grpc.StatusCode.FAILED_PRECONDITION and str(failure).startswith(_UNARY_REFUSAL):
@@ -181,13 +184,13 @@ class Transport:
         shared.CopyFrom(request)
         shared.shared_memory = name
         try:
-            return self._init_unary(shared, timeout=timeout)
+            return self._init_unary(shared, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_grpc_error(error) from error
 
     def describe(self, timeout: float | None) -> pb.ServerInfo:
         try:
-            return self._stub.Describe(pb.DescribeRequest(), timeout=timeout)
+            return self._stub.Describe(pb.DescribeRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_grpc_error(error) from error
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from initserve_server import __version__
 from initserve_server import config as defaults
 from initserve_server.config import ServerConfig
+from initserve_server.security import SecurityConfigError, check_token, read_token
 from initserve_server.server import serve
 
 ENV_PREFIX = "INITSERVE_"
@@ -113,9 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="write tensors straight into the /dev/shm objects of clients on this host (Client(shared_memory=True)); "
         f"off by default [env {ENV_PREFIX}SHARED_MEMORY=1]",
     )
+    option("--tls-cert", "TLS_CERT", str, "", "PEM certificate chain: serve TLS (with --tls-key)")
+    option("--tls-key", "TLS_KEY", str, "", "PEM private key of --tls-cert")
+    option("--tls-client-ca", "TLS_CLIENT_CA", str, "", "PEM CA bundle: require client certificates it signed (mTLS)")
+    option(
+        "--auth-token-file",
+        "AUTH_TOKEN_FILE",
+        str,
+        "",
+        "file holding the bearer token every RPC but health must carry "
+        f"(or the token itself in {ENV_PREFIX}AUTH_TOKEN)",
+    )
     option("--log-level", "LOG_LEVEL", str, "INFO", "logging level")
     parser.add_argument("--version", action="version", version=f"initserve-server {__version__}")
     return parser
+
+
+def _auth_token(args: argparse.Namespace) -> str:
+    """From --auth-token-file (or its env twin), else INITSERVE_AUTH_TOKEN; never a flag, so never in --help
+    or in a process listing."""
+    if args.auth_token_file:
+        return read_token(args.auth_token_file)
+    token = os.environ.get(ENV_PREFIX + "AUTH_TOKEN", "")
+    return check_token(token, f"{ENV_PREFIX}AUTH_TOKEN") if token else ""
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -132,6 +153,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             cache_bytes=args.cache_bytes,
             max_inflight_bytes=args.max_inflight_bytes,
             shared_memory=args.shared_memory,
+            tls_cert_file=args.tls_cert,
+            tls_key_file=args.tls_key,
+            tls_client_ca_file=args.tls_client_ca,
+            auth_token=_auth_token(args),
         )
     except ValueError as error:
         raise SystemExit(f"initserve-server: {error}")
@@ -141,7 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
-    running = serve(config)
+    try:
+        running = serve(config)
+    except SecurityConfigError as error:
+        raise SystemExit(f"initserve-server: {error}") from None
     stop_requested = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

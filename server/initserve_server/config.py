@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def _physical_memory_bytes() -> int:
@@ -54,6 +54,10 @@ class ServerConfig:
     cache_bytes: int = DEFAULT_CACHE_BYTES  # LRU cache budget for finished tensors; 0 disables the cache
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES  # tensors generated/streamed outside the cache
     shared_memory: bool = False  # write tensors into same-host clients' /dev/shm objects (InitUnary)
+    tls_cert_file: str = ""  # PEM certificate chain: serve TLS (with tls_key_file)
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # PEM CA bundle: require client certificates it signed (mutual TLS)
+    auth_token: str = field(default="", repr=False)  # bearer token every RPC but health must carry; "" for none
 
     @property
     def max_chunk_bytes(self) -> int:

@@ -14,6 +14,7 @@ from initserve.v1 import initserve_pb2 as pb
 from initserve_server.allocator import return_large_blocks_to_the_os
 from initserve_server.config import MAX_REQUEST_BYTES, ServerConfig
 from initserve_server.initializers import configure_torch
+from initserve_server.security import BearerTokenInterceptor, server_credentials
 from initserve_server.servicer import InitServicer, add_to_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InitService"].full_name
@@ -60,20 +61,32 @@ def serve(config: ServerConfig) -> RunningServer:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+    credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="initserve"), options=options
+        ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="initserve"),
+        options=options,
+        interceptors=interceptors,
     )
     add_to_server(InitServicer(config), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{_host_for_target(config.host)}:{config.port}"
-    port = server.add_insecure_port(address)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address}")
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(server=server, health=health_servicer, config=config, port=port)
-    log.info("serving on %s", running.target)
+    log.info(
+        "serving on %s (%s%s)",
+        running.target,
+        "mutual TLS" if config.tls_client_ca_file else "TLS" if credentials is not None else "plaintext",
+        ", bearer token required" if config.auth_token else "",
+    )
     return running
