@@ -17,13 +17,13 @@ RPC_TIMEOUT_SECONDS = 30.0
 
 def test_the_memo_keeps_answers_in_lru_order_within_its_budget() -> None:
     memo = AnswerMemo(budget_bytes=100)
-    memo.put(b"a" * 10, b"A" * 30)  # 40 bytes, request and answer counted
+    memo.put(b"a" * 10, b"A" * 30, "about a")  # 40 bytes, request and answer counted
     memo.put(b"b" * 10, b"B" * 30)
     assert memo.gauges() == (2, 80)
-    assert memo.get(b"a" * 10) == b"A" * 30  # a becomes the most recently used
+    assert memo.get(b"a" * 10) == (b"A" * 30, "about a")  # a becomes the most recently used
     memo.put(b"c" * 10, b"C" * 30)  # 120 > 100: the least recently used (b) goes
     assert memo.get(b"b" * 10) is None
-    assert memo.get(b"a" * 10) == b"A" * 30 and memo.get(b"c" * 10) == b"C" * 30
+    assert memo.get(b"a" * 10)[0] == b"A" * 30 and memo.get(b"c" * 10)[0] == b"C" * 30
     assert memo.gauges() == (2, 80) and memo.hits == 3
     memo.put(b"d", b"D" * 100)  # larger than the whole budget: never kept, nothing evicted for it
     assert memo.get(b"d") is None and memo.gauges() == (2, 80)

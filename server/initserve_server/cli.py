@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from initserve_server import __version__
 from initserve_server import config as defaults
 from initserve_server.config import ServerConfig
+from initserve_server.logs import configure_logging
 from initserve_server.security import SecurityConfigError, check_token, read_token
 from initserve_server.server import serve
 
@@ -46,6 +47,21 @@ def _bool(text: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"not a boolean: {text!r}")
+
+
+def _optional_port(text: str) -> int | None:
+    if text.strip().lower() in ("", "off", "none"):
+        return None
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in 0..65535, got {port}")
+    return port
+
+
+def _log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError(f"log format must be 'text' or 'json', got {text!r}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
         "file holding the bearer token every RPC but health must carry "
         f"(or the token itself in {ENV_PREFIX}AUTH_TOKEN)",
     )
-    option("--log-level", "LOG_LEVEL", str, "INFO", "logging level")
+    option(
+        "--metrics-port",
+        "METRICS_PORT",
+        _optional_port,
+        None,
+        "serve Prometheus /metrics over HTTP on --host and this port (0: a free one, printed); off by default",
+    )
+    option("--log-level", "LOG_LEVEL", str, "INFO", "logging level (INFO logs one access line per call)")
+    option("--log-format", "LOG_FORMAT", _log_format, "text", "log lines as 'text' or 'json' objects")
     parser.add_argument("--version", action="version", version=f"initserve-server {__version__}")
     return parser
 
@@ -157,6 +181,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             tls_key_file=args.tls_key,
             tls_client_ca_file=args.tls_client_ca,
             auth_token=_auth_token(args),
+            metrics_port=args.metrics_port,
         )
     except ValueError as error:
         raise SystemExit(f"initserve-server: {error}")
@@ -164,7 +189,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     config = config_from_args(args)
     try:
         running = serve(config)
@@ -178,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # One machine-readable line: tests and scripts started with --port 0 read the bound port from it.
+    if running.metrics_port is not None:
+        print(f"initserve metrics on {running.config.host}:{running.metrics_port}", flush=True)
     print(f"initserve listening on {running.target}", flush=True)
     while not stop_requested.wait(timeout=1.0):
         pass

@@ -58,6 +58,7 @@ class ServerConfig:
     tls_key_file: str = ""
     tls_client_ca_file: str = ""  # PEM CA bundle: require client certificates it signed (mutual TLS)
     auth_token: str = field(default="", repr=False)  # bearer token every RPC but health must carry; "" for none
+    metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0: a free port); None: off
 
     @property
     def max_chunk_bytes(self) -> int:

@@ -27,6 +27,7 @@ class RunningServer:
     health: health.HealthServicer
     config: ServerConfig
     port: int  # the bound port (the real one when config.port was 0)
+    metrics_port: int | None = None  # the bound metrics port, when metrics are served
 
     @property
     def target(self) -> str:
@@ -68,7 +69,8 @@ def serve(config: ServerConfig) -> RunningServer:
         options=options,
         interceptors=interceptors,
     )
-    add_to_server(InitServicer(config), server)
+    servicer = InitServicer(config)
+    add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -82,7 +84,10 @@ def serve(config: ServerConfig) -> RunningServer:
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(server=server, health=health_servicer, config=config, port=port)
+    metrics_port = None
+    if config.metrics_port is not None:
+        metrics_port = servicer.metrics.serve(config.host, config.metrics_port)
+    running = RunningServer(server=server, health=health_servicer, config=config, port=port, metrics_port=metrics_port)
     log.info(
         "serving on %s (%s%s)",
         running.target,

@@ -10,6 +10,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,6 +38,7 @@ from initserve_server.config import (
     ServerConfig,
 )
 from initserve_server.initializers import configure_torch, generate
+from initserve_server.metrics import CallRecord, Metrics
 from initserve_server.production import Production
 from initserve_server.shared_memory import SHARED_MEMORY_DIR, SharedMemoryInvalid, SharedMemoryUnavailable, SharedRegion
 from initserve_server.spec import InitSpec
@@ -147,6 +149,9 @@ def _write_shared(
     yield pb.InitResponse(trailer=pb.Trailer(checksum=production.final_checksum()))
 
 
+METHODS = {"stream": "Init", "unary": "InitUnary", "shared": "InitUnary"}  # _serve's modes, as RPC names
+
+
 class TooLargeForUnary(Exception):
     """FAILED_PRECONDITION: the client falls back to the Init stream on it."""
 
@@ -164,13 +169,33 @@ def _unary(spec: InitSpec, config: ServerConfig) -> InitSpec:
 
 @dataclasses.dataclass
 class _Call:
-    """An RPC in progress: ``ended`` is set when it is cancelled, expires, disconnects or finishes."""
+    """An RPC in progress: ``ended`` is set when it is cancelled, expires, disconnects or finishes; the rest is
+    what its access-log line and metrics will say."""
 
     ended: threading.Event
+    method: str = ""
     finished: bool = False  # its last tensor was sent whole
+    scheme: str = ""
+    shape: tuple[int, ...] = ()
+    tensors: int = 0
+    bytes_sent: int = 0
+    cache_hit: bool = False
 
     def is_active(self) -> bool:
         return not self.ended.is_set()
+
+    def answered(self, spec: InitSpec, cache_hit: bool) -> None:
+        self.tensors += 1
+        self.bytes_sent += spec.total_bytes - spec.offset
+        self.cache_hit = cache_hit if self.tensors == 1 else self.cache_hit and cache_hit
+
+
+def _request_id(context: grpc.ServicerContext) -> str:
+    """The caller's ``x-request-id`` (at most 64 printable characters), else a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 64 and value.isprintable():
+            return value
+    return secrets.token_hex(8)
 
 
 class MalformedRequest:
@@ -224,11 +249,13 @@ class InitServicer(pb_grpc.InitServiceServicer):
         self.cancelled = _Gauge()
         # Generation runs here, beside the streams that send its bytes as they become final.
         self._producers = ThreadPoolExecutor(config.workers, "initserve-produce", initializer=configure_torch)
+        # Last: registering reads the stats once (a collision check), so everything above must exist.
+        self.metrics = Metrics(self.stats, lambda: [devices.device_info(d) for d in devices.available_devices()])
 
     def _start(self, spec: InitSpec, is_active: Callable[[], bool]) -> Production:
         """A production for ``spec``, once torch has accepted the request (its first bytes are final)."""
         production = Production(spec.total_bytes)
-        self._producers.submit(produce, spec, production)
+        self._producers.submit(self._produce, spec, production)
         try:
             production.wait_started(is_active)
             check_finite(spec)
@@ -236,6 +263,12 @@ class InitServicer(pb_grpc.InitServiceServicer):
             production.cancel()
             raise
         return production
+
+    def _produce(self, spec: InitSpec, production: Production) -> None:
+        started = time.perf_counter()
+        produce(spec, production)
+        if production.error is None:
+            self.metrics.generated(spec.scheme.name, str(spec.device), time.perf_counter() - started)
 
     def _cut(self, spec: InitSpec, is_active: Callable[[], bool]) -> Production:
         """A slice's production: the whole tensor from the cache (generated there if need be), then its slice
@@ -260,15 +293,22 @@ class InitServicer(pb_grpc.InitServiceServicer):
         """The stream's messages in one serialized InitUnaryResponse (see initserve._wire.encode_unary).
 
         ``data`` is the request's bytes: a repeat of a request the cache served is answered from the memo."""
-        answer = self.answers.get(data)
-        if answer is not None:
+        kept = self.answers.get(data)
+        if kept is not None:
+            started = time.perf_counter()
+            answer, (scheme, shape, nbytes) = kept
+            self.metrics.record(
+                CallRecord("InitUnary", _request_id(context), context.peer(), time.perf_counter() - started, "OK",
+                           scheme, shape, 1, nbytes, cache_hit=True)
+            )  # fmt: skip
             return answer
         request = _parse_init_request(data)
         mode = "shared" if not isinstance(request, MalformedRequest) and request.shared_memory else "unary"
         messages = list(self._serve(request, context, mode=mode))  # an abort raises out of this
         answer = encode_unary(messages)
         if mode == "unary" and _reusable(messages):
-            self.answers.put(data, answer)
+            header = messages[0].header
+            self.answers.put(data, answer, (header.scheme, tuple(header.shape), header.total_bytes - header.offset))
         return answer
 
     def _open_region(self, name: str, nbytes: int) -> SharedRegion:
@@ -281,13 +321,14 @@ class InitServicer(pb_grpc.InitServiceServicer):
     ) -> Iterator[pb.InitResponse | bytes]:
         """One Init call: ``mode`` "stream" (Init), "unary" (InitUnary: one chunk) or "shared" (InitUnary with
         shared_memory: the bytes go into the client's region, the messages carry header and trailer only)."""
-        with self._call(context) as call:
+        with self._call(context, METHODS[mode]) as call:
             region: SharedRegion | None = None
             try:
                 try:
                     if isinstance(request, MalformedRequest):
                         raise InvalidRequest(request.message)
                     spec = validate_request(request, self._config, draw_seed)
+                    call.scheme, call.shape = spec.scheme.name, spec.shape
                     if mode == "unary":
                         spec = _unary(spec, self._config)
                     elif mode == "shared":
@@ -307,7 +348,8 @@ class InitServicer(pb_grpc.InitServiceServicer):
     ) -> Iterator[pb.InitManyResponse | bytes]:
         """Every tensor of the request in order on one stream, each message tagged with its tensor's index.
         All are validated before the first byte is sent; an error names the tensor (index and name)."""
-        with self._call(context) as call:
+        with self._call(context, "InitMany") as call:
+            call.scheme = "many"
             if isinstance(request, MalformedRequest):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             count = len(request.tensors)
@@ -335,17 +377,35 @@ class InitServicer(pb_grpc.InitServiceServicer):
                     return
 
     @contextlib.contextmanager
-    def _call(self, context: grpc.ServicerContext) -> Iterator[_Call]:
-        """One RPC's bookkeeping: its end as an event, the in-flight gauge, and the cancelled count."""
-        call = _Call(threading.Event())
+    def _call(self, context: grpc.ServicerContext, method: str) -> Iterator[_Call]:
+        """One RPC's bookkeeping: its end as an event, the in-flight gauge, the cancelled count, and its
+        access-log line and metrics once it ends."""
+        started = time.perf_counter()
+        call = _Call(threading.Event(), method)
         context.add_callback(call.ended.set)  # cancelled, expired, disconnected or finished
         self.inflight_requests.add(1)
         try:
             yield call
         finally:
             self.inflight_requests.add(-1)
-            if not call.finished and call.ended.is_set():
+            cancelled = not call.finished and call.ended.is_set()
+            if cancelled:
                 self.cancelled.add(1)
+            code = context.code()
+            self.metrics.record(
+                CallRecord(
+                    method=method,
+                    request_id=_request_id(context),
+                    peer=context.peer(),
+                    seconds=time.perf_counter() - started,
+                    code=code.name if code is not None else "CANCELLED" if cancelled else "OK",
+                    scheme=call.scheme,
+                    shape=call.shape,
+                    tensors=call.tensors,
+                    bytes_sent=call.bytes_sent,
+                    cache_hit=call.cache_hit,
+                )
+            )
 
     def _answer(
         self,
@@ -400,13 +460,17 @@ class InitServicer(pb_grpc.InitServiceServicer):
             except Exception as error:  # noqa: BLE001 - the production failed part-way
                 _abort(context, error, label)
                 return
+        call.answered(spec, lease.shared)
         call.finished = True
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
+        started = time.perf_counter()
         if isinstance(request, MalformedRequest):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         info = describe(self._config)
         info.stats.CopyFrom(self.stats())
+        seconds = time.perf_counter() - started
+        self.metrics.record(CallRecord("Describe", _request_id(context), context.peer(), seconds, "OK"))
         return info
 
     def stats(self) -> pb.ServerStats:
