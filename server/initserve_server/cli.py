@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(args)
     try:
         running = serve(config)
-    except SecurityConfigError as error:
+    except (SecurityConfigError, OSError) as error:  # bad TLS/token settings, a port that cannot be bound
         raise SystemExit(f"initserve-server: {error}") from None
     stop_requested = threading.Event()
 

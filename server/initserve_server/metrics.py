@@ -1,4 +1,4 @@
-"""Prometheus metrics on their own HTTP port (off by default), and the one-line access log of every call.
+"""Prometheus metrics on their own HTTP port (off by default), counted from every finished call.
 
 Counters and histograms are updated as calls end; the cache's, in-flight and device figures are read from the
 servicer when scraped, so they are never out of step with ``Describe``'s stats. Nothing here sees tensor data.
@@ -6,8 +6,6 @@ servicer when scraped, so they are never out of step with ``Describe``'s stats. 
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,15 +16,13 @@ from prometheus_client.registry import Collector
 
 from initserve.v1 import initserve_pb2 as pb
 
-access_log = logging.getLogger("initserve.access")
-
 # Seconds: from a cached small answer (well under 1 ms) to a 4 GiB orthogonal (minutes).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
 @dataclass
 class CallRecord:
-    """What the access log and the metrics say about one call (never tensor data)."""
+    """What the metrics and the access log (logs.AccessLog) say about one call (never tensor data)."""
 
     method: str  # Init, InitUnary, InitMany, Describe
     request_id: str
@@ -80,7 +76,7 @@ class _StatsCollector(Collector):
 
 
 class Metrics:
-    """The server's metrics and access log; :meth:`record` takes every finished call."""
+    """The server's Prometheus registry; :meth:`record` counts every finished call."""
 
     def __init__(self, stats: Callable[[], pb.ServerStats], devices: Callable[[], list[pb.DeviceInfo]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -101,39 +97,47 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.registry.register(_StatsCollector(stats, devices))
+        self._http: Any = None  # the /metrics HTTP server, once serve() started it
+        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
 
     def record(self, call: CallRecord) -> None:
-        scheme = call.scheme or "-"
-        self.requests.labels(call.method, scheme, call.code).inc()
+        """Count one finished call (children cached per label set: 1 µs where labels() costs 2 each)."""
+        key = (call.method, call.scheme or "-", call.code)
+        children = self._children.get(key)
+        if children is None:
+            tensors = self.tensors.labels(call.scheme) if call.scheme not in ("", "many") else None
+            children = (
+                self.requests.labels(*key),
+                self.bytes_sent.labels(call.method),
+                tensors,
+                self.call_seconds.labels(call.method),
+            )
+            self._children[key] = children
+        requests, bytes_sent, tensors, call_seconds = children
+        requests.inc()
         if call.bytes_sent:
-            self.bytes_sent.labels(call.method).inc(call.bytes_sent)
-        if call.tensors and call.scheme not in ("", "many"):
-            self.tensors.labels(call.scheme).inc(call.tensors)
-        self.call_seconds.labels(call.method).observe(call.seconds)
-        if access_log.isEnabledFor(logging.INFO):
-            fields = self._fields(call)
-            text = " ".join(f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in fields.items())
-            access_log.info("call %s", text, extra={"fields": fields})
+            bytes_sent.inc(call.bytes_sent)
+        if call.tensors and tensors is not None:
+            tensors.inc(call.tensors)
+        call_seconds.observe(call.seconds)
 
     def generated(self, scheme: str, device: str, seconds: float) -> None:
         self.generation_seconds.labels(scheme, device).observe(seconds)
 
-    @staticmethod
-    def _fields(call: CallRecord) -> dict[str, Any]:
-        return {
-            "request_id": call.request_id,
-            "method": call.method,
-            "code": call.code,
-            "scheme": call.scheme,
-            "shape": list(call.shape),
-            "tensors": call.tensors,
-            "bytes": call.bytes_sent,
-            "cache_hit": call.cache_hit,
-            "ms": round(call.seconds * 1000, 3),
-            "peer": call.peer,
-        }
-
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics on ``host:port`` (0: a free port) in a daemon thread; the bound port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_address[1]
+        try:
+            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as error:
+            raise OSError(f"--metrics-port: cannot serve metrics on {host}:{port}: {error.strerror}") from None
+        return self.port
+
+    @property
+    def port(self) -> int | None:
+        return None if self._http is None else self._http.server_address[1]
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

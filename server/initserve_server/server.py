@@ -27,7 +27,12 @@ class RunningServer:
     health: health.HealthServicer
     config: ServerConfig
     port: int  # the bound port (the real one when config.port was 0)
-    metrics_port: int | None = None  # the bound metrics port, when metrics are served
+    servicer: InitServicer
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound metrics port (the real one when config.metrics_port was 0), or None."""
+        return self.servicer.metrics.port
 
     @property
     def target(self) -> str:
@@ -38,6 +43,8 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
         self.server.stop(grace).wait()
+        self.servicer.metrics.close()  # after the drain, so the last calls are still scraped while it lasts
+        self.servicer.access_log.close()  # the last calls' lines are written before stop() returns
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -81,13 +88,12 @@ def serve(config: ServerConfig) -> RunningServer:
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address}")
+    if config.metrics_port is not None:  # before the gRPC server starts: a port in use stops nothing running
+        servicer.metrics.serve(config.host, config.metrics_port)
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    metrics_port = None
-    if config.metrics_port is not None:
-        metrics_port = servicer.metrics.serve(config.host, config.metrics_port)
-    running = RunningServer(server=server, health=health_servicer, config=config, port=port, metrics_port=metrics_port)
+    running = RunningServer(server=server, health=health_servicer, config=config, port=port, servicer=servicer)
     log.info(
         "serving on %s (%s%s)",
         running.target,

@@ -38,6 +38,7 @@ from initserve_server.config import (
     ServerConfig,
 )
 from initserve_server.initializers import configure_torch, generate
+from initserve_server.logs import AccessLog
 from initserve_server.metrics import CallRecord, Metrics
 from initserve_server.production import Production
 from initserve_server.shared_memory import SHARED_MEMORY_DIR, SharedMemoryInvalid, SharedMemoryUnavailable, SharedRegion
@@ -251,6 +252,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
         self._producers = ThreadPoolExecutor(config.workers, "initserve-produce", initializer=configure_torch)
         # Last: registering reads the stats once (a collision check), so everything above must exist.
         self.metrics = Metrics(self.stats, lambda: [devices.device_info(d) for d in devices.available_devices()])
+        self.access_log = AccessLog()
 
     def _start(self, spec: InitSpec, is_active: Callable[[], bool]) -> Production:
         """A production for ``spec``, once torch has accepted the request (its first bytes are final)."""
@@ -297,7 +299,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
         if kept is not None:
             started = time.perf_counter()
             answer, (scheme, shape, nbytes) = kept
-            self.metrics.record(
+            self._record(
                 CallRecord("InitUnary", _request_id(context), context.peer(), time.perf_counter() - started, "OK",
                            scheme, shape, 1, nbytes, cache_hit=True)
             )  # fmt: skip
@@ -392,7 +394,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
             if cancelled:
                 self.cancelled.add(1)
             code = context.code()
-            self.metrics.record(
+            self._record(
                 CallRecord(
                     method=method,
                     request_id=_request_id(context),
@@ -463,6 +465,10 @@ class InitServicer(pb_grpc.InitServiceServicer):
         call.answered(spec, lease.shared)
         call.finished = True
 
+    def _record(self, call: CallRecord) -> None:
+        self.metrics.record(call)
+        self.access_log.write(call)
+
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
         started = time.perf_counter()
         if isinstance(request, MalformedRequest):
@@ -470,7 +476,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
         info = describe(self._config)
         info.stats.CopyFrom(self.stats())
         seconds = time.perf_counter() - started
-        self.metrics.record(CallRecord("Describe", _request_id(context), context.peer(), seconds, "OK"))
+        self._record(CallRecord("Describe", _request_id(context), context.peer(), seconds, "OK"))
         return info
 
     def stats(self) -> pb.ServerStats:
