@@ -193,3 +193,25 @@ def test_an_empty_token_file_is_refused(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode != 0
     assert done.stderr.strip() == f"initserve-server: --auth-token-file {tmp_path / 'token'}: the token is empty"
+
+
+def health_probe(*args: str) -> subprocess.CompletedProcess[str]:
+    probe = Path(sys.executable).parent / "initserve-health"
+    return subprocess.run([str(probe), "--timeout", "5", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_the_health_probe_over_tls_and_mutual_tls(tls_server: ServerProcess, mtls_server: ServerProcess, pki: Path):
+    ca = ("--tls-ca", str(pki / "ca.pem"))
+    assert health_probe("--target", tls_server.target, *ca).returncode == 0
+    assert health_probe("--target", tls_server.target).returncode == 2  # plaintext to a TLS port
+    assert health_probe("--target", tls_server.target, "--tls-ca", str(pki / "other.pem")).returncode == 2
+    named = ("--target", f"127.0.0.1:{tls_server.port}", *ca, "--tls-server-name", "localhost")
+    assert health_probe(*named).returncode == 0
+    assert health_probe("--target", mtls_server.target, *ca).returncode == 2  # no client certificate
+    worker = ("--tls-client-cert", str(pki / "worker.pem"), "--tls-client-key", str(pki / "worker.key"))
+    done = health_probe("--target", mtls_server.target, *ca, *worker)
+    assert (done.returncode, done.stdout) == (0, f"{mtls_server.target}: SERVING\n")
+
+
+def test_the_health_probe_needs_no_token(token_server: ServerProcess) -> None:
+    assert health_probe("--target", token_server.target).returncode == 0

@@ -208,3 +208,16 @@ def test_the_client_streams_when_a_servers_messages_are_too_small_for_unary() ->
 def test_unary_max_bytes_is_checked() -> None:
     with pytest.raises(ValueError, match=r"unary_max_bytes must be in 0\.\.1048576, got 1048577"):
         initserve.Client("127.0.0.1:1", unary_max_bytes=(1 << 20) + 1)
+
+
+def test_the_readme_table_names_every_flag_and_its_environment_twin() -> None:
+    from initserve_server.cli import build_parser
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `--")]
+    for action in build_parser()._actions:
+        flag = next((option for option in action.option_strings if option.startswith("--")), None)
+        if flag in (None, "--help", "--version"):
+            continue
+        env = "INITSERVE_" + flag[2:].upper().replace("-", "_")
+        assert any(f"`{flag}`" in row and f"`{env}`" in row for row in rows), f"README lacks {flag} / {env}"
