@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from initserve.v1 import initserve_pb2 as pb
 from initserve_server.allocator import return_large_blocks_to_the_os
 from initserve_server.config import MAX_REQUEST_BYTES, ServerConfig
+from initserve_server.devices import cpu_qr_probe
 from initserve_server.initializers import configure_torch
 from initserve_server.security import BearerTokenInterceptor, server_credentials
 from initserve_server.servicer import InitServicer, add_to_server
@@ -57,6 +58,7 @@ def _host_for_target(host: str) -> str:
 def serve(config: ServerConfig) -> RunningServer:
     """Start serving per ``config``; ``config.port=0`` binds a free port (see RunningServer.port)."""
     configure_torch()
+    cpu_qr_probe()  # the CPU fingerprint's probe runs now, not in the first request (about 20 ms)
     return_large_blocks_to_the_os()
     options = [
         ("grpc.max_send_message_length", config.max_message_bytes),
