@@ -120,6 +120,7 @@ def test_the_access_log_is_one_json_line_per_call_and_never_data(metered: Server
     assert (served["method"], served["code"], served["scheme"], served["shape"]) == ("Init", "OK", "uniform", [3, 5])
     assert (served["tensors"], served["bytes"], served["cache_hit"]) == (1, 60, False)
     assert served["peer"].startswith("ipv4:127.0.0.1:") and served["ms"] > 0 and served["level"] == "INFO"
+    assert served["message"] == "Init OK" and refused["message"] == "Init INVALID_ARGUMENT"
     assert (refused["method"], refused["code"], refused["tensors"], refused["bytes"]) == (
         "Init",
         "INVALID_ARGUMENT",

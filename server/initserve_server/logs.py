@@ -27,8 +27,8 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            entry["message"] = record.msg if isinstance(record.msg, str) else entry["message"]
+        if isinstance(fields, dict):  # an access line: a short message, its fields as keys
+            entry["message"] = getattr(record, "json_message", entry["message"])
             entry.update(fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -77,7 +77,7 @@ class AccessLog:
         while (call := self._queue.get()) is not None:
             fields = access_fields(call)
             text = " ".join(f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in fields.items())
-            access_log.info("call %s", text, extra={"fields": fields})
+            access_log.info("call %s", text, extra={"fields": fields, "json_message": f"{call.method} {call.code}"})
 
 
 def access_fields(call: CallRecord) -> dict[str, Any]:
