@@ -7,6 +7,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -17,7 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 import initserve
 from initserve.v1 import initserve_pb2 as pb
-from tests.conftest import reference, same_bytes, start_server
+from tests.conftest import ServerProcess, reference, same_bytes, start_server
 
 SERVICE = "initserve.v1.InitService"
 
@@ -221,3 +223,34 @@ def test_the_readme_table_names_every_flag_and_its_environment_twin() -> None:
             continue
         env = "INITSERVE_" + flag[2:].upper().replace("-", "_")
         assert any(f"`{flag}`" in row and f"`{env}`" in row for row in rows), f"README lacks {flag} / {env}"
+
+
+def test_connections_are_closed_at_their_maximum_age_and_their_streams_finish() -> None:
+    """--max-connection-age-seconds: the client's next calls come over a new connection (a new peer port, so a
+    DNS name would be resolved again), while a stream that outlives the age still completes, unresumed."""
+    running = start_server("--max-connection-age-seconds", "0.5")
+    try:
+        with running.client() as client:
+            held = threading.Event()
+
+            def hold_once(received: int, total: int) -> None:
+                if not held.is_set():
+                    held.set()
+                    time.sleep(1.5)  # the stream is open past the connection's age (0.5 s and gRPC's jitter)
+
+            long = client.fetch((512, 256), "normal", seed=3, chunk_bytes=4096, progress=hold_once)
+            assert same_bytes(long.tensor, reference("normal", (512, 256), seed=3))
+            assert long.attempts == 1 and long.transport == "stream"
+            first_peer = peers(running)[-1]
+            deadline = time.monotonic() + 20
+            while peers(running)[-1] == first_peer and time.monotonic() < deadline:
+                client.fetch((2, 2), "ones")
+                time.sleep(0.05)
+            assert peers(running)[-1] != first_peer  # the same client, reconnected
+    finally:
+        running.stop()
+
+
+def peers(server: ServerProcess) -> list[str]:
+    """The peer of every access line the server wrote so far (its access log is written by a thread)."""
+    return [line.rsplit(" peer=", 1)[1].strip().strip('"') for line in list(server.output) if " peer=" in line]

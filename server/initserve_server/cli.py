@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         "bytes of tensors being generated or streamed outside the cache; past it RESOURCE_EXHAUSTED "
         "(default: 1/4 of memory, at least --max-tensor-bytes' default)",
     )
+    option(
+        "--max-connection-age-seconds",
+        "MAX_CONNECTION_AGE_SECONDS",
+        float,
+        defaults.DEFAULT_MAX_CONNECTION_AGE_SECONDS,
+        "close each client connection after this long (its calls finish; the client reconnects), so clients of a "
+        "DNS name reach replicas added since; 0: never",
+    )
     parser.add_argument(
         "--shared-memory",
         type=_bool,
@@ -174,6 +182,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_tensor_bytes=args.max_tensor_bytes,
             max_dims=args.max_dims,
             grace_seconds=args.grace_seconds,
+            max_connection_age_seconds=args.max_connection_age_seconds,
             cache_bytes=args.cache_bytes,
             max_inflight_bytes=args.max_inflight_bytes,
             shared_memory=args.shared_memory,

@@ -21,6 +21,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # gRPC's own default receive limit, so any 
 DEFAULT_MAX_TENSOR_BYTES = 4 << 30
 DEFAULT_MAX_DIMS = 16
 DEFAULT_GRACE_SECONDS = 10.0
+DEFAULT_MAX_CONNECTION_AGE_SECONDS = 0.0  # off; the Kubernetes manifests set 300
 # Sized for the machine: the cache may hold 1/8 of physical memory (at most 16 GiB), tensors being generated
 # or streamed outside it 1/4 (at least one largest tensor). Peak RSS stays under idle + both + gRPC buffers.
 DEFAULT_CACHE_BYTES = min(_physical_memory_bytes() // 8, 16 << 30)
@@ -39,6 +40,7 @@ MAX_UNARY_BYTES = 1 << 20
 UNARY_OVERHEAD_BYTES = 4 << 10
 # Serialized InitUnary answers to repeated cached requests (initserve_server.answers), apart from cache_bytes.
 MAX_ANSWER_MEMO_BYTES = 64 << 20
+MAX_CONNECTION_AGE_SECONDS = 2**31 / 1000  # gRPC takes it in int32 milliseconds
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class ServerConfig:
     tls_client_ca_file: str = ""  # PEM CA bundle: require client certificates it signed (mutual TLS)
     auth_token: str = field(default="", repr=False)  # bearer token every RPC but health must carry; "" for none
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0: a free port); None: off
+    # Close each client connection after this long (GOAWAY: its calls finish, new ones reconnect), so clients
+    # of a DNS name re-resolve it and reach replicas added since; 0: never.
+    max_connection_age_seconds: float = DEFAULT_MAX_CONNECTION_AGE_SECONDS
 
     @property
     def max_chunk_bytes(self) -> int:
@@ -91,3 +96,8 @@ class ServerConfig:
             raise ValueError("max_tensor_bytes and max_dims must be >= 0")
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if not 0 <= self.max_connection_age_seconds <= MAX_CONNECTION_AGE_SECONDS:
+            raise ValueError(
+                f"max_connection_age_seconds must be in 0..{MAX_CONNECTION_AGE_SECONDS:.0f}, "
+                f"got {self.max_connection_age_seconds}"
+            )

@@ -71,6 +71,9 @@ def serve(config: ServerConfig) -> RunningServer:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+    if config.max_connection_age_seconds > 0:
+        # GOAWAY after this age; gRPC's default grace is unlimited, so calls on the connection run to their end.
+        options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)))
     credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
     interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
     server = grpc.server(
