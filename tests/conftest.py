@@ -58,13 +58,12 @@ class ServerProcess:
 def start_server(*flags: str, env: dict[str, str] | None = None) -> ServerProcess:
     """Start a server with ``flags`` on a free loopback port and wait until it says where it listens."""
     command = [sys.executable, "-m", "initserve_server", "--host", "127.0.0.1", "--port", "0", *flags]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
+    return start_command(command, {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def start_command(command: list[str], env: dict[str, str], cwd: str | os.PathLike[str] | None = None) -> ServerProcess:
+    """Run a server command line exactly as given, in exactly ``env``, until it prints its listening line."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     lines: queue.Queue[str | None] = queue.Queue()
     output: list[str] = []
 
