@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-
-def _physical_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: assume a modest machine
-        return 16 << 30
-
+from initserve_server.memory_limit import usable_memory_bytes
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
@@ -22,10 +15,11 @@ DEFAULT_MAX_TENSOR_BYTES = 4 << 30
 DEFAULT_MAX_DIMS = 16
 DEFAULT_GRACE_SECONDS = 10.0
 DEFAULT_MAX_CONNECTION_AGE_SECONDS = 0.0  # off; the Kubernetes manifests set 300
-# Sized for the machine: the cache may hold 1/8 of physical memory (at most 16 GiB), tensors being generated
-# or streamed outside it 1/4 (at least one largest tensor). Peak RSS stays under idle + both + gRPC buffers.
-DEFAULT_CACHE_BYTES = min(_physical_memory_bytes() // 8, 16 << 30)
-DEFAULT_MAX_INFLIGHT_BYTES = max(_physical_memory_bytes() // 4, DEFAULT_MAX_TENSOR_BYTES)
+# Sized for the machine, or the container's memory limit where that is smaller: the cache may hold 1/8 of it
+# (at most 16 GiB), tensors being generated or streamed outside it 1/4 (at least one largest tensor). Peak RSS
+# stays under idle + both + gRPC buffers.
+DEFAULT_CACHE_BYTES = min(usable_memory_bytes() // 8, 16 << 30)
+DEFAULT_MAX_INFLIGHT_BYTES = max(usable_memory_bytes() // 4, DEFAULT_MAX_TENSOR_BYTES)
 # Per-message framing a Chunk adds around its payload (field tags, offset, length prefixes), rounded up.
 CHUNK_OVERHEAD_BYTES = 64
 # A stream never has more chunks than this: a tiny requested chunk size is raised for a large tensor.
