@@ -20,15 +20,15 @@ class JsonFormatter(logging.Formatter):
     """``{"time", "level", "logger", "message", ...}``: an access line's fields are top-level keys."""
 
     def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            # an access line: a short message and its fields as keys (its text form is never built)
+            "message": getattr(record, "json_message", None) or record.getMessage(),
         }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):  # an access line: a short message, its fields as keys
-            entry["message"] = getattr(record, "json_message", entry["message"])
+        if isinstance(fields, dict):
             entry.update(fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -45,11 +45,15 @@ def configure_logging(level: str, log_format: str) -> None:
 
 
 class AccessLog:
-    """One ``initserve.access`` line per finished call, written by a thread of its own.
+    """One ``initserve.access`` line per finished call, written by a thread of its own, in batches.
 
-    Formatting a line costs about 40 µs; a cached small answer takes about 0.6 ms end to end, so the handler only
-    queues the record (0.1 µs) and the line is written after the answer has left. Lines keep the calls' order.
+    A line costs about 25 µs to format and write; a cached small answer takes about 0.6 ms end to end. So the
+    handler only queues the record (0.1 µs), and the writer wakes at most every FLUSH_SECONDS under load rather
+    than once per call (a wake-up per call, competing for the GIL with the next request, measured +0.05x on the
+    small-request p50). Lines keep the calls' order and appear within about FLUSH_SECONDS.
     """
+
+    FLUSH_SECONDS = 0.05
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[CallRecord | None] = queue.SimpleQueue()
@@ -74,10 +78,36 @@ class AccessLog:
             self._writer = None
 
     def _drain(self) -> None:
-        while (call := self._queue.get()) is not None:
-            fields = access_fields(call)
-            text = " ".join(f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in fields.items())
-            access_log.info("call %s", text, extra={"fields": fields, "json_message": f"{call.method} {call.code}"})
+        while True:
+            batch = [self._queue.get()]  # idle until a call ends
+            if batch[0] is not None:
+                time.sleep(self.FLUSH_SECONDS)  # let the calls of the next few ms join this wake-up
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            for call in batch:
+                if call is None:
+                    return
+                fields = access_fields(call)
+                access_log.info(
+                    "call %s",
+                    _TextFields(fields),
+                    extra={"fields": fields, "json_message": f"{call.method} {call.code}"},
+                )
+
+
+class _TextFields:
+    """An access line's ``key=value`` text, built only by a formatter that prints it (not the JSON one)."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return " ".join(f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in self.fields.items())
 
 
 def access_fields(call: CallRecord) -> dict[str, Any]:
