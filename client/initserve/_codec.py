@@ -20,6 +20,7 @@ import torch
 from initserve import _dtypes
 from initserve._checksum import BLOCK_BYTES, CHECKSUM_ALGORITHM, TensorChecksum, crc32, tensor_checksum
 from initserve._errors import IntegrityError
+from initserve._prefault import prefault_async
 from initserve._wire import ChunkView, decode_response, encode_chunk
 from initserve.v1 import initserve_pb2 as pb
 
@@ -294,6 +295,7 @@ class StreamAssembler:
             elif tuple(self.tensor.shape) != shape or self.tensor.dtype != entry.torch_dtype:
                 raise IntegrityError(f"header describes {list(shape)} {entry.name}, not the destination's layout")
             self._destination = writable_bytes(self.tensor)
+            prefault_async(self.tensor)  # its fresh pages, faulted in on another core ahead of the chunks
             self.header = header
         else:
             differs = _same_tensor(self.header, header)
