@@ -18,8 +18,9 @@ DEFAULT_MAX_CONNECTION_AGE_SECONDS = 0.0  # off; the Kubernetes manifests set 30
 # Sized for the machine, or the container's memory limit where that is smaller: the cache may hold 1/8 of it
 # (at most 16 GiB), tensors being generated or streamed outside it 1/4 (at least one largest tensor). Peak RSS
 # stays under idle + both + gRPC buffers.
-DEFAULT_CACHE_BYTES = min(usable_memory_bytes() // 8, 16 << 30)
-DEFAULT_MAX_INFLIGHT_BYTES = max(usable_memory_bytes() // 4, DEFAULT_MAX_TENSOR_BYTES)
+_USABLE_MEMORY_BYTES = usable_memory_bytes()  # read once: /proc and the cgroup files
+DEFAULT_CACHE_BYTES = min(_USABLE_MEMORY_BYTES // 8, 16 << 30)
+DEFAULT_MAX_INFLIGHT_BYTES = max(_USABLE_MEMORY_BYTES // 4, DEFAULT_MAX_TENSOR_BYTES)
 # Per-message framing a Chunk adds around its payload (field tags, offset, length prefixes), rounded up.
 CHUNK_OVERHEAD_BYTES = 64
 # A stream never has more chunks than this: a tiny requested chunk size is raised for a large tensor.

@@ -174,7 +174,6 @@ class _Call:
     what its access-log line and metrics will say."""
 
     ended: threading.Event
-    method: str = ""
     finished: bool = False  # its last tensor was sent whole
     scheme: str = ""
     shape: tuple[int, ...] = ()
@@ -295,9 +294,9 @@ class InitServicer(pb_grpc.InitServiceServicer):
         """The stream's messages in one serialized InitUnaryResponse (see initserve._wire.encode_unary).
 
         ``data`` is the request's bytes: a repeat of a request the cache served is answered from the memo."""
+        started = time.perf_counter()
         kept = self.answers.get(data)
         if kept is not None:
-            started = time.perf_counter()
             answer, (scheme, shape, nbytes) = kept
             self._record(
                 CallRecord("InitUnary", _request_id(context), context.peer(), time.perf_counter() - started, "OK",
@@ -383,7 +382,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
         """One RPC's bookkeeping: its end as an event, the in-flight gauge, the cancelled count, and its
         access-log line and metrics once it ends."""
         started = time.perf_counter()
-        call = _Call(threading.Event(), method)
+        call = _Call(threading.Event())
         context.add_callback(call.ended.set)  # cancelled, expired, disconnected or finished
         self.inflight_requests.add(1)
         try:
