@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import grpc
@@ -10,7 +13,7 @@ import pytest
 import torch
 
 import initserve
-from initserve import _shared
+from initserve import _regions, _shared
 from initserve._codec import StreamAssembler
 from initserve._errors import IntegrityError
 from initserve.v1 import initserve_pb2 as pb
@@ -133,7 +136,8 @@ def test_what_the_server_refuses_to_open(shm_server, server, tmp_path) -> None:
 def test_a_region_that_differs_from_the_trailer_raises(shm_server) -> None:
     """The checksum is computed over the region: a byte changed after the server wrote it is caught."""
     shape = (16, 16)
-    region = _shared.SharedRegion(16 * 16 * 4)
+    pool = _regions.RegionPool(0)
+    region = pool.take(16 * 16 * 4)
     try:
         with initserve.Client(shm_server.target) as client:
             request = pb.InitRequest(scheme="normal", shape=shape, seed=9)
@@ -141,11 +145,105 @@ def test_a_region_that_differs_from_the_trailer_raises(shm_server) -> None:
     finally:
         region.unlink()
     assembler = StreamAssembler(expected_shape=shape, expected_dtype=torch.float32, expected_seed=9)
-    tensor, _ = _shared.receive(region, messages, assembler, shape, torch.float32)
+    tensor, _ = _shared.receive(pool, region, messages, assembler, shape, torch.float32)
     assert same_bytes(tensor, reference("normal", shape, seed=9))
     region.map[100] ^= 0x01
     with pytest.raises(IntegrityError, match="checksum mismatch: the shared-memory region differs") as raised:
-        _shared.receive(region, messages, assembler, shape, torch.float32)
+        _shared.receive(pool, region, messages, assembler, shape, torch.float32)
     assert raised.value.recovery == "restart"
     with pytest.raises(IntegrityError, match="exactly a header and a trailer"):
-        _shared.receive(region, messages[:1], assembler, shape, torch.float32)
+        _shared.receive(pool, region, messages[:1], assembler, shape, torch.float32)
+
+
+def test_freed_regions_are_reused_and_a_failed_attempt_s_region_is_not(shm_server) -> None:
+    before = leftovers()
+    shape = (256, 512)  # 512 KiB
+    with shm_server.client(shared_memory=True, shared_memory_pool_bytes=4 << 20) as client:
+        first = client.fetch(shape, "normal", seed=1).tensor
+        second = client.fetch(shape, "normal", seed=2).tensor  # the first is alive: its region is not reused
+        created = leftovers() - before
+        assert len(created) == 2
+        assert same_bytes(first, reference("normal", shape, seed=1))
+        assert same_bytes(second, reference("normal", shape, seed=2))
+        del first, second
+        assert client._regions is not None and client._regions.free_bytes() == 2 * 512 * 1024
+        for seed in (3, 4, 1):  # each into a region that held other bytes
+            result = client.fetch(shape, "normal", seed=seed)
+            assert result.transport == "shared_memory"
+            assert same_bytes(result.tensor, reference("normal", shape, seed=seed))
+            del result
+        out = torch.empty(shape)
+        assert client.fetch(shape, "normal", seed=5, out=out).tensor is out  # copied out: the region goes back
+        assert same_bytes(out, reference("normal", shape, seed=5))
+        assert leftovers() - before == created  # no region made after the first two
+        with pytest.raises(RuntimeError, match="normal expects std >= 0.0"):
+            client.fetch(shape, "normal", seed=6, std=-1.0)
+        remaining = leftovers() - before
+        assert len(remaining) == 1 and remaining < created
+        assert client._regions.free_bytes() == 512 * 1024  # the failed attempt's region was removed, not pooled
+    assert leftovers() == before
+
+
+NO_SPACE_SCRIPT = """
+import json, os, subprocess, sys
+import grpc
+import initserve
+from initserve.v1 import initserve_pb2 as pb
+from tests.conftest import reference, same_bytes, start_server
+
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", "/dev/shm"], check=True)
+server = start_server("--shared-memory")
+found = {}
+try:
+    with server.client(shared_memory=True) as client:
+        big = client.fetch((1024, 1024), "normal", seed=4)  # 4 MiB: /dev/shm holds 1
+        found["big"] = [big.transport, same_bytes(big.tensor, reference("normal", (1024, 1024), seed=4))]
+        small = client.fetch((64, 64), "normal", seed=4)
+        found["small"] = [small.transport, same_bytes(small.tensor, reference("normal", (64, 64), seed=4))]
+    name = "initserve-" + "ab" * 16
+    with open(os.path.join("/dev/shm", name), "wb") as region:
+        region.truncate(4 << 20)  # sparse: its pages do not fit
+    channel = grpc.insecure_channel(server.target)
+    call = channel.unary_unary(
+        "/initserve.v1.InitService/InitUnary",
+        request_serializer=pb.InitRequest.SerializeToString,
+        response_deserializer=pb.InitUnaryResponse.FromString,
+    )
+    try:
+        call(pb.InitRequest(scheme="normal", shape=[1024, 1024], seed=1, shared_memory=name), timeout=60)
+    except grpc.RpcError as error:
+        found["raw"] = [error.code().name, error.details()]
+    channel.close()
+    os.unlink(os.path.join("/dev/shm", name))
+    found["alive"] = server.alive()
+finally:
+    server.stop()
+print(json.dumps(found))
+"""
+
+
+def test_a_full_dev_shm_is_resource_exhausted_and_that_fetch_uses_grpc(tmp_path) -> None:
+    """/dev/shm of 1 MiB in a private mount namespace (Docker's default is 64 MiB): before the server allocated
+    the pages, its write into a sparse object there died of SIGBUS."""
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a mount namespace here: {probe.stderr.decode().strip()}")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", NO_SPACE_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": repo},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["big"] == ["stream", True]  # this fetch over gRPC...
+    assert found["small"] == ["shared_memory", True]  # ...and shared memory still used where it fits
+    name = "initserve-" + "ab" * 16
+    assert found["raw"] == [
+        "RESOURCE_EXHAUSTED",
+        f"no space in /dev/shm for shared-memory object {name} (4194304 bytes): No space left on device",
+    ]
+    assert found["alive"] is True

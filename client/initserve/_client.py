@@ -13,7 +13,7 @@ import grpc
 import torch
 from torch import nn
 
-from initserve import _dtypes, _modules, _shared
+from initserve import _dtypes, _modules, _regions, _shared
 from initserve._many import TensorSpec, fetch_many_resuming
 from initserve._modules import Rule, Sharding
 from initserve._requests import ShapeLike, prepare
@@ -104,6 +104,11 @@ class Client:
         shared_memory: on the server's host, have the server write each tensor into a /dev/shm object this
             client creates (the server needs --shared-memory; both run as the same user); where it cannot,
             fetches use gRPC (``InitResult.transport`` says which).
+        shared_memory_pool_bytes: with ``shared_memory``, regions whose tensors were freed (and the regions of
+            fetches into ``out=``) are kept for the next fetch of the same byte size, up to this many bytes,
+            least recently used evicted; a reused region has no page faults to pay (see docs/performance.md).
+            Their names stay in /dev/shm until :meth:`close`, garbage collection or exit (or, if the process
+            dies, until multiprocessing's resource tracker removes them). 0 keeps none.
     """
 
     def __init__(
@@ -124,8 +129,12 @@ class Client:
         retry: RetryPolicy | None = None,
         unary_max_bytes: int = UNARY_MAX_BYTES,
         shared_memory: bool = False,
+        shared_memory_pool_bytes: int = _regions.DEFAULT_POOL_BYTES,
     ) -> None:
+        if shared_memory_pool_bytes < 0:
+            raise ValueError(f"shared_memory_pool_bytes must be at least 0, got {shared_memory_pool_bytes}")
         self.shared_memory = shared_memory and _shared.available()
+        self._regions = _regions.RegionPool(shared_memory_pool_bytes) if self.shared_memory else None
         if not 0 <= unary_max_bytes <= UNARY_MAX_BYTES:
             raise ValueError(f"unary_max_bytes must be in 0..{UNARY_MAX_BYTES}, got {unary_max_bytes}")
         self.unary_max_bytes = unary_max_bytes
@@ -162,6 +171,8 @@ class Client:
 
     def close(self) -> None:
         self._transport.close()
+        if self._regions is not None:
+            self._regions.close()
 
     def describe(self, *, timeout: float | None = None) -> pb.ServerInfo:
         """The server's versions, devices, schemes with their parameters and defaults, and limits."""
@@ -216,8 +227,9 @@ class Client:
         )
         assembler = prepared.assembler(out=out, progress=progress)
         deadline = self.timeout if timeout is None else timeout
-        if self.shared_memory and total_bytes > 0:
+        if self.shared_memory and self._regions is not None and total_bytes > 0:
             shared = _shared.fetch_shared(
+                self._regions,
                 lambda name, remaining: self._transport.init_shared(request, name, remaining),
                 assembler,
                 out_shape,
@@ -226,14 +238,15 @@ class Client:
                 self.retry,
                 deadline,
             )
-            if shared is not None:
+            if not isinstance(shared, str):
                 tensor, header, attempts = shared
                 if out is not None:
-                    tensor = out.copy_(tensor)
+                    tensor = out.copy_(tensor)  # the region goes back to the pool
                 if progress is not None:
                     progress(total_bytes, total_bytes)
                 return _result(tensor, header, attempts, (), (header.server_id,), "shared_memory")
-            self.shared_memory = False  # the server cannot reach this client's shared memory: use gRPC
+            if shared == _shared.UNAVAILABLE:
+                self.shared_memory = False  # the server cannot reach this client's shared memory: use gRPC
         transport = "stream"
 
         def open_stream(offset: int, resume_seed: int | None, remaining: float | None) -> Any:

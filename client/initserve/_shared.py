@@ -1,17 +1,15 @@
-"""The same-host transport, client side: a shared-memory object the server fills, verified, returned as a tensor.
+"""The same-host transport, client side: a shared-memory region the server fills, verified, returned as a tensor.
 
-The client creates ``/dev/shm/initserve-<32 hex digits>`` (mode 0600: server and client run as the same user)
-of exactly the tensor's size and asks InitUnary to fill it; the answer carries the header and the trailer. The
-client checks the header against its request and the whole-tensor checksum over the region, as for a stream,
-and returns a tensor over the region's pages: the payload never crosses gRPC and is copied once, by the server.
-The object's name is removed as soon as the call returns; its pages live as long as the tensor.
+The client takes a region of exactly the tensor's size from its pool (``_regions``: a new
+``/dev/shm/initserve-<32 hex digits>`` object, mode 0600, or one whose tensor was freed) and asks InitUnary to
+fill it; the answer carries the header and the trailer. The client checks the header against its request and
+the whole-tensor checksum over the region, as for a stream, and returns a tensor over the region's pages: the
+payload never crosses gRPC and is copied once, by the server. A region of a failed attempt is never used again.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
-import secrets
 import time
 from collections.abc import Callable, Sequence
 
@@ -19,39 +17,18 @@ import torch
 
 from initserve._checksum import tensor_checksum
 from initserve._codec import StreamAssembler
-from initserve._errors import FailedPrecondition, InitServeError, IntegrityError
+from initserve._errors import FailedPrecondition, InitServeError, IntegrityError, ResourceExhausted
+from initserve._regions import SHARED_MEMORY_DIR, RegionPool, SharedRegion
 from initserve._retry import Attempts, RetryPolicy
 from initserve._wire import ChunkView
 from initserve.v1 import initserve_pb2 as pb
 
-SHARED_MEMORY_DIR = "/dev/shm"
 VERIFY_THREADS = 2  # the region's block CRCs are computed in this many threads
 # How a server says it cannot fill this client's shared memory (off, or another host): the client uses gRPC.
 _REFUSALS = ("this server does not write shared memory", "no shared-memory object")
-
-
-class SharedRegion:
-    """A new shared-memory object of ``nbytes`` (> 0), mapped; :meth:`unlink` removes its name."""
-
-    def __init__(self, nbytes: int, directory: str = SHARED_MEMORY_DIR) -> None:
-        self.name = f"initserve-{secrets.token_hex(16)}"
-        self.path = os.path.join(directory, self.name)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, nbytes)
-            self.map = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.unlink(self.path)
-            raise
-        finally:
-            os.close(fd)
-        self.nbytes = nbytes
-
-    def unlink(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+# How it says /dev/shm has no room for this region: this fetch uses gRPC, later ones try shared memory again.
+_NO_SPACE = "no space in "
+UNAVAILABLE, NO_SPACE = "unavailable", "no space"  # why fetch_shared gave up on shared memory
 
 
 def available(directory: str = SHARED_MEMORY_DIR) -> bool:
@@ -60,6 +37,7 @@ def available(directory: str = SHARED_MEMORY_DIR) -> bool:
 
 
 def receive(
+    pool: RegionPool,
     region: SharedRegion,
     messages: Sequence[pb.InitResponse | ChunkView],
     assembler: StreamAssembler,
@@ -87,8 +65,7 @@ def receive(
             "checksum mismatch: the shared-memory region differs from the bytes the server wrote",
             recovery="restart",
         )
-    tensor = torch.frombuffer(region.map, dtype=dtype).view(tuple(shape))  # keeps the mapping alive
-    return tensor, header
+    return pool.lend(region, dtype, shape), header
 
 
 # (region name, remaining seconds) -> the InitUnary answer as messages
@@ -96,6 +73,7 @@ Call = Callable[[str, float | None], Sequence[pb.InitResponse | ChunkView]]
 
 
 def fetch_shared(
+    pool: RegionPool,
     call: Call,
     assembler: StreamAssembler,
     shape: Sequence[int],
@@ -105,23 +83,28 @@ def fetch_shared(
     timeout: float | None,
     *,
     sleep: Callable[[float], None] = time.sleep,
-) -> tuple[torch.Tensor, pb.Header, int] | None:
-    """(tensor, header, attempts) through shared memory, retried as a stream would be; None when the server
-    cannot fill this client's shared memory (the caller uses gRPC)."""
+) -> tuple[torch.Tensor, pb.Header, int] | str:
+    """(tensor, header, attempts) through shared memory, retried as a stream would be; or why the server
+    cannot fill this client's shared memory (:data:`UNAVAILABLE`: at all, :data:`NO_SPACE`: not this tensor):
+    the caller then uses gRPC."""
     attempts = Attempts(policy, timeout, sleep)
     while True:
         remaining = attempts.start(lambda: f"{attempts.count} shared-memory attempt(s)")
-        region = SharedRegion(nbytes)
+        region = pool.take(nbytes)
         try:
             try:
                 messages = call(region.name, remaining)
             finally:
-                region.unlink()  # the server has opened it, or never will
-            tensor, header = receive(region, messages, assembler, shape, dtype)
+                if not pool.keeps_names:
+                    region.unlink()  # the server has opened it, or never will
+            tensor, header = receive(pool, region, messages, assembler, shape, dtype)
             return tensor, header, attempts.count
-        except FailedPrecondition as error:
-            if str(error).startswith(_REFUSALS):
-                return None
-            raise
-        except InitServeError as error:
+        except BaseException as error:
+            pool.discard(region)  # the server may still be writing into it
+            if isinstance(error, FailedPrecondition) and str(error).startswith(_REFUSALS):
+                return UNAVAILABLE
+            if isinstance(error, ResourceExhausted) and str(error).startswith(_NO_SPACE):
+                return NO_SPACE
+            if not isinstance(error, InitServeError):
+                raise
             attempts.failed(error, lambda: f"{attempts.count} shared-memory attempts")

@@ -41,7 +41,13 @@ from initserve_server.initializers import configure_torch, generate
 from initserve_server.logs import AccessLog
 from initserve_server.metrics import CallRecord, Metrics
 from initserve_server.production import Production
-from initserve_server.shared_memory import SHARED_MEMORY_DIR, SharedMemoryInvalid, SharedMemoryUnavailable, SharedRegion
+from initserve_server.shared_memory import (
+    SHARED_MEMORY_DIR,
+    SharedMemoryInvalid,
+    SharedMemoryNoSpace,
+    SharedMemoryUnavailable,
+    SharedRegion,
+)
 from initserve_server.spec import InitSpec
 from initserve_server.validation import InvalidRequest, OffsetOutOfRange, check_finite, validate_request
 
@@ -73,7 +79,7 @@ def _abort(context: grpc.ServicerContext, error: BaseException, label: str = "")
     InitMany call (its message's prefix)."""
     if isinstance(error, Abandoned):
         context.abort(grpc.StatusCode.CANCELLED, f"{label}{error}")
-    if isinstance(error, Overloaded):
+    if isinstance(error, (Overloaded, SharedMemoryNoSpace)):
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{label}{error}")
     if isinstance(error, OffsetOutOfRange):
         context.abort(grpc.StatusCode.OUT_OF_RANGE, f"{label}{error}")

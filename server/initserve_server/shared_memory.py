@@ -10,10 +10,17 @@ What the server trusts: nothing but the name's form. It opens the object without
 regular file of exactly the tensor's size, and only ever writes the contract bytes of the client's own request
 into it. A name it cannot find means the client is on another host (or does not share /dev/shm with this
 container): FAILED_PRECONDITION, and the client falls back to gRPC.
+
+Before writing, the server allocates whatever part of the object has no pages yet (``posix_fallocate``): a
+write into a mapping of a full tmpfs (Docker's /dev/shm is 64 MiB unless told otherwise) would kill the server
+with SIGBUS, where the allocation fails with ENOSPC, answered RESOURCE_EXHAUSTED (the client fetches that
+tensor over gRPC). The allocated object is then mapped with ``MAP_POPULATE``: its pages are entered in one
+pass instead of one fault per 4 KiB page. A client that reuses a region skips the allocation too.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -42,8 +49,32 @@ class SharedMemoryUnavailable(Exception):
     """FAILED_PRECONDITION: this server does not write shared memory, or the object is not on its host."""
 
 
+class SharedMemoryNoSpace(Exception):
+    """RESOURCE_EXHAUSTED: the shared-memory filesystem has no room for the object's pages."""
+
+
 class SharedMemoryInvalid(ValueError):
     """INVALID_ARGUMENT: a malformed name, or an object that is not a regular file of the tensor's size."""
+
+
+def _map_allocated(fd: int, name: str, directory: str, nbytes: int, allocated_bytes: int) -> mmap.mmap:
+    """The object mapped for writing, every page of it allocated (or SharedMemoryNoSpace)."""
+    flags = mmap.MAP_SHARED | mmap.MAP_POPULATE  # allocated pages entered in one pass: 0.06 s per GiB, where
+    # the copy's page faults on them took 0.12 s more (two threads)
+    if allocated_bytes < nbytes:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)  # 0.24 s per GiB here, about what faulting the pages in costs
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+                raise SharedMemoryNoSpace(
+                    f"no space in {directory} for shared-memory object {name} ({nbytes} bytes): {error.strerror}"
+                ) from None
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            flags = mmap.MAP_SHARED  # no fallocate here: the copy's writes allocate, in two threads
+    region = mmap.mmap(fd, nbytes, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+    advise_huge_pages(region)
+    return region
 
 
 class SharedRegion:
@@ -72,9 +103,7 @@ class SharedRegion:
                 raise SharedMemoryInvalid(
                     f"shared-memory object {name} is {info.st_size} bytes; the tensor is {nbytes} bytes"
                 )
-            self._map = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) if nbytes else None
-            if self._map is not None:
-                advise_huge_pages(self._map)
+            self._map = _map_allocated(fd, name, directory, nbytes, info.st_blocks * 512) if nbytes else None
         finally:
             os.close(fd)
         self.name = name
