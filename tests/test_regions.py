@@ -151,9 +151,11 @@ def test_names_of_a_killed_process_are_removed_by_the_resource_tracker() -> None
         from initserve import _regions
 
         pool = _regions.RegionPool(1 << 20)
-        tensor = pool.lend(pool.take(4096), torch.uint8, (4096,))
+        region = pool.take(4096)
+        tensor = pool.lend(region, torch.uint8, (4096,))
         del tensor  # pooled: the name stays
-        print(next(iter(pool._free)).path, flush=True)
+        assert pool.free_bytes() == 4096
+        print(region.path, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
         """
     )

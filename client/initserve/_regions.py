@@ -1,4 +1,4 @@
-"""Shared-memory regions for the same-host transport, and the pool that lets a freed one be used again.
+"""Shared-memory regions for the same-host transport, and the pool (``_reuse``) that lets a freed one be used again.
 
 A region is a ``/dev/shm/initserve-<32 hex digits>`` object (mode 0600) of exactly one tensor's size, mapped by
 this process; the server maps it by name and writes the tensor into it. The first use of a region costs a
@@ -23,15 +23,15 @@ With ``max_bytes`` 0 nothing is pooled and a region's name is removed as soon as
 
 from __future__ import annotations
 
-import collections
 import mmap
 import os
 import secrets
-import threading
 import weakref
 from collections.abc import Sequence
 
 import torch
+
+from initserve._reuse import ReusePool
 
 SHARED_MEMORY_DIR = "/dev/shm"
 DEFAULT_POOL_BYTES = 1 << 30  # free regions a client keeps for reuse; 0 turns the pool off
@@ -109,15 +109,8 @@ class RegionPool:
             raise ValueError(f"shared_memory_pool_bytes must be at least 0, got {max_bytes}")
         self.max_bytes = max_bytes
         self.directory = directory
-        self._free: collections.OrderedDict[SharedRegion, None] = collections.OrderedDict()  # oldest first
-        self._free_bytes = 0
-        self._lent: set[SharedRegion] = set()
-        self._returned: collections.deque[SharedRegion] = collections.deque()  # from finalizers, any thread
-        self._lock = threading.Lock()
-        self._closed = False
-        self._pid = os.getpid()
-        self._finalizer = weakref.finalize(self, _close_regions, self._free, self._lent)  # GC or exit
-        _POOLS.add(self)
+        self._pool: ReusePool[SharedRegion] = ReusePool(lambda: max_bytes)
+        self._finalizer = weakref.finalize(self, _close_regions, self._pool)  # GC or exit
 
     @property
     def keeps_names(self) -> bool:
@@ -126,19 +119,15 @@ class RegionPool:
 
     def free_bytes(self) -> int:
         """Bytes of free regions held for reuse."""
-        with self._locked():
-            return self._free_bytes
+        return self._pool.free_bytes()
 
     def take(self, nbytes: int) -> SharedRegion:
         """A free region of exactly ``nbytes``, or a new one."""
-        with self._locked():
-            for region in self._free:
-                if region.nbytes == nbytes:
-                    del self._free[region]
-                    self._free_bytes -= nbytes
-                    return region
+        region = self._pool.take(nbytes)
+        if region is not None:
+            return region
         region = SharedRegion(nbytes, self.directory)
-        if self.keeps_names and not self._closed:
+        if self.keeps_names and not self._pool.closed:
             region.tracked = _track(region.name)
             region.poolable = region.tracked
         else:
@@ -147,13 +136,7 @@ class RegionPool:
 
     def lend(self, region: SharedRegion, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
         """A tensor over ``region``'s pages; the region comes back to the pool when it and its views are freed."""
-        view = memoryview(region.map)
-        tensor = torch.frombuffer(view, dtype=dtype).view(tuple(shape))  # the storage holds ``view``
-        with self._locked():
-            self._lent.add(region)
-        returned = weakref.finalize(view, _returned, weakref.ref(self), region)
-        returned.atexit = False  # at exit the pool's own finalizer removes the names; the tensor may still live
-        return tensor
+        return self._pool.lend(region, dtype, shape)
 
     def discard(self, region: SharedRegion) -> None:
         """A region that must not be used again (its attempt failed): name removed, unmapped."""
@@ -161,104 +144,11 @@ class RegionPool:
 
     def close(self) -> None:
         """Remove every region's name and unmap the free ones; lent regions stay mapped until their tensors go."""
-        with self._locked():
-            self._closed = True
-            self._free_bytes = 0
-            self._finalizer()
-
-    def _locked(self) -> _Settling:
-        return _Settling(self)
-
-    def _settle(self) -> None:
-        """Pool or close the regions whose tensors were freed (under the lock)."""
-        while self._returned:
-            region = self._returned.popleft()
-            self._lent.discard(region)
-            if self._closed or not region.poolable or os.getpid() != self._pid or region.nbytes > self.max_bytes:
-                region.close()
-                continue
-            while self._free_bytes + region.nbytes > self.max_bytes:
-                oldest, _ = self._free.popitem(last=False)
-                self._free_bytes -= oldest.nbytes
-                oldest.close()
-            self._free[region] = None
-            self._free_bytes += region.nbytes
-
-    def _before_fork(self) -> None:
-        with self._locked():
-            for region in self._lent:
-                region.poolable = False  # the child shares these pages: never written again
-
-    def _after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()  # a lock some other thread held at the fork would never be released
-        self._free.clear()  # the parent's, still named and reused there
-        self._free_bytes = 0
-        self._lent.clear()
-        self._returned.clear()
-        self._pid = os.getpid()
+        self._finalizer()
 
 
-class _Settling:
-    """The pool's lock; on the way out, regions that finalizers queued meanwhile are settled.
-
-    A finalizer runs in whichever thread frees the tensor, possibly one that holds the lock already (a garbage
-    collection inside a locked section): it only queues its region and settles if the lock is free. Whoever
-    holds the lock settles the queue before releasing it, and again after, for anything queued in between.
-    """
-
-    def __init__(self, pool: RegionPool) -> None:
-        self.pool = pool
-
-    def __enter__(self) -> None:
-        self.pool._lock.acquire()
-
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            self.pool._settle()
-        finally:
-            self.pool._lock.release()
-        _settle_if_free(self.pool)
-
-
-def _settle_if_free(pool: RegionPool) -> None:
-    while pool._returned and pool._lock.acquire(blocking=False):
-        try:
-            pool._settle()
-        finally:
-            pool._lock.release()
-
-
-def _returned(pool_ref: weakref.ref[RegionPool], region: SharedRegion) -> None:
-    pool = pool_ref()
-    if pool is None:
-        region.close()
-        return
-    pool._returned.append(region)
-    _settle_if_free(pool)
-
-
-def _close_regions(free: collections.OrderedDict[SharedRegion, None], lent: set[SharedRegion]) -> None:
-    for region in list(free):
-        region.close()
-    free.clear()
-    for region in list(lent):
+def _close_regions(pool: ReusePool[SharedRegion]) -> None:
+    pool.close()
+    for region in pool.lent():
         region.poolable = False
         region.unlink()  # its tensor keeps the pages
-
-
-# Every live pool, for the fork hooks: os.register_at_fork cannot unregister, so the hooks are registered once
-# and find the pools here.
-_POOLS: weakref.WeakSet[RegionPool] = weakref.WeakSet()
-
-
-def _before_fork() -> None:
-    for pool in list(_POOLS):
-        pool._before_fork()
-
-
-def _after_fork_in_child() -> None:
-    for pool in list(_POOLS):
-        pool._after_fork_in_child()
-
-
-os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)

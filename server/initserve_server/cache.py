@@ -220,6 +220,16 @@ class TensorCache:
             if production is not None and not production.done:
                 production.cancel()
 
+    def spare_bytes(self) -> int:
+        """Budget bytes neither cached nor in flight (what a pool of freed tensor memory may hold).
+
+        Read without the lock: a tensor can be freed, and its memory offered to the pool, by a thread that
+        holds it (an eviction). Every count drops before the tensor it counted is dropped, so the figure never
+        includes memory that is still in use.
+        """
+        cache_room = max(0, self.cache_bytes - self._cached_bytes)
+        return cache_room + max(0, self.max_inflight_bytes - self._inflight_bytes)
+
     def gauges(self) -> tuple[int, int, int]:
         """(entries cached, bytes cached, bytes in flight)."""
         with self._lock:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -73,6 +73,7 @@ PIECE_MULTIPLE = 16  # elements
 PIECE_BYTES = 4 << 20  # a piece as long as 4 of the checksum's blocks: long enough that a call's cost vanishes
 
 OnPiece = Callable[[torch.Tensor, int], None]  # (the tensor, how many of its leading bytes are final)
+Allocate = Callable[[Sequence[int], torch.dtype], torch.Tensor]  # a CPU torch.empty(shape, dtype=dtype)
 
 
 def piece_bounds(numel: int, piece_elements: int) -> list[tuple[int, int]]:
@@ -117,15 +118,25 @@ class _FilledInPieces(torch.Tensor):
         return self
 
 
-def generate(spec: InitSpec, on_piece: OnPiece | None = None, *, piece_bytes: int = PIECE_BYTES) -> torch.Tensor:
+def generate(
+    spec: InitSpec,
+    on_piece: OnPiece | None = None,
+    *,
+    piece_bytes: int = PIECE_BYTES,
+    allocate: Allocate | None = None,
+) -> torch.Tensor:
     """The contract tensor for ``spec``, on ``spec.device``; raises whatever torch raises.
 
     ``on_piece(tensor, final_bytes)``, when given, is called as leading bytes of a CPU tensor become final:
     piece by piece for a scheme of :data:`PIECEWISE_SCHEMES`, otherwise never (the caller takes the result).
+    ``allocate`` makes a CPU tensor's memory in place of ``torch.empty`` (whose contents no scheme reads).
     """
     if not getattr(_configured, "done", False):
         configure_torch()
-    tensor = torch.empty(spec.shape, dtype=spec.dtype.torch_dtype, device=spec.device)
+    if allocate is not None and spec.device.type == "cpu":
+        tensor = allocate(spec.shape, spec.dtype.torch_dtype)
+    else:
+        tensor = torch.empty(spec.shape, dtype=spec.dtype.torch_dtype, device=spec.device)
     kwargs = spec.kwargs()
     if spec.scheme.seeded:
         kwargs["generator"] = torch.Generator(spec.device).manual_seed(spec.seed)

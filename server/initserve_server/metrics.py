@@ -64,6 +64,7 @@ class _StatsCollector(Collector):
             "cache_bytes": (stats.cache_bytes_used, "bytes of tensors in the cache"),
             "inflight_requests": (stats.inflight_requests, "calls being served"),
             "inflight_bytes": (stats.inflight_bytes, "bytes of tensors generated or streamed outside the cache"),
+            "buffer_pool_bytes": (stats.buffer_pool_bytes, "memory of freed tensors kept for reuse"),
         }
         for name, (value, help_text) in gauges.items():
             yield GaugeMetricFamily(f"initserve_{name}", help_text, value=value)

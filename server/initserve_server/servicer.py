@@ -29,6 +29,7 @@ from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
 from initserve_server import __version__, devices
 from initserve_server.answers import AnswerMemo
+from initserve_server.buffers import BufferPool
 from initserve_server.cache import Abandoned, Overloaded, TensorCache
 from initserve_server.config import (
     MAX_CHUNKS_PER_STREAM,
@@ -37,7 +38,7 @@ from initserve_server.config import (
     MAX_TENSORS_PER_CALL,
     ServerConfig,
 )
-from initserve_server.initializers import configure_torch, generate
+from initserve_server.initializers import Allocate, configure_torch, generate
 from initserve_server.logs import AccessLog
 from initserve_server.metrics import CallRecord, Metrics
 from initserve_server.production import Production
@@ -127,8 +128,9 @@ def _header(spec: InitSpec, cache_hit: bool) -> pb.Header:
     )
 
 
-def produce(spec: InitSpec, production: Production) -> None:
-    """Generate the contract tensor for ``spec`` into ``production``, piece by piece where the scheme allows."""
+def produce(spec: InitSpec, production: Production, allocate: Allocate | None = None) -> None:
+    """Generate the contract tensor for ``spec`` into ``production``, piece by piece where the scheme allows;
+    ``allocate`` makes a CPU tensor's memory (see ``buffers``)."""
 
     def on_piece(tensor: torch.Tensor, final_bytes: int) -> None:
         if production.tensor is None:
@@ -136,7 +138,7 @@ def produce(spec: InitSpec, production: Production) -> None:
         production.advance(final_bytes)
 
     try:
-        tensor = generate(spec, on_piece)
+        tensor = generate(spec, on_piece, allocate=allocate)
         if production.tensor is None:
             production.attach(tensor.contiguous().cpu())
         del tensor
@@ -250,6 +252,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
     def __init__(self, config: ServerConfig) -> None:
         self._config = config
         self.cache = TensorCache(config.cache_bytes, config.max_inflight_bytes)
+        self.buffers = BufferPool(self.cache.spare_bytes)
         self.answers = AnswerMemo(config.answer_memo_bytes)
         self.inflight_requests = _Gauge()
         self.cancelled = _Gauge()
@@ -273,7 +276,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
 
     def _produce(self, spec: InitSpec, production: Production) -> None:
         started = time.perf_counter()
-        produce(spec, production)
+        produce(spec, production, self.buffers.empty)
         if production.error is None:
             self.metrics.generated(spec.scheme.name, str(spec.device), time.perf_counter() - started)
 
@@ -290,7 +293,8 @@ class InitServicer(pb_grpc.InitServiceServicer):
         ) as lease:
             lease.production.wait_for(whole.total_bytes, is_active)
             assert lease.production.tensor is not None
-            piece = lease.production.tensor[index(spec.slices)].clone(memory_format=torch.contiguous_format)
+            piece = self.buffers.empty(spec.out_shape, spec.dtype.torch_dtype)
+            piece.copy_(lease.production.tensor[index(spec.slices)])
         return Production.finished(piece)
 
     def Init(self, request: pb.InitRequest, context: grpc.ServicerContext) -> Iterator[pb.InitResponse | bytes]:
@@ -504,6 +508,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
             abandoned_generations=counters.abandoned,
             unary_answers_reused=reused,
             slices_cut=counters.slices_cut,
+            buffer_pool_bytes=self.buffers.free_bytes(),
         )
 
 

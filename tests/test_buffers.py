@@ -1,0 +1,74 @@
+"""The server's pool of freed tensor memory: reused for the next tensor of a size, within the budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import initserve
+from initserve_server.buffers import MIN_POOLED_BYTES, BufferPool
+from tests.conftest import reference, same_bytes, start_server
+
+MIB = 1 << 20
+LARGE = (MIN_POOLED_BYTES // 4 // 1024, 1024)  # float32: exactly MIN_POOLED_BYTES
+
+
+def test_a_freed_tensor_s_memory_is_reused_for_its_size_only() -> None:
+    spare = [4 * MIN_POOLED_BYTES]
+    pool = BufferPool(lambda: spare[0])
+    small = pool.empty((16, 16), torch.float32)
+    del small
+    assert pool.free_bytes() == 0  # under MIN_POOLED_BYTES: plain torch.empty, nothing kept
+    first = pool.empty(LARGE, torch.float32)
+    address = first.data_ptr()
+    first.fill_(1.5)
+    row = first[3]
+    del first
+    assert pool.free_bytes() == 0  # a view still holds it
+    del row
+    assert pool.free_bytes() == MIN_POOLED_BYTES
+    again = pool.empty((MIN_POOLED_BYTES // 2,), torch.int16)  # same byte size, another dtype and shape
+    assert again.data_ptr() == address and pool.free_bytes() == 0
+    assert again.shape == (MIN_POOLED_BYTES // 2,) and again.dtype == torch.int16 and again.is_contiguous()
+    other = pool.empty((MIN_POOLED_BYTES // 4 + 1024,), torch.float32)  # another size: new memory
+    assert other.data_ptr() != address
+    del again, other
+    assert pool.free_bytes() == 2 * MIN_POOLED_BYTES + 4096
+
+
+def test_free_buffers_stay_within_the_spare_budget() -> None:
+    spare = [MIN_POOLED_BYTES]
+    pool = BufferPool(lambda: spare[0])
+    tensors = [pool.empty(LARGE, torch.float32) for _ in range(3)]
+    del tensors
+    assert pool.free_bytes() == MIN_POOLED_BYTES  # one fits the room the budgets leave
+    spare[0] = 0
+    bigger = pool.empty((2 * LARGE[0], 1024), torch.float32)  # no buffer of its size: the pool gives way first
+    assert pool.free_bytes() == 0
+    del bigger  # comes back with no room: unmapped
+    assert pool.free_bytes() == 0
+    pool.close()
+    spare[0] = 1 << 40
+    freed = pool.empty(LARGE, torch.float32)
+    del freed  # a closed pool keeps nothing
+    assert pool.free_bytes() == 0
+
+
+@pytest.mark.parametrize("scheme", ["normal", "orthogonal"])  # filled in pieces; generated in one call
+def test_tensors_generated_into_reused_memory_are_the_contract_bytes(scheme) -> None:
+    """A cache of 2 tensors, 4 generations: the last two are written over evicted tensors' pages."""
+    shape = (2048, 1024) if scheme == "normal" else (1024, 2048)  # 8 MiB
+    running = start_server("--cache-bytes", "16M", "--max-inflight-bytes", "64M")
+    try:
+        with running.client() as client:
+            for seed in range(4):
+                result = client.fetch(shape, scheme, seed=seed)
+                assert not result.header.cache_hit
+                assert same_bytes(result.tensor, reference(scheme, shape, seed=seed))
+                del result
+            stats = client.describe().stats
+            assert stats.cache_evictions == 2 and stats.buffer_pool_bytes == 8 * MIB
+            sliced = client.fetch(shape, scheme, seed=3, slices=[initserve.Range(0, 0, 1024)])
+            assert same_bytes(sliced.tensor, reference(scheme, shape, seed=3)[:1024])
+    finally:
+        running.stop()
