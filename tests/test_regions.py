@@ -82,7 +82,10 @@ def test_closing_removes_every_name_and_lent_tensors_stay_readable() -> None:
     assert torch.equal(kept, torch.full((PAGE,), 7, dtype=torch.uint8))
     del kept  # back to a closed pool: unmapped, nothing pooled
     assert pool.free_bytes() == 0
-    assert pool.take(PAGE).poolable is False  # after close, regions are not kept either
+    late = pool.take(PAGE)
+    assert late.poolable is False  # after close, regions are not kept either
+    late.close()
+    assert names() == before
 
 
 def test_without_a_pool_nothing_is_kept_or_tracked() -> None:

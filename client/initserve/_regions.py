@@ -114,7 +114,7 @@ class RegionPool:
 
     @property
     def keeps_names(self) -> bool:
-        """Whether regions keep their names after a call (to be reused); otherwise the caller unlinks them."""
+        """Whether new regions may be pooled (and so keep their names after their call)."""
         return self.max_bytes > 0
 
     def free_bytes(self) -> int:

@@ -95,8 +95,8 @@ def fetch_shared(
             try:
                 messages = call(region.name, remaining)
             finally:
-                if not pool.keeps_names:
-                    region.unlink()  # the server has opened it, or never will
+                if not region.poolable:
+                    region.unlink()  # the server has opened it, or never will; nobody opens it again
             tensor, header = receive(pool, region, messages, assembler, shape, dtype)
             return tensor, header, attempts.count
         except BaseException as error:
