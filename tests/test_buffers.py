@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 import initserve
+from initserve.v1 import initserve_pb2 as pb
 from initserve_server.buffers import MIN_POOLED_BYTES, BufferPool
 from tests.conftest import reference, same_bytes, start_server
 
 MIB = 1 << 20
+CACHED_WITHIN_SECONDS = 10.0
 LARGE = (MIN_POOLED_BYTES // 4 // 1024, 1024)  # float32: exactly MIN_POOLED_BYTES
 
 
@@ -66,9 +70,20 @@ def test_tensors_generated_into_reused_memory_are_the_contract_bytes(scheme) -> 
                 assert not result.header.cache_hit
                 assert same_bytes(result.tensor, reference(scheme, shape, seed=seed))
                 del result
-            stats = client.describe().stats
+                stats = cached_after(client, seed + 1)  # the next generation starts after this one's eviction
             assert stats.cache_evictions == 2 and stats.buffer_pool_bytes == 8 * MIB
             sliced = client.fetch(shape, scheme, seed=3, slices=[initserve.Range(0, 0, 1024)])
             assert same_bytes(sliced.tensor, reference(scheme, shape, seed=3)[:1024])
     finally:
         running.stop()
+
+
+def cached_after(client: initserve.Client, generations: int) -> pb.ServerStats:
+    """The server's stats once its producer has filed generation number ``generations`` in the cache (which
+    evicts); the client can have its last byte a moment before that."""
+    deadline = time.monotonic() + CACHED_WITHIN_SECONDS
+    while True:
+        stats = client.describe().stats
+        if stats.generations >= generations or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.01)

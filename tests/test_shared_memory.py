@@ -222,7 +222,7 @@ print(json.dumps(found))
 """
 
 
-def test_a_full_dev_shm_is_resource_exhausted_and_that_fetch_uses_grpc(tmp_path) -> None:
+def test_a_full_dev_shm_is_resource_exhausted_and_that_fetch_uses_grpc() -> None:
     """/dev/shm of 1 MiB in a private mount namespace (Docker's default is 64 MiB): before the server allocated
     the pages, its write into a sparse object there died of SIGBUS."""
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)

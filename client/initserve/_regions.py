@@ -59,9 +59,10 @@ def _untrack(name: str) -> None:
 
 
 class SharedRegion:
-    """A new shared-memory object of ``nbytes`` (> 0), mapped; :meth:`unlink` removes its name."""
+    """A new shared-memory object of ``nbytes`` (> 0), mapped; :meth:`unlink` removes its name. ``pooled``: it
+    may be reused, so its name is registered with the resource tracker (not pooled where that fails)."""
 
-    def __init__(self, nbytes: int, directory: str = SHARED_MEMORY_DIR) -> None:
+    def __init__(self, nbytes: int, directory: str = SHARED_MEMORY_DIR, *, pooled: bool = False) -> None:
         self.name = f"initserve-{secrets.token_hex(16)}"
         self.path = os.path.join(directory, self.name)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -76,8 +77,8 @@ class SharedRegion:
         self.nbytes = nbytes
         self.owner_pid = os.getpid()  # only this process removes the name
         self.linked = True
-        self.tracked = False
-        self.poolable = True  # False once it may be shared with a forked child, or its pool has closed
+        self.tracked = pooled and _track(self.name)
+        self.poolable = self.tracked  # False too once it may be shared with a forked child, or its pool closed
 
     def unlink(self) -> None:
         """Remove the name (once, and only in the process that created it); the pages live while mapped."""
@@ -126,13 +127,7 @@ class RegionPool:
         region = self._pool.take(nbytes)
         if region is not None:
             return region
-        region = SharedRegion(nbytes, self.directory)
-        if self.keeps_names and not self._pool.closed:
-            region.tracked = _track(region.name)
-            region.poolable = region.tracked
-        else:
-            region.poolable = False
-        return region
+        return SharedRegion(nbytes, self.directory, pooled=self.keeps_names and not self._pool.closed)
 
     def lend(self, region: SharedRegion, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
         """A tensor over ``region``'s pages; the region comes back to the pool when it and its views are freed."""
