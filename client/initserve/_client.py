@@ -13,7 +13,8 @@ import grpc
 import torch
 from torch import nn
 
-from initserve import _dtypes, _modules, _regions, _shared
+from initserve import _buffers, _dtypes, _modules, _regions, _shared
+from initserve._codec import Allocate
 from initserve._many import TensorSpec, fetch_many_resuming
 from initserve._modules import Rule, Sharding
 from initserve._requests import ShapeLike, prepare
@@ -109,6 +110,11 @@ class Client:
             least recently used evicted; a reused region has no page faults to pay (see docs/performance.md).
             Their names stay in /dev/shm until :meth:`close`, garbage collection or exit (or, if the process
             dies, until multiprocessing's resource tracker removes them). 0 keeps none.
+        buffer_pool_bytes: new tensors of 8 MiB or more that gRPC fetches return are made over memory that a
+            freed one of the same byte size left (the tensor and every view of it freed, e.g. after
+            ``.to("cuda")``), up to this many bytes of it kept, least recently used evicted; reused pages have no
+            page faults to pay (see docs/performance.md). Such a tensor's storage cannot be resized. 0 keeps none
+            (plain ``torch.empty``). :meth:`release_memory` gives the kept memory back.
     """
 
     def __init__(
@@ -130,9 +136,17 @@ class Client:
         unary_max_bytes: int = UNARY_MAX_BYTES,
         shared_memory: bool = False,
         shared_memory_pool_bytes: int = _regions.DEFAULT_POOL_BYTES,
+        buffer_pool_bytes: int = _buffers.DEFAULT_POOL_BYTES,
     ) -> None:
         if shared_memory_pool_bytes < 0:
             raise ValueError(f"shared_memory_pool_bytes must be at least 0, got {shared_memory_pool_bytes}")
+        if buffer_pool_bytes < 0:
+            raise ValueError(f"buffer_pool_bytes must be at least 0, got {buffer_pool_bytes}")
+        self._buffers = (
+            _buffers.BufferPool(lambda: buffer_pool_bytes, min_bytes=_buffers.MIN_POOLED_BYTES, make_room_on_miss=True)
+            if buffer_pool_bytes
+            else None
+        )
         self.shared_memory = shared_memory and _shared.available()
         self._regions = _regions.RegionPool(shared_memory_pool_bytes) if self.shared_memory else None
         if not 0 <= unary_max_bytes <= UNARY_MAX_BYTES:
@@ -173,6 +187,22 @@ class Client:
         self._transport.close()
         if self._regions is not None:
             self._regions.close()
+        if self._buffers is not None:
+            self._buffers.close()
+
+    def release_memory(self) -> int:
+        """Give back the memory kept for reuse (``buffer_pool_bytes``, ``shared_memory_pool_bytes``) now, as
+        ``torch.cuda.empty_cache()`` does for CUDA's; the pools stay on. Returns the bytes released."""
+        released = 0
+        if self._buffers is not None:
+            released += self._buffers.release()
+        if self._regions is not None:
+            released += self._regions.release()
+        return released
+
+    @property
+    def _allocate(self) -> Allocate | None:
+        return self._buffers.allocate if self._buffers is not None else None
 
     def describe(self, *, timeout: float | None = None) -> pb.ServerInfo:
         """The server's versions, devices, schemes with their parameters and defaults, and limits."""
@@ -225,7 +255,7 @@ class Client:
             prepared.total_bytes,
             prepared.seed_given,
         )
-        assembler = prepared.assembler(out=out, progress=progress)
+        assembler = prepared.assembler(out=out, allocate=self._allocate, progress=progress)
         deadline = self.timeout if timeout is None else timeout
         if self.shared_memory and self._regions is not None and total_bytes > 0:
             shared = _shared.fetch_shared(
@@ -315,7 +345,7 @@ class Client:
             return lambda received, _: progress(before[position] + received, total)
 
         assemblers = [
-            item.assembler(out=spec.out, progress=tensor_progress(position))
+            item.assembler(out=spec.out, allocate=self._allocate, progress=tensor_progress(position))
             for position, (item, spec) in enumerate(zip(prepared, specs, strict=True))
         ]
 

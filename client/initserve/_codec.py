@@ -29,6 +29,7 @@ if sys.byteorder != "little":  # the wire carries little-endian storage; a big-e
 
 
 Response = pb.InitResponse | ChunkView | bytes  # what a stream may carry; see StreamAssembler.consume
+Allocate = Callable[[tuple[int, ...], torch.dtype], tuple[torch.Tensor, bool]]  # see StreamAssembler
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:
@@ -184,7 +185,8 @@ class StreamAssembler:
     Every header must carry its own CRC-32 and answer the request: the expected shape, dtype, scheme and,
     when the request gave one, seed (``expected_seed``, as sent: 0 <= seed < 2**64).
     ``out``, when given, must be a contiguous CPU tensor of the header's shape and dtype; the bytes are
-    written straight into it. Otherwise one tensor is allocated when the first header arrives.
+    written straight into it. Otherwise one tensor is allocated when the first header arrives, by
+    ``allocate(shape, dtype) -> (tensor, reused)`` when given (reused: its pages are resident already).
     ``progress(received, total)`` is called after every chunk.
     """
 
@@ -196,8 +198,10 @@ class StreamAssembler:
         expected_scheme: str | None = None,
         expected_seed: int | None = None,
         out: torch.Tensor | None = None,
+        allocate: Allocate | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
+        self._allocate = allocate
         self._expected_shape = expected_shape
         self._expected_dtype = expected_dtype
         self._expected_scheme = expected_scheme
@@ -290,12 +294,16 @@ class StreamAssembler:
         entry = self.check_header(header)
         if self.header is None:
             shape = tuple(header.shape)
-            if self.tensor is None:
+            resident = False
+            if self.tensor is None and self._allocate is not None:
+                self.tensor, resident = self._allocate(shape, entry.torch_dtype)
+            elif self.tensor is None:
                 self.tensor = torch.empty(shape, dtype=entry.torch_dtype)
             elif tuple(self.tensor.shape) != shape or self.tensor.dtype != entry.torch_dtype:
                 raise IntegrityError(f"header describes {list(shape)} {entry.name}, not the destination's layout")
             self._destination = writable_bytes(self.tensor)
-            prefault_async(self.tensor)  # its fresh pages, faulted in on another core ahead of the chunks
+            if not resident:
+                prefault_async(self.tensor)  # its fresh pages, faulted in on another core ahead of the chunks
             self.header = header
         else:
             differs = _same_tensor(self.header, header)

@@ -122,6 +122,10 @@ class RegionPool:
         """Bytes of free regions held for reuse."""
         return self._pool.free_bytes()
 
+    def release(self) -> int:
+        """Remove and unmap every free region now (the pool stays usable); returns their bytes."""
+        return self._pool.release()
+
     def take(self, nbytes: int) -> SharedRegion:
         """A free region of exactly ``nbytes``, or a new one."""
         region = self._pool.take(nbytes)

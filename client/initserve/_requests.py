@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from initserve import _dtypes
-from initserve._codec import StreamAssembler
+from initserve._codec import Allocate, StreamAssembler
 from initserve._schemes import SCHEMES, Scheme
 from initserve._seeds import check_name, check_seed, derive_seed
 from initserve._slices import Slice, resolve, sliced_shape
@@ -32,7 +32,11 @@ class Prepared:
     seed_given: bool  # the request names its seed: a resumed stream never replaces it
 
     def assembler(
-        self, *, out: torch.Tensor | None = None, progress: Callable[[int, int], None] | None = None
+        self,
+        *,
+        out: torch.Tensor | None = None,
+        allocate: Allocate | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> StreamAssembler:
         return StreamAssembler(
             expected_shape=self.out_shape,
@@ -40,6 +44,7 @@ class Prepared:
             expected_scheme=self.request.scheme,
             expected_seed=self.expected_seed,
             out=out,
+            allocate=allocate,
             progress=progress,
         )
 

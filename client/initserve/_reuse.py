@@ -3,7 +3,8 @@
 Writing into memory a process has just mapped costs a page fault per 4 KiB page (on the benchmark machine,
 0.2-0.4 s per GiB, and far more when the host has reclaimed the pages); writing into pages written before
 costs none. A :class:`ReusePool` keeps buffers whose tensors are gone and hands them out again for the same
-byte size. It serves the client's shared-memory regions (``_regions``) and the server's tensor memory.
+byte size. It serves the client's shared-memory regions (``_regions``) and the tensor memory of ``_buffers`` (the
+client's gRPC destinations, the server's generated tensors).
 
 A buffer is anything with ``map`` (an ``mmap``), ``nbytes``, a ``poolable`` flag and ``close()``. :meth:`lend`
 returns a tensor over ``map`` whose storage holds a ``memoryview``; a finalizer on that ``memoryview`` runs
@@ -78,10 +79,17 @@ class ReusePool(Generic[B]):
         returned.atexit = False  # at exit the owner closes what it must; the tensor may still be alive
         return tensor
 
-    def trim(self) -> None:
-        """Close free buffers, oldest first, until they fit ``limit()``."""
+    def trim(self, reserve: int = 0) -> None:
+        """Close free buffers, oldest first, until they fit ``limit()`` less ``reserve`` bytes."""
         with self._locked():
-            self._trim_locked(self._limit())
+            self._trim_locked(self._limit() - reserve)
+
+    def release(self) -> int:
+        """Close every free buffer (the pool stays open); returns their bytes."""
+        with self._locked():
+            released = self._free_bytes
+            self._trim_locked(0)
+        return released
 
     def close(self) -> None:
         """Close every free buffer; buffers lent out are closed, not pooled, when they come back."""
