@@ -121,7 +121,8 @@ def peak_rss_client(target: str, shape: Sequence[int], seed: int, connection: Co
 
     Answers ``("ready", rss)`` after imports and a warm-up of small fetches; then for each ``"fetch"``:
     ``{"baseline": RSS before, "peak": VmHWM after, "cache_hit": ..., "verified": ...}``. The reference is
-    computed after the peak is read, so it never counts toward it.
+    computed after the peak is read, so it never counts toward it. Memory the client keeps for reuse is given
+    back before each baseline, so every fetch counts a destination of its own.
     """
     request = Request("normal", tuple(shape))
     with initserve.Client(target, timeout=CLIENT_TIMEOUT_SECONDS) as client:
@@ -130,6 +131,7 @@ def peak_rss_client(target: str, shape: Sequence[int], seed: int, connection: Co
         connection.send(("ready", rss_bytes()))
         while connection.recv() == "fetch":
             gc.collect()
+            client.release_memory()  # the last fetch's freed tensor: this one must make (and count) its own
             baseline = rss_bytes()
             reset_peak_rss()
             result = request.fetch(client, seed)

@@ -57,6 +57,7 @@ KAIMING_PARAMS = {"mode": "fan_in", "nonlinearity": "relu"}
 DEFAULT = "default"  # the client variant with no options
 SHARED = "shared_memory"  # Client(shared_memory=True): regions reused through the client's pool
 SHARED_FRESH = "shared_memory_fresh"  # shared_memory_pool_bytes=0: a fresh /dev/shm object for every fetch
+NO_BUFFER_POOL = "buffer_pool_bytes=0"  # every fetch writes a new destination tensor's fresh pages
 REUSED = "server_memory_reused"  # uncached fetches from a server whose cache evicts one tensor per generation
 THROUGHPUT_KINDS = ("ceiling-grpc", "ceiling-grpc-raw", "ceiling-tcp", "cached", "uncached", "local-1", "local-all")
 
@@ -625,7 +626,7 @@ def run_main_server(report: Report, plan: Plan, seeds: SeedSource, env: dict[str
             )
             tcp_ceiling = ceilings.TcpCeilingClient(tcp_server.port)
             stack.callback(tcp_ceiling.close)
-        client = probe = parallel = None
+        client = probe = parallel = unpooled = None
         if needs_service:
             flags = ("--cache-bytes", plan.cache_bytes, "--max-tensor-bytes", "4G")
             server = stack.enter_context(initserve_server(*flags))
@@ -638,6 +639,10 @@ def run_main_server(report: Report, plan: Plan, seeds: SeedSource, env: dict[str
                 )  # fmt: skip
                 if parallel is not None:
                     stack.callback(parallel.close)
+            if "fetch" in sections:
+                unpooled = optional_client(report, NO_BUFFER_POOL, server.target, buffer_pool_bytes=0)
+                if unpooled is not None:
+                    stack.callback(unpooled.close)
         for size_mib in plan.all_sizes_mib:
             if "ceilings" in sections:
                 measure_ceilings(report, plan, grpc_ceiling, tcp_ceiling, size_mib)
@@ -645,6 +650,8 @@ def run_main_server(report: Report, plan: Plan, seeds: SeedSource, env: dict[str
                 for request in requests_for(size_mib, plan):
                     last = measure_uncached(report, plan, client, probe, request, size_mib, seeds, DEFAULT, True)
                     measure_cached(report, plan, client, probe, request, size_mib, *last, DEFAULT)
+                    if unpooled is not None and size_mib >= LARGE_MIB and request.scheme == "normal":
+                        measure_cached(report, plan, unpooled, probe, request, size_mib, *last, NO_BUFFER_POOL)
                     del last
             if parallel is not None and size_mib in plan.sizes_mib:
                 variant = f"parallel_streams={plan.parallel_streams}"
@@ -728,10 +735,13 @@ def targets(report: Report, plan: Plan) -> list[Target]:
     for row in report.rows:
         if row.kind == "cached" and row.variant in fetch_variants and row.size_mib in large:
             ratio = report.ratio(row, "ceiling-grpc")
+            # A new destination's fresh pages (the client's buffer pool off) are printed beside, not judged.
+            fresh = report.find("cached", row.size_mib, row.scheme, NO_BUFFER_POOL) if row.variant == DEFAULT else None
+            fresh_text = f" (fresh destination: {fresh.gb_per_s:.3f} GB/s)" if fresh else ""
             found.append(
                 Target(
                     f"cached fetch {row.scheme} {row.size_mib:g} MiB [{row.variant}]",
-                    _ratio_text(report, row),
+                    _ratio_text(report, row) + fresh_text,
                     f">= {CACHED_VS_GRPC}x grpc stream",
                     None if ratio is None else ratio >= CACHED_VS_GRPC,
                 )
@@ -885,6 +895,7 @@ def plot(report: Report, plan: Plan, path: Path) -> None:
             [
                 *ceilings_series,
                 ("cached", "normal", DEFAULT, "initserve cached"),
+                ("cached", "normal", NO_BUFFER_POOL, "initserve cached, fresh destination (buffer_pool_bytes=0)"),
                 ("cached", "normal", parallel, f"initserve cached, {parallel}"),
                 ("cached", "normal", SHARED, "initserve cached, shared memory (pooled region)"),
                 ("cached", "normal", SHARED_FRESH, "initserve cached, shared memory (fresh region)"),
