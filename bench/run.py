@@ -933,10 +933,15 @@ def plot(report: Report, plan: Plan, path: Path) -> None:
             axis.set_axis_off()
             continue
         width = 0.84 / len(present)
+        colors = plt.get_cmap("tab20").colors  # the default cycle has 10 colors; a panel can show 11 series
         for index, (label, rows) in enumerate(present):
             offset = (index - (len(present) - 1) / 2) * width
             axis.bar(
-                [sizes.index(size) + offset for size in rows], [r.gb_per_s for r in rows.values()], width, label=label
+                [sizes.index(size) + offset for size in rows],
+                [r.gb_per_s for r in rows.values()],
+                width,
+                label=label,
+                color=colors[(2 * index) % 20 + (2 * index) // 20],  # the dark shades first, then the light ones
             )
         axis.set_xticks(range(len(sizes)), [f"{size:g} MiB" for size in sizes])
         axis.set_yscale("log")
