@@ -13,7 +13,7 @@ import grpc
 import torch
 from torch import nn
 
-from initserve import _buffers, _dtypes, _modules, _regions, _shared
+from initserve import _buffers, _dtypes, _malloc, _modules, _regions, _shared
 from initserve._codec import Allocate
 from initserve._many import TensorSpec, fetch_many_resuming
 from initserve._modules import Rule, Sharding
@@ -169,6 +169,7 @@ class Client:
             )
         if tls_server_name is not None:
             options = [*options, ("grpc.ssl_target_name_override", tls_server_name)]
+        _malloc.raise_thresholds()  # once per process: gRPC's receive memory reused, not faulted in again
         self._transport = Transport(
             target,
             credentials=credentials,
