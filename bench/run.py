@@ -841,9 +841,8 @@ def targets(report: Report, plan: Plan) -> list[Target]:
     # Same-host shared-memory transport: >= 3 GB/s for large fetches.
     # The target is on the default client (pooled regions); the fresh-region figure is printed beside it.
     shared = [r for r in report.rows if r.kind == "cached" and r.variant == SHARED and r.size_mib in large]
-    fresh = {r.size_mib: r for r in report.rows if r.kind == "cached" and r.variant == SHARED_FRESH}
     for row in shared:
-        first = fresh.get(row.size_mib)
+        first = report.find("cached", row.size_mib, row.scheme, SHARED_FRESH)
         found.append(
             Target(
                 f"shared-memory cached fetch {row.size_mib:g} MiB",

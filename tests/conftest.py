@@ -7,6 +7,7 @@ import queue
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ torch.set_num_threads(1)
 
 SERVER_START_SECONDS = 60.0
 SERVER_STOP_SECONDS = 15.0
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -53,6 +55,21 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait(SERVER_STOP_SECONDS)
         return self.process.returncode
+
+
+def run_python(
+    source: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """``source`` (dedented) in a fresh interpreter with the repository importable, this environment plus ``env``."""
+    path = os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(source), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": path, **(env or {})},
+        check=False,
+    )
 
 
 def start_server(*flags: str, env: dict[str, str] | None = None) -> ServerProcess:

@@ -6,16 +6,13 @@ Each check runs in a fresh interpreter, so that nothing this test process did to
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from initserve import _malloc
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, run_python
 
-SUBPROCESS_SECONDS = 120.0
 glibc_only = pytest.mark.skipif(not _malloc._is_glibc(), reason="glibc's malloc only")
 
 # In a thread of its own (an arena of its own, as gRPC's channel thread has), 8 blocks of 1 MiB are written and
@@ -54,23 +51,16 @@ ARENA_CHURN = textwrap.dedent(
 )
 
 
-def run_python(code: str, *args: str, env: dict[str, str] | None = None) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_SECONDS,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
+def output_of(source: str, *args: str, env: dict[str, str] | None = None) -> str:
+    done = run_python(source, *args, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
 
 @glibc_only
 def test_raised_thresholds_keep_a_thread_s_freed_memory_for_its_next_allocations() -> None:
-    raised = int(run_python(ARENA_CHURN, "raise"))
-    dynamic = int(run_python(ARENA_CHURN, "leave"))
+    raised = int(output_of(ARENA_CHURN, "raise"))
+    dynamic = int(output_of(ARENA_CHURN, "leave"))
     pages_per_round = 8 * (1 << 20) // os.sysconf("SC_PAGE_SIZE")
     assert raised < pages_per_round // 8  # 4 later rounds: almost nothing faulted again
     assert dynamic >= 4 * pages_per_round // 2  # given back every round: most pages faulted in each time
@@ -105,7 +95,7 @@ def test_a_cached_fetch_into_resident_memory_takes_almost_no_page_faults(server:
     """Measured per 64 MiB fetch: 2 (an occasional few thousand while gRPC's window grows) with the thresholds
     raised; 2,400-17,000 with them left where glibc put them."""
     pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
-    raised = float(run_python(FETCH_FAULTS, server.target))
-    dynamic = float(run_python(FETCH_FAULTS, server.target, env={_malloc.ENV_SWITCH: "0"}))
+    raised = float(output_of(FETCH_FAULTS, server.target))
+    dynamic = float(output_of(FETCH_FAULTS, server.target, env={_malloc.ENV_SWITCH: "0"}))
     assert raised < pages // 100
     assert dynamic > pages // 16

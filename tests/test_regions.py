@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import gc
 import os
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
 import torch
 
 from initserve import _regions, _shared
+from tests.conftest import run_python
 
 pytestmark = pytest.mark.skipif(not _shared.available(), reason="needs a writable /dev/shm")
 PAGE = 4096
-SUBPROCESS_SECONDS = 60.0
 TRACKER_CLEANUP_SECONDS = 30.0
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def names() -> set[str]:
@@ -96,16 +92,6 @@ def test_without_a_pool_nothing_is_kept_or_tracked() -> None:
     region.unlink()  # what fetch_shared does once the call returns
     del tensor
     assert pool.free_bytes() == 0 and region.name not in names()
-
-
-def run_python(source: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(source)],
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_SECONDS,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])},
-    )
 
 
 def test_across_fork_shared_pages_are_never_reused_and_only_the_creator_removes_names() -> None:

@@ -51,7 +51,9 @@ class BufferPool:
     (a limit that does not already count the tensor being made).
     """
 
-    def __init__(self, limit: Callable[[], int], *, min_bytes: int, make_room_on_miss: bool = False) -> None:
+    def __init__(
+        self, limit: Callable[[], int], *, min_bytes: int = MIN_POOLED_BYTES, make_room_on_miss: bool = False
+    ) -> None:
         self.min_bytes = min_bytes
         self._make_room_on_miss = make_room_on_miss
         self._pool: ReusePool[AnonymousBuffer] = ReusePool(limit)

@@ -143,9 +143,7 @@ class Client:
         if buffer_pool_bytes < 0:
             raise ValueError(f"buffer_pool_bytes must be at least 0, got {buffer_pool_bytes}")
         self._buffers = (
-            _buffers.BufferPool(lambda: buffer_pool_bytes, min_bytes=_buffers.MIN_POOLED_BYTES, make_room_on_miss=True)
-            if buffer_pool_bytes
-            else None
+            _buffers.BufferPool(lambda: buffer_pool_bytes, make_room_on_miss=True) if buffer_pool_bytes else None
         )
         self.shared_memory = shared_memory and _shared.available()
         self._regions = _regions.RegionPool(shared_memory_pool_bytes) if self.shared_memory else None

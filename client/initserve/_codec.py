@@ -32,6 +32,10 @@ Response = pb.InitResponse | ChunkView | bytes  # what a stream may carry; see S
 Allocate = Callable[[tuple[int, ...], torch.dtype], tuple[torch.Tensor, bool]]  # see StreamAssembler
 
 
+def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    return torch.empty(shape, dtype=dtype), False  # fresh pages: not resident until written
+
+
 def _byte_view(tensor: torch.Tensor) -> memoryview:
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         raise ValueError("a byte view needs a contiguous CPU tensor")
@@ -201,7 +205,7 @@ class StreamAssembler:
         allocate: Allocate | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        self._allocate = allocate
+        self._allocate = allocate or _new_tensor
         self._expected_shape = expected_shape
         self._expected_dtype = expected_dtype
         self._expected_scheme = expected_scheme
@@ -295,10 +299,8 @@ class StreamAssembler:
         if self.header is None:
             shape = tuple(header.shape)
             resident = False
-            if self.tensor is None and self._allocate is not None:
+            if self.tensor is None:
                 self.tensor, resident = self._allocate(shape, entry.torch_dtype)
-            elif self.tensor is None:
-                self.tensor = torch.empty(shape, dtype=entry.torch_dtype)
             elif tuple(self.tensor.shape) != shape or self.tensor.dtype != entry.torch_dtype:
                 raise IntegrityError(f"header describes {list(shape)} {entry.name}, not the destination's layout")
             self._destination = writable_bytes(self.tensor)
