@@ -43,7 +43,10 @@ FETCH_TIMEOUT = 60.0
 RETRY = initserve.RetryPolicy(max_attempts=6, initial_backoff=0.05, max_backoff=0.5)
 # A channel of its own subchannels: by default gRPC shares connections between channels with equal options, so a
 # new client could inherit a READY connection to a replica the test has just paused.
-OWN_CONNECTIONS = (("grpc.use_local_subchannel_pool", 1),)
+# Connections of the test's own; BDP probing off, so HTTP/2 flow control keeps a stream's server a few MiB ahead
+# of what the client has read: with it, the window grew past the last third of a 64 MiB stream, whose server had
+# then sent everything before the Killer looked (seen in a full run once the client received faster).
+OWN_CONNECTIONS = (("grpc.use_local_subchannel_pool", 1), ("grpc.http2.bdp_probe", 0))
 
 
 def server_id(process: subprocess.Popen) -> str:
