@@ -78,6 +78,36 @@ def test_tensors_generated_into_reused_memory_are_the_contract_bytes(scheme) -> 
         running.stop()
 
 
+def test_a_generation_takes_the_pages_of_evicted_tensors_of_another_size() -> None:
+    """A cache of four 8 MiB tensors, then 16 MiB ones: the first 16 MiB generation writes fresh memory and
+    evicts two 8 MiB tensors; the next one is written into their pages, without page faults."""
+    small, large = (2048, 1024), (4096, 1024)
+    running = start_server("--cache-bytes", "32M", "--max-inflight-bytes", "64M")
+    try:
+        with running.client() as client:
+            faults = []
+            for seed, shape in enumerate([small] * 4 + [large] * 2):
+                before = page_faults(running.process.pid)
+                result = client.fetch(shape, "normal", seed=seed)
+                assert not result.header.cache_hit
+                assert same_bytes(result.tensor, reference("normal", shape, seed=seed))
+                del result
+                stats = cached_after(client, seed + 1)
+                faults.append(page_faults(running.process.pid) - before)
+            assert stats.cache_evictions == 4 and stats.buffer_pool_bytes == 16 * MIB
+            fresh, moved = faults[4], faults[5]
+            assert fresh >= 16 * MIB // (2 << 20)  # at least one fault per 2 MiB page (4,096 with 4 KiB pages)
+            assert moved <= fresh // 8, faults
+    finally:
+        running.stop()
+
+
+def page_faults(pid: int) -> int:
+    """A process's minor page faults so far (/proc/PID/stat, field 10)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[7])
+
+
 def cached_after(client: initserve.Client, generations: int) -> pb.ServerStats:
     """The server's stats once its producer has filed generation number ``generations`` in the cache (which
     evicts); the client can have its last byte a moment before that."""

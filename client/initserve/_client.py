@@ -110,10 +110,11 @@ class Client:
             least recently used evicted; a reused region has no page faults to pay (see docs/performance.md).
             Their names stay in /dev/shm until :meth:`close`, garbage collection or exit (or, if the process
             dies, until multiprocessing's resource tracker removes them). 0 keeps none.
-        buffer_pool_bytes: new tensors of 8 MiB or more that gRPC fetches return are made over memory that a
-            freed one of the same byte size left (the tensor and every view of it freed, e.g. after
-            ``.to("cuda")``), up to this many bytes of it kept, least recently used evicted; reused pages have no
-            page faults to pay (see docs/performance.md). Such a tensor's storage cannot be resized. 0 keeps none
+        buffer_pool_bytes: new tensors of 8 MiB or more that gRPC fetches return are made over memory that
+            freed ones left (the tensor and every view of it freed, e.g. after ``.to("cuda")``): a free buffer
+            of the same byte size, else the pages of free ones of other sizes, moved into the new tensor. Up to
+            this many bytes are kept, least recently used evicted; reused pages have no page faults to pay (see
+            docs/performance.md). Such a tensor's storage cannot be resized. 0 keeps none
             (plain ``torch.empty``). :meth:`release_memory` gives the kept memory back.
     """
 

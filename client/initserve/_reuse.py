@@ -69,6 +69,23 @@ class ReusePool(Generic[B]):
                     return buffer
         return None
 
+    def take_oldest(self, nbytes: int) -> list[B]:
+        """Free buffers, least recently returned first, until their bytes reach ``nbytes`` (or all there are)."""
+        taken: list[B] = []
+        total = 0
+        with self._locked():
+            while self._free and total < nbytes:
+                buffer, _ = self._free.popitem(last=False)
+                self._free_bytes -= buffer.nbytes
+                total += buffer.nbytes
+                taken.append(buffer)
+        return taken
+
+    def give(self, buffer: B) -> None:
+        """Take a free buffer that was never lent (kept within ``limit()`` as a returned one is, else closed)."""
+        with self._locked():
+            self._returned.append(buffer)
+
     def lend(self, buffer: B, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
         """A tensor over ``buffer``; the buffer comes back when the tensor and its views are freed."""
         view = memoryview(buffer.map)

@@ -6,12 +6,16 @@ per 4 KiB; on the benchmark machine, a VM that hands freed guest memory back to 
 0.3-0.75 GB/s where pages already written take 16 GB/s. So a CPU tensor of :data:`MIN_POOLED_BYTES` or more
 is made over an anonymous mapping from a pool (``initserve._buffers``, which the client uses too), and when
 the tensor and every view of it are freed (evicted and no longer streamed) the mapping waits there for the
-next tensor of the same byte size. Contents are never relied on: ``torch.empty`` promises none either.
+next tensor of the same byte size; a tensor of another size has the pages of free buffers moved into its own
+mapping (``initserve._pages``), so after evictions every generation writes pages already written. Contents are
+never relied on: ``torch.empty`` promises none either.
 
 Budget: free buffers may use only what the cache and in-flight budgets leave unused
 (:meth:`TensorCache.spare_bytes`), so cached + in flight + pooled tensor memory stays within the two budgets,
-the bound the server had without the pool. A tensor that finds no free buffer of its size first trims the
-pool to that room. What changes for an operator: after a burst, the server's RSS stays up to the budgets.
+the bound the server had without the pool: moving pages from a free buffer into a new tensor moves their
+bytes from one count to the other. A tensor that finds no free buffer of its size, once it has taken the pages
+it can, trims the pool to the room left. What changes for an operator: after a burst, the server's RSS stays
+up to the budgets.
 """
 
 from __future__ import annotations
