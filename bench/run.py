@@ -59,6 +59,7 @@ SHARED = "shared_memory"  # Client(shared_memory=True): regions reused through t
 SHARED_FRESH = "shared_memory_fresh"  # shared_memory_pool_bytes=0: a fresh /dev/shm object for every fetch
 NO_BUFFER_POOL = "buffer_pool_bytes=0"  # every fetch writes a new destination tensor's fresh pages
 REUSED = "server_memory_reused"  # uncached fetches from a server whose cache evicts one tensor per generation
+FRESH_SERVER = "fresh_server_memory"  # uncached fetches from a server without --preallocate-bytes: fresh pages
 THROUGHPUT_KINDS = ("ceiling-grpc", "ceiling-grpc-raw", "ceiling-tcp", "cached", "uncached", "local-1", "local-all")
 
 # Targets (issue 4).
@@ -97,6 +98,12 @@ class Plan:
         if size_mib >= 1024 or (scheme == "orthogonal" and size_mib >= LARGE_MIB):
             return 3
         return 5
+
+    @property
+    def serving_flags(self) -> tuple[str, ...]:
+        """The fetch rows' server: a cache of ``cache_bytes`` and that much memory preallocated, as the
+        deployment files in docker/ configure it (the ``fresh_server_memory`` rows leave preallocation out)."""
+        return ("--cache-bytes", self.cache_bytes, "--preallocate-bytes", self.cache_bytes, "--max-tensor-bytes", "4G")
 
     @property
     def all_sizes_mib(self) -> list[int]:
@@ -628,8 +635,7 @@ def run_main_server(report: Report, plan: Plan, seeds: SeedSource, env: dict[str
             stack.callback(tcp_ceiling.close)
         client = probe = parallel = unpooled = None
         if needs_service:
-            flags = ("--cache-bytes", plan.cache_bytes, "--max-tensor-bytes", "4G")
-            server = stack.enter_context(initserve_server(*flags))
+            server = stack.enter_context(initserve_server(*plan.serving_flags))
             client = probe = stack.enter_context(initserve.Client(server.target, timeout=CLIENT_TIMEOUT_SECONDS))
             env.update(environment(probe.describe()))
             if "parallel" in sections:
@@ -685,11 +691,24 @@ def run_reused_memory(report: Report, plan: Plan, seeds: SeedSource) -> None:
             measure_uncached(report, plan, client, client, request, size_mib, seeds, REUSED, False)
 
 
+def run_fresh_server_memory(report: Report, plan: Plan, seeds: SeedSource) -> None:
+    """Uncached large normal fetches from a server started without --preallocate-bytes: a size's first
+    generations write fresh pages (the cache does not evict before the third 1 GiB tensor, after it is written)."""
+    for size_mib in sorted(size for size in plan.sizes_mib if size >= LARGE_MIB):
+        request = Request("normal", (size_mib * 256, ROW))
+        flags = ("--cache-bytes", plan.cache_bytes, "--max-tensor-bytes", "4G")
+        with (
+            initserve_server(*flags) as server,
+            initserve.Client(server.target, timeout=CLIENT_TIMEOUT_SECONDS) as client,
+        ):
+            measure_uncached(report, plan, client, client, request, size_mib, seeds, FRESH_SERVER, False)
+
+
 def run_shared_memory(report: Report, plan: Plan, seeds: SeedSource) -> None:
     """Cached and uncached normal fetches over the same-host shared-memory transport, where it exists: with the
     client's region pool (the default; each repetition frees its tensor, so the next one reuses the region) and
     without it (every fetch writes a fresh /dev/shm object: the first fetch of a size)."""
-    flags = ("--cache-bytes", plan.cache_bytes, "--max-tensor-bytes", "4G", "--shared-memory")
+    flags = (*plan.serving_flags, "--shared-memory")
     with contextlib.ExitStack() as stack:
         try:
             server = stack.enter_context(initserve_server(*flags))
@@ -760,9 +779,14 @@ def targets(report: Report, plan: Plan) -> list[Target]:
                 bound = min(local_rate, cached.gb_per_s)
                 met = row.gb_per_s >= UNCACHED_VS_BEST * bound
                 bound_text = f"min(local {local_rate:.3f}, cached {cached.gb_per_s:.3f}) = {bound:.3f} GB/s"
-            # The steady-state figure (server memory reused) is printed beside the default row's, not judged.
-            steady = report.find("uncached", row.size_mib, row.scheme, REUSED) if row.variant == DEFAULT else None
-            steady_text = f" (memory reused: {steady.gb_per_s:.3f})" if steady else ""
+            # The steady state (server memory reused) and a server without preallocated memory (its first
+            # generations on fresh pages) are printed beside the default row, not judged.
+            beside = []
+            for variant, label in ((REUSED, "memory reused"), (FRESH_SERVER, "fresh server memory")):
+                other = report.find("uncached", row.size_mib, row.scheme, variant) if row.variant == DEFAULT else None
+                if other:
+                    beside.append(f"{label}: {other.gb_per_s:.3f}")
+            steady_text = f" ({'; '.join(beside)})" if beside else ""
             found.append(
                 Target(
                     f"uncached fetch {row.scheme} {row.size_mib:g} MiB [{row.variant}]",
@@ -900,6 +924,7 @@ def plot(report: Report, plan: Plan, path: Path) -> None:
                 ("cached", "normal", SHARED_FRESH, "initserve cached, shared memory (fresh region)"),
                 ("uncached", "normal", DEFAULT, "initserve uncached"),
                 ("uncached", "normal", REUSED, "initserve uncached, server memory reused"),
+                ("uncached", "normal", FRESH_SERVER, "initserve uncached, fresh server memory"),
                 ("local-1", "normal", DEFAULT, "local torch.nn.init, 1 thread"),
                 ("local-all", "normal", DEFAULT, "local torch.nn.init, all threads"),
             ],
@@ -1013,6 +1038,12 @@ def main(argv: list[str] | None = None) -> int:
             "orthogonal is measured up to 256 MiB (8192x8192): 1 GiB (16384x16384) takes ~90 s per local "
             "single-threaded QR, several minutes per row; the cache's speedup is shown at 64 MiB (4096x4096)"
         )
+    if plan.sections & {"fetch", "shm"}:
+        report.note(
+            f"the fetch rows' server runs as docker/ deploys it: --cache-bytes {plan.cache_bytes} and as much "
+            f"memory preallocated (--preallocate-bytes {plan.cache_bytes}); [{FRESH_SERVER}]: a server without "
+            "preallocation, a size's first generations on fresh pages; the peak-RSS server has none either"
+        )
     seeds = SeedSource()
     failure = None
     gpu: dict[str, Any] = {}
@@ -1020,6 +1051,7 @@ def main(argv: list[str] | None = None) -> int:
         run_main_server(report, plan, seeds, env)
         if "fetch" in plan.sections:
             run_reused_memory(report, plan, seeds)
+            run_fresh_server_memory(report, plan, seeds)
         if "shm" in plan.sections:
             run_shared_memory(report, plan, seeds)
         if "memory" in plan.sections:

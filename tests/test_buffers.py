@@ -102,6 +102,33 @@ def test_a_generation_takes_the_pages_of_evicted_tensors_of_another_size() -> No
         running.stop()
 
 
+def test_preallocated_memory_serves_a_fresh_server_s_first_generations() -> None:
+    """--preallocate-bytes: memory written at start-up, in 64 MiB pieces, for generations of any size."""
+    shape = (4096, 1024)  # 16 MiB
+    running = start_server("--cache-bytes", "64M", "--max-inflight-bytes", "64M", "--preallocate-bytes", "96M")
+    try:
+        with running.client() as client:
+            deadline = time.monotonic() + CACHED_WITHIN_SECONDS
+            while client.describe().stats.buffer_pool_bytes < 96 * MIB and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert client.describe().stats.buffer_pool_bytes == 96 * MIB
+            warm_up = client.normal((256, 1024), seed=99)  # 1 MiB, from the heap: the server's first call's faults
+            assert same_bytes(warm_up, reference("normal", (256, 1024), seed=99))
+            faults = []
+            for seed in range(3):
+                before = page_faults(running.process.pid)
+                result = client.fetch(shape, "normal", seed=seed)
+                assert same_bytes(result.tensor, reference("normal", shape, seed=seed))
+                del result
+                stats = cached_after(client, seed + 2)
+                faults.append(page_faults(running.process.pid) - before)
+            assert stats.buffer_pool_bytes == 48 * MIB and stats.cache_evictions == 0
+            assert max(faults) <= 16 * MIB // 4096 // 8, faults  # an eighth of a fresh 16 MiB's 4 KiB pages
+        assert any("preallocated 100663296 bytes of tensor memory" in line for line in running.output)
+    finally:
+        running.stop()
+
+
 def page_faults(pid: int) -> int:
     """A process's minor page faults so far (/proc/PID/stat, field 10)."""
     with open(f"/proc/{pid}/stat") as stat:

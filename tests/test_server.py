@@ -130,6 +130,11 @@ def test_help_documents_every_flag_with_its_environment_twin() -> None:
     [
         (("--port", "70000"), None, "port must be in 0..65535"),
         (("--chunk-bytes", "8M"), None, "chunk_bytes must be in 1..4194240"),
+        (
+            ("--cache-bytes", "1M", "--max-inflight-bytes", "2M", "--preallocate-bytes", "4M"),
+            None,
+            "preallocate_bytes must be in 0..cache_bytes + max_inflight_bytes (3145728), got 4194304",
+        ),
         ((), {"INITSERVE_WORKERS": "many"}, "INITSERVE_WORKERS='many' is not a valid value"),
     ],
 )

@@ -19,17 +19,19 @@ else (views, ``share_memory_``, pickling, ``numpy()``, ``.to(device)``) works as
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 from collections.abc import Callable, Sequence
 
 import torch
 
-from initserve import _pages
+from initserve import _pages, _prefault
 from initserve._reuse import ReusePool
 
 DEFAULT_POOL_BYTES = 1 << 30  # the client's default: free tensor memory kept for reuse; 0 turns the pool off
 MIN_POOLED_BYTES = 8 << 20  # the client's: smaller tensors are torch.empty's (glibc's heap keeps their pages)
+PREALLOCATED_PIECE_BYTES = 64 << 20  # preallocate()'s free buffers: a smaller tensor moves one piece's pages
 
 
 class AnonymousBuffer:
@@ -99,6 +101,19 @@ class BufferPool:
                     rest.close()
             source.close()
         return covered
+
+    def preallocate(self, nbytes: int) -> int:
+        """Map and write ``nbytes`` of free buffers (pieces of :data:`PREALLOCATED_PIECE_BYTES`, none under
+        ``min_bytes``) for tensors to come, which then take their pages; returns the bytes written. The pool keeps
+        them within ``limit()`` as it keeps any freed buffer."""
+        written = 0
+        while nbytes - written >= self.min_bytes and not self._pool.closed:
+            buffer = AnonymousBuffer(min(PREALLOCATED_PIECE_BYTES, nbytes - written))
+            if not _prefault.populate(buffer.address, buffer.address + buffer.nbytes):
+                ctypes.memset(buffer.address, 0, buffer.nbytes)  # what populating does, less the second write
+            self._pool.give(buffer)
+            written += buffer.nbytes
+        return written
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         return self.allocate(shape, dtype)[0]

@@ -45,8 +45,18 @@ def prefault_async(tensor: torch.Tensor) -> threading.Thread | None:
     return worker
 
 
-def _populate(tensor: torch.Tensor, start: int, end: int) -> None:
-    """``tensor`` is held only so that its memory stays mapped while the range is populated."""
+def populate(start: int, end: int) -> bool:
+    """Fault the pages of ``[start, end)`` (page-aligned start, writable memory) in for writing, in pieces,
+    contents unchanged; False where the call is unsupported (EINVAL before Linux 5.14) or fails."""
+    if _madvise is None:
+        return False
     for piece in range(start, end, PIECE_BYTES):
         if _madvise(piece, min(PIECE_BYTES, end - piece), MADV_POPULATE_WRITE) != 0:
-            return  # EINVAL before Linux 5.14: the writes fault the pages in themselves
+            return False
+    return True
+
+
+def _populate(tensor: torch.Tensor, start: int, end: int) -> None:
+    """``tensor`` is held only so that its memory stays mapped while the range is populated; where that fails,
+    the writes fault the pages in themselves."""
+    populate(start, end)

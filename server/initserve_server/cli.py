@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 1/4 of memory, at least --max-tensor-bytes' default)",
     )
     option(
+        "--preallocate-bytes",
+        "PREALLOCATE_BYTES",
+        _size,
+        0,
+        "tensor memory to write at start-up (in the background) and keep for generations to write into, so a fresh "
+        "server's first generations skip page faults; at most --cache-bytes + --max-inflight-bytes; 0: none",
+    )
+    option(
         "--max-connection-age-seconds",
         "MAX_CONNECTION_AGE_SECONDS",
         float,
@@ -185,6 +193,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_connection_age_seconds=args.max_connection_age_seconds,
             cache_bytes=args.cache_bytes,
             max_inflight_bytes=args.max_inflight_bytes,
+            preallocate_bytes=args.preallocate_bytes,
             shared_memory=args.shared_memory,
             tls_cert_file=args.tls_cert,
             tls_key_file=args.tls_key,

@@ -50,6 +50,7 @@ class ServerConfig:
     grace_seconds: float = DEFAULT_GRACE_SECONDS  # in-flight streams get this long after SIGTERM
     cache_bytes: int = DEFAULT_CACHE_BYTES  # LRU cache budget for finished tensors; 0 disables the cache
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES  # tensors generated/streamed outside the cache
+    preallocate_bytes: int = 0  # tensor memory written at start-up for generations to reuse; within both budgets
     shared_memory: bool = False  # write tensors into same-host clients' /dev/shm objects (InitUnary)
     tls_cert_file: str = ""  # PEM certificate chain: serve TLS (with tls_key_file)
     tls_key_file: str = ""
@@ -78,6 +79,11 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.cache_bytes < 0 or self.max_inflight_bytes < 0:
             raise ValueError("cache_bytes and max_inflight_bytes must not be negative")
+        if not 0 <= self.preallocate_bytes <= self.cache_bytes + self.max_inflight_bytes:
+            raise ValueError(
+                "preallocate_bytes must be in 0..cache_bytes + max_inflight_bytes "
+                f"({self.cache_bytes + self.max_inflight_bytes}), got {self.preallocate_bytes}"
+            )
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.max_message_bytes <= CHUNK_OVERHEAD_BYTES:

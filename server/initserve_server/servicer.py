@@ -253,6 +253,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
         self._config = config
         self.cache = TensorCache(config.cache_bytes, config.max_inflight_bytes)
         self.buffers = BufferPool(self.cache.spare_bytes)
+        self.buffers.start_preallocating(config.preallocate_bytes)
         self.answers = AnswerMemo(config.answer_memo_bytes)
         self.inflight_requests = _Gauge()
         self.cancelled = _Gauge()
