@@ -100,14 +100,26 @@ class Plan:
         return 5
 
     @property
+    def preallocate(self) -> str:
+        """The cache budget plus the largest tensor: the memory a server holds once its cache is full and one
+        generation is in flight, which is what docker/'s deployment files preallocate."""
+        return f"{_mib(self.cache_bytes) + max(self.all_sizes_mib)}M"
+
+    @property
     def serving_flags(self) -> tuple[str, ...]:
-        """The fetch rows' server: a cache of ``cache_bytes`` and that much memory preallocated, as the
-        deployment files in docker/ configure it (the ``fresh_server_memory`` rows leave preallocation out)."""
-        return ("--cache-bytes", self.cache_bytes, "--preallocate-bytes", self.cache_bytes, "--max-tensor-bytes", "4G")
+        """The fetch rows' server, as the deployment files in docker/ configure it (``fresh_server_memory`` rows:
+        a server without preallocation)."""
+        return ("--cache-bytes", self.cache_bytes, "--preallocate-bytes", self.preallocate, "--max-tensor-bytes", "4G")
 
     @property
     def all_sizes_mib(self) -> list[int]:
         return sorted(set(self.sizes_mib) | set(self.orthogonal_sizes_mib))
+
+
+def _mib(size: str) -> int:
+    """MiB in a server size flag's value: 2048M, 2G."""
+    units = {"M": 1, "G": 1024}
+    return int(size[:-1]) * units[size[-1].upper()] if size[-1].upper() in units else int(size) // MIB
 
 
 @dataclass
@@ -1040,9 +1052,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if plan.sections & {"fetch", "shm"}:
         report.note(
-            f"the fetch rows' server runs as docker/ deploys it: --cache-bytes {plan.cache_bytes} and as much "
-            f"memory preallocated (--preallocate-bytes {plan.cache_bytes}); [{FRESH_SERVER}]: a server without "
-            "preallocation, a size's first generations on fresh pages; the peak-RSS server has none either"
+            f"the fetch rows' server runs as docker/ deploys it: --cache-bytes {plan.cache_bytes} and that plus the "
+            f"largest tensor preallocated (--preallocate-bytes {plan.preallocate}); [{FRESH_SERVER}]: a server "
+            "without preallocation, a size's first generations on fresh pages; the peak-RSS server has none either"
         )
     seeds = SeedSource()
     failure = None
