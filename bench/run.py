@@ -43,6 +43,7 @@ from clients import Request, peak_rss_client, same_bytes, small_request_client, 
 from procs import ServerUnavailable, initserve_server, peak_rss_bytes, reset_peak_rss, rss_bytes, running
 
 import initserve
+from initserve_server.cli import _size as size_bytes  # the server's own reading of a size flag: 1024K, 64M, 2G
 
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
@@ -104,7 +105,7 @@ class Plan:
     def preallocate(self) -> str:
         """The cache budget plus the largest tensor: the memory a server holds once its cache is full and one
         generation is in flight, which is what docker/'s deployment files preallocate."""
-        return f"{_mib(self.cache_bytes) + max(self.all_sizes_mib)}M"
+        return f"{size_bytes(self.cache_bytes) // MIB + max(self.all_sizes_mib)}M"
 
     @property
     def serving_flags(self) -> tuple[str, ...]:
@@ -115,12 +116,6 @@ class Plan:
     @property
     def all_sizes_mib(self) -> list[int]:
         return sorted(set(self.sizes_mib) | set(self.orthogonal_sizes_mib))
-
-
-def _mib(size: str) -> int:
-    """MiB in a server size flag's value: 2048M, 2G."""
-    units = {"M": 1, "G": 1024}
-    return int(size[:-1]) * units[size[-1].upper()] if size[-1].upper() in units else int(size) // MIB
 
 
 @dataclass

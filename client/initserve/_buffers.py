@@ -51,7 +51,7 @@ class AnonymousBuffer:
 
 
 class BufferPool:
-    """``allocate(shape, dtype)``: a contiguous CPU tensor, over reused memory when one of its size is free.
+    """``allocate(shape, dtype)``: a contiguous CPU tensor, over the memory of freed ones where there is some.
 
     ``limit()``: the most bytes of free buffers to keep (read when a buffer comes back and on a miss; it must
     not take locks that a thread freeing a tensor may hold). On a miss, the new tensor takes the pages of free

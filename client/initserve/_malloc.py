@@ -22,6 +22,8 @@ import os
 import sys
 import threading
 
+from initserve import _libc
+
 NUDGE_BYTES = 31 << 20  # glibc adjusts for freed mapped blocks of at most 32 MiB, chunk header included
 ENV_SWITCH = "INITSERVE_MALLOC_NUDGE"
 
@@ -44,12 +46,10 @@ def raise_thresholds() -> bool:
         return False
     with _lock:
         if not _done:
-            libc = ctypes.CDLL(None)
-            libc.malloc.argtypes = (ctypes.c_size_t,)
-            libc.malloc.restype = ctypes.c_void_p
-            libc.free.argtypes = (ctypes.c_void_p,)
-            block = libc.malloc(NUDGE_BYTES)
+            malloc = _libc.function("malloc", ctypes.c_void_p, ctypes.c_size_t)
+            free = _libc.function("free", None, ctypes.c_void_p)
+            block = malloc(NUDGE_BYTES) if malloc and free else None
             if block:
-                libc.free(block)
+                free(block)
             _done = True
     return True

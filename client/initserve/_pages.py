@@ -15,21 +15,17 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import sys
+
+from initserve import _libc
 
 MREMAP_MAYMOVE = 1  # linux/mman.h
 MREMAP_FIXED = 2
 MREMAP_DONTUNMAP = 4
 PAGE = mmap.PAGESIZE
 
-_mremap = None
-if sys.platform.startswith("linux"):
-    try:
-        _mremap = ctypes.CDLL(None, use_errno=True).mremap
-        _mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)
-        _mremap.restype = ctypes.c_void_p
-    except (OSError, AttributeError):
-        _mremap = None
+_mremap = _libc.function(
+    "mremap", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p
+)
 
 
 def supported() -> bool:

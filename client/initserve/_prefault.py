@@ -11,24 +11,17 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import sys
 import threading
 
 import torch
+
+from initserve import _libc
 
 MADV_POPULATE_WRITE = 23  # linux/mman.h; Python's mmap module names it from 3.13 on only
 PREFAULT_MIN_BYTES = 16 << 20  # below this a thread's start costs more than it saves
 PIECE_BYTES = 8 << 20  # one madvise call: a stream's writes start as soon as the first piece is resident
 
-_madvise = None
-if sys.platform.startswith("linux"):
-    try:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _madvise = _libc.madvise
-        _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        _madvise.restype = ctypes.c_int
-    except (OSError, AttributeError):
-        _madvise = None
+_madvise = _libc.function("madvise", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 def prefault_async(tensor: torch.Tensor) -> threading.Thread | None:

@@ -39,7 +39,7 @@ log = logging.getLogger("initserve.server")
 
 
 class BufferPool(_BufferPool):
-    """``empty(shape, dtype)``: a contiguous CPU tensor, over reused memory when one of its size is free;
+    """``empty(shape, dtype)``: a contiguous CPU tensor, over freed or preallocated memory where there is some;
     ``spare_bytes()`` is the room the budgets leave, already counting the tensor being made."""
 
     def __init__(self, spare_bytes: Callable[[], int]) -> None:
