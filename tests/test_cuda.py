@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 import initserve
-from tests.conftest import reference, same_bytes
+from tests.conftest import reference, same_bytes, start_server
+from tests.test_buffers import MIB, page_faults
 
 pytestmark = [
     pytest.mark.cuda,
@@ -99,3 +101,25 @@ def test_cuda_fingerprint_names_the_gpu_model_and_multiprocessors(client) -> Non
     missing = torch.cuda.device_count()
     with pytest.raises(initserve.FailedPrecondition, match=f"has {missing} CUDA device"):
         client.normal((4,), device=f"cuda:{missing}")
+
+
+def test_a_gpu_tensor_is_copied_into_preallocated_host_memory_without_page_faults() -> None:
+    """The host copy of a GPU-generated tensor takes the server's pooled (here preallocated) memory: no page
+    fault per page, as a fresh host tensor would take (4,096 for 16 MiB of 4 KiB pages), and the same bytes."""
+    shape = (4096, 1024)  # 16 MiB
+    running = start_server("--cache-bytes", "32M", "--max-inflight-bytes", "64M", "--preallocate-bytes", "48M")
+    try:
+        with running.client() as client:
+            deadline = time.monotonic() + 30
+            while client.describe().stats.buffer_pool_bytes < 48 * MIB and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert client.describe().stats.buffer_pool_bytes == 48 * MIB
+            for seed in range(2):  # the first call pays CUDA's own set-up in the server
+                faults = page_faults(running.process.pid)
+                result = client.fetch(shape, "normal", seed=seed, device="cuda")
+                faults = page_faults(running.process.pid) - faults
+                assert same_bytes(result.tensor, cuda_reference("normal", shape, torch.float32, seed))
+            assert faults <= 16 * MIB // 4096 // 8, faults
+            assert client.describe().stats.buffer_pool_bytes == 16 * MIB  # two 16 MiB tensors took their pages
+    finally:
+        running.stop()

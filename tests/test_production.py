@@ -161,6 +161,42 @@ def test_a_cancelled_production_stops_at_its_next_piece() -> None:
     assert pieces == [BLOCK_BYTES, 2 * BLOCK_BYTES]  # the piece in progress completes; no further one starts
 
 
+class RecordingProduction(Production):
+    def __init__(self, nbytes: int) -> None:
+        super().__init__(nbytes)
+        self.advanced: list[int] = []
+
+    def advance(self, final_bytes: int) -> None:
+        self.advanced.append(final_bytes)
+        super().advance(final_bytes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_copy_from_advances_piece_by_piece_and_ends_with_the_sources_bytes(dtype: torch.dtype) -> None:
+    """The GPU path's copy to host (here from a CPU source, the same code): every piece final as it lands."""
+    source = reference("normal", (1000, 333), dtype=dtype, seed=3)
+    nbytes = source.numel() * source.element_size()
+    production = RecordingProduction(nbytes)
+    host = torch.empty(source.shape, dtype=dtype)
+    piece = (1 << 18) + 6  # not a multiple of any element size: pieces round down to whole elements
+    production.copy_from(source.t().contiguous().t(), host, piece)  # a non-contiguous source is read in order
+    step = piece // source.element_size() * source.element_size()
+    assert production.advanced == [*range(step, nbytes, step), nbytes]
+    production.finish()
+    assert production.tensor is host and same_bytes(host, source)
+    assert production.final_checksum() == tensor_checksum(tensor_bytes(source))
+
+
+def test_copy_from_stops_after_the_piece_in_progress_once_abandoned() -> None:
+    source = reference("uniform", (4096, 1024), seed=3)  # 16 MiB: 16 pieces of 1 MiB
+    production = Production(source.numel() * 4)
+    production.cancel()
+    with pytest.raises(Abandoned):
+        production.copy_from(source, torch.zeros(source.shape), BLOCK_BYTES)
+    assert production.tensor.reshape(-1)[: BLOCK_BYTES // 4].equal(source.reshape(-1)[: BLOCK_BYTES // 4])
+    assert not production.tensor.reshape(-1)[BLOCK_BYTES // 4 :].any()
+
+
 def test_produce_reports_torchs_error_to_every_reader() -> None:
     spec = spec_for("kaiming_normal", (7,))  # torch: fewer than 2 dimensions
     production = Production(spec.total_bytes)

@@ -50,6 +50,21 @@ class Production:
 
     # --- producer ---
 
+    def copy_from(self, source: torch.Tensor, host: torch.Tensor, piece_bytes: int) -> None:
+        """Attach ``host`` (a contiguous CPU tensor of ``source``'s shape and dtype) and copy ``source`` (any
+        device) into it ``piece_bytes`` at a time, advancing after each piece, so streams send the first bytes
+        while the rest are still on their way from the GPU. The copies are synchronous: a piece is in ``host``
+        when ``copy_`` returns."""
+        assert host.is_contiguous() and host.device.type == "cpu"
+        assert host.shape == source.shape and host.dtype == source.dtype
+        self.attach(host)
+        source_flat, host_flat = source.contiguous().view(-1), host.view(-1)
+        step = max(1, piece_bytes // host.element_size())
+        for start in range(0, host_flat.numel(), step):
+            end = min(start + step, host_flat.numel())
+            host_flat[start:end].copy_(source_flat[start:end])
+            self.advance(end * host.element_size())
+
     def attach(self, tensor: torch.Tensor) -> None:
         """The tensor being filled; its bytes are read only below the watermark."""
         self.tensor = tensor

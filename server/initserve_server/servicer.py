@@ -128,6 +128,9 @@ def _header(spec: InitSpec, cache_hit: bool) -> pb.Header:
     )
 
 
+DEVICE_COPY_PIECE_BYTES = 16 << 20  # one device-to-host copy: long enough that its call and sync cost vanish
+
+
 def produce(spec: InitSpec, production: Production, allocate: Allocate | None = None) -> None:
     """Generate the contract tensor for ``spec`` into ``production``, piece by piece where the scheme allows;
     ``allocate`` makes a CPU tensor's memory (see ``buffers``)."""
@@ -139,8 +142,11 @@ def produce(spec: InitSpec, production: Production, allocate: Allocate | None = 
 
     try:
         tensor = generate(spec, on_piece, allocate=allocate)
-        if production.tensor is None:
-            production.attach(tensor.contiguous().cpu())
+        if production.tensor is None and tensor.device.type == "cpu":
+            production.attach(tensor.contiguous())
+        elif production.tensor is None:  # generated on a GPU: into pooled host memory, streamed as it lands
+            host = allocate(tensor.shape, tensor.dtype) if allocate else torch.empty(tensor.shape, dtype=tensor.dtype)
+            production.copy_from(tensor, host, DEVICE_COPY_PIECE_BYTES)
         del tensor
         production.finish()
     except BaseException as error:  # noqa: BLE001 - the streams waiting on it re-raise it
