@@ -57,12 +57,24 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
-def fetch_into(results: list[torch.Tensor], client: initserve.Client, shape: tuple[int, ...], device: str) -> None:
-    results.append(client.normal(shape, seed=3, device=device))
+def timed_fetches(
+    client: initserve.Client, shape: tuple[int, ...], device: str, seeds: list[int]
+) -> tuple[list[float], int]:
+    """One fetch per seed, each timed alone and then checked bitwise against local torch on ``device``;
+    returns the times and how many results were wrong."""
+    times, wrong = [], 0
+    for seed in seeds:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        tensor = client.normal(shape, seed=seed, device=device)
+        times.append(time.perf_counter() - start)
+        wrong += not bitwise_equal(tensor, generate("normal", shape, device, seed=seed).cpu())
+        del tensor
+    return times, wrong
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "initserve_server", "--host", "127.0.0.1", "--port", "0"]
+def start_server(*flags: str) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "initserve_server", "--host", "127.0.0.1", "--port", "0", *flags]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:  # type: ignore[union-attr]
         if line.startswith("initserve listening on "):
@@ -75,6 +87,7 @@ def main() -> int:
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[16, 256, 1024])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--fetch-only", action="store_true", help="skip the generation and copy ceilings")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
@@ -99,41 +112,55 @@ def main() -> int:
         rows.append({"what": what, "size_mib": size_mib, "seconds": seconds, "gb_per_s": rate, **extra})
         print(f"{what:<44} {size_mib:>7.0f} MiB {seconds * 1e3:>10.2f} ms {rate:>9.2f} GB/s")
 
-    for size in args.sizes_mib:
+    for size in [] if args.fetch_only else args.sizes_mib:
         shape = (size * 256, ROW)
         for scheme in SCHEMES:
             seconds = median_seconds(partial(generate, scheme, shape, "cuda"), args.repeats)
             record(f"generate on GPU: {scheme}", size, seconds)
         gpu = generate("normal", shape, "cuda")
         record("ceiling: device-to-host copy (pageable)", size, median_seconds(gpu.cpu, args.repeats))
+        host = torch.zeros(shape)  # pageable, its pages already written: what the server copies into
+        record(
+            "ceiling: device-to-host copy (pageable, reused)",
+            size,
+            median_seconds(partial(host.copy_, gpu), args.repeats),
+        )
         pinned = torch.empty(shape, pin_memory=True)
         seconds = median_seconds(partial(pinned.copy_, gpu), args.repeats)
         record("ceiling: device-to-host copy (pinned)", size, seconds)
-        del gpu, pinned
+        del gpu, host, pinned
         seconds = median_seconds(partial(generate, "normal", shape, "cpu"), max(1, args.repeats // 2), warmup=1)
         record("generate on CPU (1 thread): normal", size, seconds)
 
-    square = (4096, 4096)
-    record("orthogonal 4096x4096 on GPU", 64, median_seconds(partial(generate, "orthogonal", square, "cuda"), 3))
-    cpu_orthogonal = median_seconds(partial(generate, "orthogonal", square, "cpu"), 1, warmup=0)
-    record("orthogonal 4096x4096 on CPU (1 thread)", 64, cpu_orthogonal)
+    if not args.fetch_only:
+        square = (4096, 4096)
+        seconds = median_seconds(partial(generate, "orthogonal", square, "cuda"), 3)
+        record("orthogonal 4096x4096 on GPU", 64, seconds)
+        seconds = median_seconds(partial(generate, "orthogonal", square, "cpu"), 1, warmup=0)
+        record("orthogonal 4096x4096 on CPU (1 thread)", 64, seconds)
 
-    server, target = start_server()
+    # As deployed (docs/deploy.md): a cache, and preallocated host memory for it plus the largest tensor, which
+    # a GPU-generated tensor is copied into. Uncached: a new seed every call (the cache of one tensor then evicts
+    # the last, whose pages the next copy reuses); cached: one seed again and again. Each result is checked
+    # against local torch on the same device and dropped, so the client reuses its destination memory.
+    largest = max(args.sizes_mib)
+    server, target = start_server("--cache-bytes", f"{largest}M", "--preallocate-bytes", f"{2 * largest}M")
+    fresh = iter(range(100, 1 << 30))
+    repeats = max(2, args.repeats // 2)
     try:
         with initserve.Client(target, timeout=600) as client:
             for size in args.sizes_mib:
                 shape = (size * 256, ROW)
                 for device in ("cuda", "cpu"):
-                    expected = generate("normal", shape, device, seed=3).cpu()
-                    results: list[torch.Tensor] = []
-                    fetch = partial(fetch_into, results, client, shape, device)
-                    seconds = median_seconds(fetch, max(1, args.repeats // 2), warmup=1)
-                    wrong = sum(not bitwise_equal(result, expected) for result in results)
-                    record(f"fetch normal generated on {device}", size, seconds, verified=len(results), wrong=wrong)
-                    if wrong:
-                        print(f"WRONG BYTES: {wrong} of {len(results)} fetches differ from local torch")
-                        return 1
-                    del expected, results
+                    for cached in (False, True):
+                        seeds = [7] * (1 + repeats) if cached else [next(fresh) for _ in range(1 + repeats)]
+                        times, wrong = timed_fetches(client, shape, device, seeds)
+                        seconds = statistics.median(times[1:])  # the first call is warm-up (and fills the cache)
+                        what = f"fetch normal {'cached' if cached else 'uncached'}, generated on {device}"
+                        record(what, size, seconds, verified=len(times), wrong=wrong)
+                        if wrong:
+                            print(f"WRONG BYTES: {wrong} of {len(times)} fetches differ from local torch")
+                            return 1
     finally:
         server.terminate()
         server.wait(30)
