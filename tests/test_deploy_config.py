@@ -420,6 +420,15 @@ def test_memory_limits_hold_both_budgets_and_the_workspace() -> None:
         assert quantity_bytes(resources["requests"]["memory"]) == quantity_bytes(resources["limits"]["memory"])
 
 
+def test_every_replica_preallocates_its_cache_plus_its_largest_tensor() -> None:
+    """What a replica holds once its cache is full and a generation runs (GPU tensors too: their host copy),
+    written at start-up; within the budgets, or the server refuses to start."""
+    for replica in compose_replicas() + k8s_replicas():
+        config = replica.config
+        assert config.preallocate_bytes == config.cache_bytes + config.max_tensor_bytes, replica.where
+        assert config.preallocate_bytes <= config.cache_bytes + config.max_inflight_bytes, replica.where
+
+
 # -- compose and Envoy --------------------------------------------------------------------------------------------
 
 
