@@ -68,18 +68,19 @@ def prepare(
         raise ValueError(f"unknown scheme {scheme!r}; use one of: {', '.join(SCHEMES)}")
     entry = _dtypes.from_torch(dtype)
     sizes = _shape(shape)
-    resolved = resolve(sizes, slices) if slices else ()
-    out_shape = sliced_shape(sizes, resolved)
-    request = pb.InitRequest(
-        scheme=scheme,
-        shape=sizes,
-        dtype=entry.wire,
-        params=_params(SCHEMES[scheme], params or {}),
-        device=str(device),
-        chunk_bytes=chunk_bytes,
-        require_device_fingerprint=require_device_fingerprint,
-    )
-    if resolved:
+    request = pb.InitRequest(scheme=scheme, shape=sizes, dtype=entry.wire)  # the rest only where not default
+    if params:
+        _params(SCHEMES[scheme], params, request.params)
+    if device != "cpu":
+        request.device = str(device)
+    if chunk_bytes:
+        request.chunk_bytes = chunk_bytes
+    if require_device_fingerprint:
+        request.require_device_fingerprint = require_device_fingerprint
+    out_shape = sizes
+    if slices:
+        resolved = resolve(sizes, slices)
+        out_shape = sliced_shape(sizes, resolved)
         request.slices.extend(pb.Slice(dim=dim, start=start, length=length) for dim, start, length in resolved)
     expected_seed = None
     if seed is not None:
@@ -118,8 +119,8 @@ def _shape(shape: ShapeLike) -> tuple[int, ...]:
     return tuple(int(size) for size in sizes)
 
 
-def _params(scheme: Scheme, params: dict[str, Any]) -> pb.InitParams:
-    message = pb.InitParams()
+def _params(scheme: Scheme, params: dict[str, Any], message: pb.InitParams) -> None:
+    """Check ``params`` against the scheme (TypeError as a call with wrong arguments) and set them in ``message``."""
     for name, value in params.items():
         param = scheme.param(name)
         if param is None:
@@ -137,4 +138,3 @@ def _params(scheme: Scheme, params: dict[str, Any]) -> pb.InitParams:
                 raise TypeError(f"{scheme.name}(): {name} must be a number, not {type(value).__name__}")
             value = float(value)
         setattr(message, name, value)
-    return message
