@@ -44,6 +44,22 @@ def test_checksum_does_not_depend_on_how_the_bytes_are_split() -> None:
         assert checksum.digest() == tensor_checksum(data)
 
 
+def test_checksum_with_the_chunks_own_crcs_is_the_same() -> None:
+    """``update(piece, crc=crc32(piece))``, as the client feeds each verified chunk: the given CRC stands for a
+    whole block or a block's first piece, and is recomputed from the bytes anywhere else."""
+    rng = random.Random(4)
+    for size in (5, BLOCK_BYTES - 1, BLOCK_BYTES, 2 * BLOCK_BYTES + 12345):
+        data = rng.randbytes(size)
+        for _ in range(5):
+            checksum = TensorChecksum()
+            position = 0
+            while position < len(data):
+                piece = data[position : position + rng.choice([1, 4096, BLOCK_BYTES - 5, BLOCK_BYTES, BLOCK_BYTES + 7])]
+                checksum.update(piece, crc=zlib.crc32(piece))
+                position += len(piece)
+            assert checksum.digest() == independent_checksum(data), size
+
+
 def test_checksum_sees_a_single_flipped_bit_and_the_length() -> None:
     data = bytearray(random.Random(2).randbytes(BLOCK_BYTES + 100))
     original = tensor_checksum(bytes(data))
@@ -301,11 +317,23 @@ def test_the_unary_response_is_the_stream_messages_joined() -> None:
     assert parsed.header == header.header and parsed.trailer == trailer.trailer
     assert (parsed.chunk.offset, parsed.chunk.data, parsed.chunk.crc32) == (0, b"abc", 7)
     decoded = _wire.decode_unary(parsed.SerializeToString())
-    assert decoded[0] == header and decoded[2] == trailer
+    assert decoded[0] == header.header and decoded[2] == trailer.trailer  # unwrapped: Header, ChunkView, Trailer
     assert isinstance(decoded[1], _wire.ChunkView) and bytes(decoded[1].data) == b"abc"
     no_chunk = _wire.decode_unary(_wire.encode_unary([header, trailer]))
-    assert no_chunk == [header, trailer]
+    assert no_chunk == [header.header, trailer.trailer]
     reordered = _wire.decode_unary(trailer.SerializeToString() + header.SerializeToString())  # protobuf's way
-    assert [m.WhichOneof("part") for m in reordered] == ["header", "trailer"]
+    assert reordered == [header.header, trailer.trailer]
     with pytest.raises(DecodeError):
         _wire.decode_unary(b"\x0a\x05\x08")
+
+
+def test_a_large_unary_answer_is_split_by_hand_with_its_payload_a_view() -> None:
+    payload = random.Random(3).randbytes(_wire.SMALL_UNARY_BYTES + 5)
+    header = pb.InitResponse(header=pb.Header(shape=[len(payload)], total_bytes=len(payload), scheme="normal"))
+    trailer = pb.InitResponse(trailer=pb.Trailer(checksum=b"\x02" * 32))
+    data = _wire.encode_unary([header, _wire.encode_chunk(0, memoryview(payload), 9), trailer])
+    decoded = _wire.decode_unary(data)
+    assert decoded[0] == header.header and decoded[2] == trailer.trailer
+    chunk = decoded[1]
+    assert isinstance(chunk, _wire.ChunkView) and (chunk.offset, chunk.crc32) == (0, 9)
+    assert chunk.data.obj is data and bytes(chunk.data) == payload  # a view into the received bytes

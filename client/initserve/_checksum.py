@@ -45,9 +45,12 @@ class BlockCrcs:
     def update(self, data: bytes | memoryview, *, crc: int | None = None) -> None:
         """Feed the next bytes; ``crc``, the CRC-32 of exactly ``data``, saves recomputing a whole block's."""
         view = memoryview(data).cast("B")
-        if crc is not None and self._block_filled == 0 and len(view) == BLOCK_BYTES:
-            self.crcs.append(crc)
-            self.total_bytes += BLOCK_BYTES
+        if crc is not None and self._block_filled == 0 and 0 < len(view) <= BLOCK_BYTES:
+            if len(view) == BLOCK_BYTES:
+                self.crcs.append(crc)
+            else:  # the start of a block: its CRC so far is the given one (a small tensor's only chunk)
+                self._block_crc, self._block_filled = crc, len(view)
+            self.total_bytes += len(view)
             return
         position = 0
         while position < len(view):

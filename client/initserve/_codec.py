@@ -28,7 +28,7 @@ if sys.byteorder != "little":  # the wire carries little-endian storage; a big-e
     raise ImportError("initserve supports little-endian hosts only")
 
 
-Response = pb.InitResponse | ChunkView | bytes  # what a stream may carry; see StreamAssembler.consume
+Response = pb.InitResponse | ChunkView | bytes | pb.Header | pb.Trailer  # see StreamAssembler.consume
 Allocate = Callable[[tuple[int, ...], torch.dtype], tuple[torch.Tensor, bool]]  # see StreamAssembler
 
 
@@ -226,8 +226,9 @@ class StreamAssembler:
     def consume(self, responses: Iterable[Response]) -> tuple[torch.Tensor, pb.Header]:
         """Read one stream that starts at :attr:`received`; returns (tensor, first header) once verified.
 
-        Messages may be protobuf messages, :class:`ChunkView` (as the client's deserializer makes them) or
-        serialized bytes (as :func:`encode_stream` yields chunks).
+        Messages may be ``InitResponse`` messages, :class:`ChunkView` (as the client's deserializer makes them),
+        serialized bytes (as :func:`encode_stream` yields chunks), or a unary answer's unwrapped parts
+        (``Header``, ``ChunkView``, ``Trailer``: :func:`initserve._wire.decode_unary`).
 
         Errors of the stream's transport propagate unchanged; the bytes before :attr:`received` stay
         verified, so the caller may resume there.
@@ -236,9 +237,13 @@ class StreamAssembler:
         first = next(iterator, None)
         if type(first) is bytes:
             first = decode_response(first)
-        if first is None or type(first) is ChunkView or first.WhichOneof("part") != "header":
+        if type(first) is pb.Header:  # a unary answer's parts come unwrapped (initserve._wire.decode_unary)
+            header = first
+        elif first is None or type(first) is not pb.InitResponse or first.WhichOneof("part") != "header":
             raise self._broken("stream did not start with a header")
-        self._start(first.header)
+        else:
+            header = first.header
+        self._start(header)
         assert self.header is not None and self._destination is not None
         total = self.header.total_bytes
         for message in iterator:
@@ -247,25 +252,29 @@ class StreamAssembler:
             if type(message) is ChunkView:  # the hot path: decoded by initserve._wire without a copy
                 self._chunk(message, total)
                 continue
-            part = message.WhichOneof("part")
-            if part == "chunk":
-                chunk = message.chunk
-                self._chunk(ChunkView(chunk.offset, memoryview(chunk.data), chunk.crc32), total)
-            elif part == "trailer":
-                if self.received != total:
-                    raise self._broken(f"trailer after {self.received} of {total} bytes")
-                if message.trailer.checksum != self._checksum.digest():
-                    raise IntegrityError(
-                        "checksum mismatch: the received bytes differ from the bytes the server sent",
-                        received=self.received,
-                        recovery="restart",
-                    )
-                if next(iterator, None) is not None:
-                    raise self._broken("message after the trailer")
-                assert self.tensor is not None
-                return self.tensor, self.header
+            if type(message) is pb.Trailer:
+                trailer = message
             else:
-                raise self._broken(f"unexpected {part or 'empty'} message after the header")
+                part = message.WhichOneof("part") if type(message) is pb.InitResponse else type(message).__name__
+                if part == "chunk":
+                    chunk = message.chunk
+                    self._chunk(ChunkView(chunk.offset, memoryview(chunk.data), chunk.crc32), total)
+                    continue
+                if part != "trailer":
+                    raise self._broken(f"unexpected {part or 'empty'} message after the header")
+                trailer = message.trailer
+            if self.received != total:
+                raise self._broken(f"trailer after {self.received} of {total} bytes")
+            if trailer.checksum != self._checksum.digest():
+                raise IntegrityError(
+                    "checksum mismatch: the received bytes differ from the bytes the server sent",
+                    received=self.received,
+                    recovery="restart",
+                )
+            if next(iterator, None) is not None:
+                raise self._broken("message after the trailer")
+            assert self.tensor is not None
+            return self.tensor, self.header
         raise self._broken(f"stream ended after {self.received} of {total} bytes without a trailer")
 
     def _check_request(self, header: pb.Header) -> None:

@@ -20,7 +20,7 @@ from initserve._codec import StreamAssembler
 from initserve._errors import FailedPrecondition, InitServeError, IntegrityError, ResourceExhausted
 from initserve._regions import SHARED_MEMORY_DIR, RegionPool, SharedRegion
 from initserve._retry import Attempts, RetryPolicy
-from initserve._wire import ChunkView
+from initserve._wire import UnaryPart
 from initserve.v1 import initserve_pb2 as pb
 
 VERIFY_THREADS = 2  # the region's block CRCs are computed in this many threads
@@ -39,7 +39,7 @@ def available(directory: str = SHARED_MEMORY_DIR) -> bool:
 def receive(
     pool: RegionPool,
     region: SharedRegion,
-    messages: Sequence[pb.InitResponse | ChunkView],
+    messages: Sequence[UnaryPart],
     assembler: StreamAssembler,
     shape: Sequence[int],
     dtype: torch.dtype,
@@ -49,10 +49,9 @@ def receive(
     ``assembler`` checks the header as for a stream (its CRC, and that it answers the request); the checksum is
     computed here over the region, which the server filled.
     """
-    parts = [m.WhichOneof("part") if isinstance(m, pb.InitResponse) else "chunk" for m in messages]
-    if parts != ["header", "trailer"]:
+    if [type(message) for message in messages] != [pb.Header, pb.Trailer]:
         raise IntegrityError("a shared-memory answer must be exactly a header and a trailer", recovery="restart")
-    header = messages[0].header
+    header, trailer = messages
     assembler.check_header(header)
     if header.offset != 0 or header.total_bytes != region.nbytes:
         raise IntegrityError(
@@ -60,7 +59,7 @@ def receive(
             f"0..{region.nbytes}",
             recovery="restart",
         )
-    if tensor_checksum(memoryview(region.map), threads=VERIFY_THREADS) != messages[1].trailer.checksum:
+    if tensor_checksum(memoryview(region.map), threads=VERIFY_THREADS) != trailer.checksum:
         raise IntegrityError(
             "checksum mismatch: the shared-memory region differs from the bytes the server wrote",
             recovery="restart",
@@ -69,7 +68,7 @@ def receive(
 
 
 # (region name, remaining seconds) -> the InitUnary answer as messages
-Call = Callable[[str, float | None], Sequence[pb.InitResponse | ChunkView]]
+Call = Callable[[str, float | None], Sequence[UnaryPart]]
 
 
 def fetch_shared(

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from initserve._errors import from_grpc_error
-from initserve._wire import ChunkView, decode_many_response, decode_response, decode_unary
+from initserve._wire import ChunkView, UnaryPart, decode_many_response, decode_response, decode_unary
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
 
@@ -19,7 +19,7 @@ from initserve.v1 import initserve_pb2_grpc as pb_grpc
 # per-message costs are most of a small tensor's latency. A server whose messages are too small for it says so
 # (FAILED_PRECONDITION) and the client streams instead.
 UNARY_MAX_BYTES = 1 << 20
-Message = pb.InitResponse | ChunkView
+Message = pb.InitResponse | ChunkView | pb.Header | pb.Trailer  # a stream's messages, a unary answer's parts
 _UNARY_REFUSAL = "InitUnary answers at most"
 
 # Large enough for any chunk a server sends (its limit defaults to 4 MiB); requests themselves are tiny.
@@ -177,7 +177,7 @@ class Transport:
                 return self.init_stream(request, timeout)
             raise failure from error
 
-    def init_shared(self, request: pb.InitRequest, name: str, timeout: float | None) -> list[Message]:
+    def init_shared(self, request: pb.InitRequest, name: str, timeout: float | None) -> list[UnaryPart]:
         """InitUnary asked to fill the shared-memory object ``name``: its header and trailer (a chunk, too, if
         the server sent one: the caller refuses it)."""
         shared = pb.InitRequest()

@@ -110,8 +110,11 @@ def encode_unary(messages: list[bytes | pb.InitResponse]) -> bytes:
 SMALL_UNARY_BYTES = 64 << 10
 
 
-def decode_unary(data: bytes) -> list[ChunkView | pb.InitResponse]:
-    """An ``InitUnaryResponse`` as the stream's messages (header, chunk if any, trailer). Above
+UnaryPart = pb.Header | ChunkView | pb.Trailer
+
+
+def decode_unary(data: bytes) -> list[UnaryPart]:
+    """An ``InitUnaryResponse`` as the stream's parts, unwrapped: its header, its chunk if any, its trailer. Above
     :data:`SMALL_UNARY_BYTES`, the chunk's payload is a view into ``data`` when the fields are exactly those,
     once each in order; anything else is parsed by protobuf (which raises on malformed bytes)."""
     if len(data) > SMALL_UNARY_BYTES:
@@ -119,19 +122,17 @@ def decode_unary(data: bytes) -> list[ChunkView | pb.InitResponse]:
         if parts is not None:
             return parts
     response = pb.InitUnaryResponse.FromString(data)
-    parts = [pb.InitResponse(header=response.header)]
-    if response.HasField("chunk"):
-        chunk = response.chunk
-        parts.append(ChunkView(chunk.offset, memoryview(chunk.data), chunk.crc32))
-    parts.append(pb.InitResponse(trailer=response.trailer))
-    return parts
+    if not response.HasField("chunk"):
+        return [response.header, response.trailer]
+    chunk = response.chunk
+    return [response.header, ChunkView(chunk.offset, memoryview(chunk.data), chunk.crc32), response.trailer]
 
 
-def _split_unary(data: bytes) -> list[ChunkView | pb.InitResponse] | None:
+def _split_unary(data: bytes) -> list[UnaryPart] | None:
     """Header, chunk (a view into ``data``) and trailer, parsed by hand; None unless the fields are exactly
     those, once each in order."""
     view = memoryview(data)
-    parts: list[ChunkView | pb.InitResponse] = []
+    parts: list[UnaryPart] = []
     position = 0
     try:
         for tag, field in ((0x0A, "header"), (0x12, "chunk"), (0x1A, "trailer")):
@@ -143,9 +144,9 @@ def _split_unary(data: bytes) -> list[ChunkView | pb.InitResponse] | None:
                 if field == "chunk":
                     parts.append(_parse_chunk(view[start:end]))
                 elif field == "header":
-                    parts.append(pb.InitResponse(header=pb.Header.FromString(view[start:end])))
+                    parts.append(pb.Header.FromString(view[start:end]))
                 else:
-                    parts.append(pb.InitResponse(trailer=pb.Trailer.FromString(view[start:end])))
+                    parts.append(pb.Trailer.FromString(view[start:end]))
                 position = end
     except (ValueError, IndexError):
         return None
