@@ -73,6 +73,7 @@ def test_scraped_counts_match_the_calls_made(metered: ServerProcess) -> None:
         with pytest.raises(ValueError):
             client.fetch(SHAPE, "kaiming_normal", seed=7, mode="fan_x")
         stats = client.describe().stats
+    access_lines(metered, 6)  # every call's line written, so its metrics were recorded (they come first)
     samples = scrape(metered)
 
     def value(sample: str, **labels: str) -> float:
@@ -135,6 +136,39 @@ def test_the_access_log_is_one_json_line_per_call_and_never_data(metered: Server
     # No line carries tensor data: the payload's bytes appear in no form in the whole log.
     log = "".join(metered.output)
     assert payload.hex() not in log and repr(payload) not in log
+
+
+def test_a_memo_answered_call_is_logged_with_its_request_id_and_peer() -> None:
+    """The access-log line and metrics of a call are written after its answer went out (a termination
+    callback), the request id and peer read then: a repeated InitUnary, answered from the memo, has them."""
+    request = pb.InitRequest(scheme="normal", shape=[3, 5], dtype=pb.DTYPE_FLOAT32, seed=12)
+    metered = start_server("--metrics-port", "0", "--log-format", "json")
+    try:
+        check_memo_call_records(metered, request)
+    finally:
+        metered.stop()
+
+
+def check_memo_call_records(metered: ServerProcess, request: pb.InitRequest) -> None:
+    with grpc.insecure_channel(metered.target) as channel:
+        stub = pb_grpc.InitServiceStub(channel)
+        for request_id in ("generated", "from-the-cache", "from-the-memo"):  # the memo keeps what the cache served
+            answer = stub.InitUnary(request, timeout=RPC_TIMEOUT_SECONDS, metadata=(("x-request-id", request_id),))
+            assert answer.chunk.data == bytes(reference("normal", (3, 5), seed=12).view(torch.uint8).reshape(-1))
+    first, cached, memo = access_lines(metered, 3)
+    assert (first["request_id"], first["cache_hit"], cached["cache_hit"]) == ("generated", False, True)
+    assert (memo["request_id"], memo["method"], memo["code"], memo["cache_hit"]) == (
+        "from-the-memo",
+        "InitUnary",
+        "OK",
+        True,
+    )
+    assert (memo["scheme"], memo["shape"], memo["tensors"], memo["bytes"]) == ("normal", [3, 5], 1, 60)
+    assert memo["peer"].startswith("ipv4:127.0.0.1:") and memo["peer"] == first["peer"]
+    samples = scrape(metered)
+    assert samples[("initserve_unary_answers_reused_total", ())] == 1
+    key = ("initserve_requests_total", (("code", "OK"), ("method", "InitUnary"), ("scheme", "normal")))
+    assert samples[key] == 3
 
 
 def test_metrics_are_off_by_default_and_text_logs_say_the_same(server: ServerProcess) -> None:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import grpc
 import torch
@@ -315,9 +316,11 @@ class InitServicer(pb_grpc.InitServiceServicer):
         kept = self.answers.get(data)
         if kept is not None:
             answer, (scheme, shape, nbytes) = kept
+            seconds = time.perf_counter() - started
             self._record(
-                CallRecord("InitUnary", _request_id(context), context.peer(), time.perf_counter() - started, "OK",
-                           scheme, shape, 1, nbytes, cache_hit=True)
+                context,
+                lambda: CallRecord("InitUnary", _request_id(context), context.peer(), seconds, "OK", scheme, shape,
+                                   1, nbytes, cache_hit=True),
             )  # fmt: skip
             return answer
         request = _parse_init_request(data)
@@ -411,6 +414,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
                 self.cancelled.add(1)
             code = context.code()
             self._record(
+                context,
                 CallRecord(
                     method=method,
                     request_id=_request_id(context),
@@ -422,7 +426,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
                     tensors=call.tensors,
                     bytes_sent=call.bytes_sent,
                     cache_hit=call.cache_hit,
-                )
+                ),
             )
 
     def _answer(
@@ -481,9 +485,17 @@ class InitServicer(pb_grpc.InitServiceServicer):
         call.answered(spec, lease.shared)
         call.finished = True
 
-    def _record(self, call: CallRecord) -> None:
-        self.metrics.record(call)
-        self.access_log.write(call)
+    def _record(self, context: grpc.ServicerContext, call: CallRecord | Callable[[], CallRecord]) -> None:
+        """Count the call and write its access-log line once the RPC has ended, after its answer went out (gRPC
+        runs termination callbacks on its polling thread), so a small call's answer does not wait for them.
+        ``call`` may be a function that makes the record then (the request id, the peer)."""
+        if not context.add_callback(partial(self._record_now, call)):
+            self._record_now(call)  # the RPC has already ended
+
+    def _record_now(self, call: CallRecord | Callable[[], CallRecord]) -> None:
+        record = call if isinstance(call, CallRecord) else call()
+        self.metrics.record(record)
+        self.access_log.write(record)
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
         started = time.perf_counter()
@@ -492,7 +504,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
         info = describe(self._config)
         info.stats.CopyFrom(self.stats())
         seconds = time.perf_counter() - started
-        self._record(CallRecord("Describe", _request_id(context), context.peer(), seconds, "OK"))
+        self._record(context, CallRecord("Describe", _request_id(context), context.peer(), seconds, "OK"))
         return info
 
     def stats(self) -> pb.ServerStats:
