@@ -108,10 +108,14 @@ class Plan:
         return f"{size_bytes(self.cache_bytes) // MIB + max(self.all_sizes_mib)}M"
 
     @property
+    def unprovisioned_flags(self) -> tuple[str, ...]:
+        """The fetch rows' server without preallocated memory (``fresh_server_memory`` rows, peak RSS)."""
+        return ("--cache-bytes", self.cache_bytes, "--max-tensor-bytes", "4G")
+
+    @property
     def serving_flags(self) -> tuple[str, ...]:
-        """The fetch rows' server, as the deployment files in docker/ configure it (``fresh_server_memory`` rows:
-        a server without preallocation)."""
-        return ("--cache-bytes", self.cache_bytes, "--preallocate-bytes", self.preallocate, "--max-tensor-bytes", "4G")
+        """The fetch rows' server, as the deployment files in docker/ configure it."""
+        return (*self.unprovisioned_flags, "--preallocate-bytes", self.preallocate)
 
     @property
     def all_sizes_mib(self) -> list[int]:
@@ -549,9 +553,8 @@ def measure_memory(report: Report, plan: Plan, seeds: SeedSource) -> None:
     size_mib = max(plan.sizes_mib)
     request = Request("normal", (size_mib * 256, ROW))
     seed = seeds.take()
-    flags = ("--cache-bytes", plan.cache_bytes, "--max-tensor-bytes", "4G")
     context = multiprocessing.get_context("spawn")
-    with initserve_server(*flags) as server:
+    with initserve_server(*plan.unprovisioned_flags) as server:  # a preallocated pool would sit in its idle RSS
         ours, theirs = context.Pipe()
         process = context.Process(target=peak_rss_client, args=(server.target, request.shape, seed, theirs))
         process.start()
@@ -704,9 +707,8 @@ def run_fresh_server_memory(report: Report, plan: Plan, seeds: SeedSource) -> No
     generations write fresh pages (the cache does not evict before the third 1 GiB tensor, after it is written)."""
     for size_mib in sorted(size for size in plan.sizes_mib if size >= LARGE_MIB):
         request = Request("normal", (size_mib * 256, ROW))
-        flags = ("--cache-bytes", plan.cache_bytes, "--max-tensor-bytes", "4G")
         with (
-            initserve_server(*flags) as server,
+            initserve_server(*plan.unprovisioned_flags) as server,
             initserve.Client(server.target, timeout=CLIENT_TIMEOUT_SECONDS) as client,
         ):
             measure_uncached(report, plan, client, client, request, size_mib, seeds, FRESH_SERVER, False)

@@ -72,6 +72,21 @@ def run_python(
     )
 
 
+def page_faults(pid: int) -> int:
+    """A process's minor page faults so far (/proc/PID/stat, field 10)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[7])
+
+
+def preallocated(client: initserve.Client, nbytes: int, timeout: float = 30.0) -> int:
+    """The server's free tensor memory once its start-up preallocation has reached ``nbytes`` (or after
+    ``timeout``): the background thread writes it while the server already serves."""
+    deadline = time.monotonic() + timeout
+    while (free := client.describe().stats.buffer_pool_bytes) < nbytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return free
+
+
 def start_server(*flags: str, env: dict[str, str] | None = None) -> ServerProcess:
     """Start a server with ``flags`` on a free loopback port and wait until it says where it listens."""
     command = [sys.executable, "-m", "initserve_server", "--host", "127.0.0.1", "--port", "0", *flags]

@@ -10,7 +10,7 @@ import torch
 import initserve
 from initserve.v1 import initserve_pb2 as pb
 from initserve_server.buffers import MIN_POOLED_BYTES, BufferPool
-from tests.conftest import reference, same_bytes, start_server
+from tests.conftest import page_faults, preallocated, reference, same_bytes, start_server
 
 MIB = 1 << 20
 CACHED_WITHIN_SECONDS = 10.0
@@ -108,10 +108,7 @@ def test_preallocated_memory_serves_a_fresh_server_s_first_generations() -> None
     running = start_server("--cache-bytes", "64M", "--max-inflight-bytes", "64M", "--preallocate-bytes", "96M")
     try:
         with running.client() as client:
-            deadline = time.monotonic() + CACHED_WITHIN_SECONDS
-            while client.describe().stats.buffer_pool_bytes < 96 * MIB and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert client.describe().stats.buffer_pool_bytes == 96 * MIB
+            assert preallocated(client, 96 * MIB) == 96 * MIB
             warm_up = client.normal((256, 1024), seed=99)  # 1 MiB, from the heap: the server's first call's faults
             assert same_bytes(warm_up, reference("normal", (256, 1024), seed=99))
             faults = []
@@ -127,12 +124,6 @@ def test_preallocated_memory_serves_a_fresh_server_s_first_generations() -> None
         assert any("preallocated 100663296 bytes of tensor memory" in line for line in running.output)
     finally:
         running.stop()
-
-
-def page_faults(pid: int) -> int:
-    """A process's minor page faults so far (/proc/PID/stat, field 10)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        return int(stat.read().rsplit(")", 1)[1].split()[7])
 
 
 def cached_after(client: initserve.Client, generations: int) -> pb.ServerStats:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 import initserve
-from tests.conftest import reference, same_bytes, start_server
-from tests.test_buffers import MIB, page_faults
+from tests.conftest import page_faults, preallocated, reference, same_bytes, start_server
 
 pytestmark = [
     pytest.mark.cuda,
@@ -18,6 +16,7 @@ pytestmark = [
 ]
 
 SEED = 11
+MIB = 1 << 20
 # One case per scheme (the test below checks the list covers them all), shapes that are not chunk multiples.
 CASES = [
     ("uniform", (4097,), {"a": -0.5, "b": 0.25}),
@@ -110,10 +109,7 @@ def test_a_gpu_tensor_is_copied_into_preallocated_host_memory_without_page_fault
     running = start_server("--cache-bytes", "32M", "--max-inflight-bytes", "64M", "--preallocate-bytes", "48M")
     try:
         with running.client() as client:
-            deadline = time.monotonic() + 30
-            while client.describe().stats.buffer_pool_bytes < 48 * MIB and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert client.describe().stats.buffer_pool_bytes == 48 * MIB
+            assert preallocated(client, 48 * MIB) == 48 * MIB
             for seed in range(2):  # the first call pays CUDA's own set-up in the server
                 faults = page_faults(running.process.pid)
                 result = client.fetch(shape, "normal", seed=seed, device="cuda")

@@ -413,14 +413,16 @@ class InitServicer(pb_grpc.InitServiceServicer):
             if cancelled:
                 self.cancelled.add(1)
             code = context.code()
+            seconds = time.perf_counter() - started
+            status = code.name if code is not None else "CANCELLED" if cancelled else "OK"
             self._record(
                 context,
-                CallRecord(
+                lambda: CallRecord(
                     method=method,
                     request_id=_request_id(context),
                     peer=context.peer(),
-                    seconds=time.perf_counter() - started,
-                    code=code.name if code is not None else "CANCELLED" if cancelled else "OK",
+                    seconds=seconds,
+                    code=status,
                     scheme=call.scheme,
                     shape=call.shape,
                     tensors=call.tensors,
@@ -485,15 +487,15 @@ class InitServicer(pb_grpc.InitServiceServicer):
         call.answered(spec, lease.shared)
         call.finished = True
 
-    def _record(self, context: grpc.ServicerContext, call: CallRecord | Callable[[], CallRecord]) -> None:
+    def _record(self, context: grpc.ServicerContext, make_record: Callable[[], CallRecord]) -> None:
         """Count the call and write its access-log line once the RPC has ended, after its answer went out (gRPC
         runs termination callbacks on its polling thread), so a small call's answer does not wait for them.
-        ``call`` may be a function that makes the record then (the request id, the peer)."""
-        if not context.add_callback(partial(self._record_now, call)):
-            self._record_now(call)  # the RPC has already ended
+        ``make_record()`` runs then, so the request id and the peer are read then too."""
+        if not context.add_callback(partial(self._record_now, make_record)):
+            self._record_now(make_record)  # the RPC has already ended
 
-    def _record_now(self, call: CallRecord | Callable[[], CallRecord]) -> None:
-        record = call if isinstance(call, CallRecord) else call()
+    def _record_now(self, make_record: Callable[[], CallRecord]) -> None:
+        record = make_record()
         self.metrics.record(record)
         self.access_log.write(record)
 
@@ -504,7 +506,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
         info = describe(self._config)
         info.stats.CopyFrom(self.stats())
         seconds = time.perf_counter() - started
-        self._record(context, CallRecord("Describe", _request_id(context), context.peer(), seconds, "OK"))
+        self._record(context, lambda: CallRecord("Describe", _request_id(context), context.peer(), seconds, "OK"))
         return info
 
     def stats(self) -> pb.ServerStats:
