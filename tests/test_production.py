@@ -144,6 +144,33 @@ def test_production_streams_a_prefix_before_the_tensor_is_finished() -> None:
     assert production.block_crcs == crcs.finished()
 
 
+def test_a_reader_sums_the_written_bytes_it_waits_for_and_the_producer_sums_the_rest() -> None:
+    """A CPU generation leaves its CRCs to the readers (its thread is the slow step): bytes the producer wrote are
+    summed by the first reader that needs them, in the reader's thread; finish() sums what no reader did."""
+    tensor = reference("normal", (3 * BLOCK_BYTES // 4 + 5,), seed=9)  # 3 blocks and 20 bytes
+    nbytes = tensor.numel() * 4
+    expected = BlockCrcs()
+    expected.update(tensor_bytes(tensor))
+    production = Production(nbytes)
+    production.attach(tensor)
+    production.advance(2 * BLOCK_BYTES)
+    assert production.block_crcs == []  # written, not summed: the producer left it to the readers
+    summed_in: list[str] = []
+    reader = threading.Thread(
+        target=lambda: (production.wait_for(2 * BLOCK_BYTES), summed_in.append(threading.current_thread().name)),
+        name="reader",
+    )
+    reader.start()
+    reader.join(10)
+    assert summed_in == ["reader"] and production.block_crcs == expected.crcs[:2]
+    production.advance(nbytes)
+    assert production.block_crcs == expected.crcs[:2] and not production.done
+    production.finish()  # no reader came for the rest
+    assert production.block_crcs == expected.finished()
+    assert production.final_checksum() == tensor_checksum(tensor_bytes(tensor))
+    production.wait_for(nbytes)
+
+
 def test_a_cancelled_production_stops_at_its_next_piece() -> None:
     spec = spec_for("uniform", (4096, 1024))  # 16 MiB: 16 pieces of 1 MiB
     production = Production(spec.total_bytes)
@@ -165,10 +192,12 @@ class RecordingProduction(Production):
     def __init__(self, nbytes: int) -> None:
         super().__init__(nbytes)
         self.advanced: list[int] = []
+        self.summed_now: list[bool] = []
 
-    def advance(self, final_bytes: int) -> None:
+    def advance(self, final_bytes: int, *, checksum_now: bool = False) -> None:
         self.advanced.append(final_bytes)
-        super().advance(final_bytes)
+        self.summed_now.append(checksum_now)
+        super().advance(final_bytes, checksum_now=checksum_now)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
@@ -182,6 +211,8 @@ def test_copy_from_advances_piece_by_piece_and_ends_with_the_sources_bytes(dtype
     production.copy_from(source.t().contiguous().t(), host, piece)  # a non-contiguous source is read in order
     step = piece // source.element_size() * source.element_size()
     assert production.advanced == [*range(step, nbytes, step), nbytes]
+    # the copy sums each piece as it lands, with no reader: its streams, not the copy, are the slow side
+    assert all(production.summed_now) and len(production.block_crcs) == nbytes // BLOCK_BYTES
     production.finish()
     assert production.tensor is host and same_bytes(host, source)
     assert production.final_checksum() == tensor_checksum(tensor_bytes(source))

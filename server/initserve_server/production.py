@@ -1,10 +1,16 @@
 """A tensor being produced: readable up to a watermark while the rest is still being generated.
 
-One producer thread fills the tensor front to back and calls :meth:`Production.advance` as each prefix becomes
-final; it computes the CRC-32 of every finished 1 MiB block as it goes, so streams reuse them as chunk CRCs and
-the whole-tensor checksum is ready the moment the last byte is. Any number of streams read it meanwhile, each
-waiting (:meth:`Production.wait_for`) only for the bytes it is about to send. This is how a stream of an
-uncached tensor overlaps its generation, and how a request that joins a generation in flight streams along.
+One producer thread fills the tensor front to back and calls :meth:`Production.advance` as each prefix is
+written. Any number of streams read it meanwhile, each waiting (:meth:`Production.wait_for`) only for the bytes
+it is about to send. This is how a stream of an uncached tensor overlaps its generation, and how a request that
+joins a generation in flight streams along.
+
+A byte may be sent once its 1 MiB block's CRC-32 is known (streams reuse them as chunk CRCs, and the
+whole-tensor checksum is made of them). Who computes them: for a CPU generation, the readers. The generating
+thread is the slowest step of an uncached fetch (torch's fill runs on one core), so a reader waiting for bytes
+that are written but not yet summed sums them itself, in its own thread, one reader at a time; the producer sums
+only what no reader did, when it finishes. A producer that is not the slowest step (a copy from the GPU, whose
+streams are) sums each piece as it advances (``checksum_now``).
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ class Production:
         self.block_crcs: list[int] = []  # grows as blocks become final; chunks that are one block reuse them
         self.checksum: bytes | None = None  # the whole tensor's, once finished
         self.error: BaseException | None = None
-        self._final = 0  # bytes final
+        self._written = 0  # bytes the producer has written: final, but maybe not yet summed
+        self._final = 0  # bytes written and summed: their blocks' CRCs are in _crcs
+        self._summing = False  # a thread is computing CRCs of [_final, _written) outside the lock
         self._crcs = TensorChecksum()
         self._cancelled = False
         self._changed = threading.Condition()
@@ -63,33 +71,62 @@ class Production:
         for start in range(0, host_flat.numel(), step):
             end = min(start + step, host_flat.numel())
             host_flat[start:end].copy_(source_flat[start:end])
-            self.advance(end * host.element_size())
+            self.advance(end * host.element_size(), checksum_now=True)
 
     def attach(self, tensor: torch.Tensor) -> None:
         """The tensor being filled; its bytes are read only below the watermark."""
         self.tensor = tensor
 
-    def advance(self, final_bytes: int) -> None:
-        """Bytes ``[0, final_bytes)`` are final. Raises :class:`Abandoned` once nobody wants the tensor."""
+    def advance(self, final_bytes: int, *, checksum_now: bool = False) -> None:
+        """Bytes ``[0, final_bytes)`` are written and final; ``checksum_now``: sum them in this thread rather than
+        leave it to the readers. Raises :class:`Abandoned` once nobody wants the tensor."""
         if self._cancelled:
             raise Abandoned("every stream for this tensor ended before it was generated")
         assert self.tensor is not None
-        if final_bytes <= self._final:
-            return
-        self._crcs.update(tensor_bytes(self.tensor)[self._final : final_bytes])
-        self._final = final_bytes
         with self._changed:
-            self.block_crcs.extend(self._crcs.crcs[len(self.block_crcs) :])  # one list that only grows
+            if final_bytes <= self._written:
+                return
+            self._written = final_bytes
             self._changed.notify_all()
+        if checksum_now:
+            self._sum_written(wait=True)
 
     def finish(self) -> None:
         assert self.tensor is not None
         self.advance(self.nbytes)
+        self._sum_written(wait=True)  # what no reader summed (all of it, when nobody reads)
         with self._changed:
             self.block_crcs.extend(self._crcs.finished()[len(self.block_crcs) :])
             self.checksum = self._crcs.digest()
             self._changed.notify_all()
         self._done()
+
+    def _sum_written(self, *, wait: bool) -> bool:
+        """Compute the CRCs of the bytes written but not yet summed, outside the lock, one thread at a time.
+        ``wait``: if another thread is summing, wait for it and then sum what is left; otherwise return False
+        at once. True when this call summed or found nothing to sum."""
+        with self._changed:
+            while self._summing:
+                if not wait:
+                    return False
+                self._changed.wait()
+            start, stop = self._final, self._written
+            if stop <= start:
+                return True
+            self._summing = True
+        assert self.tensor is not None
+        summed = False
+        try:
+            self._crcs.update(tensor_bytes(self.tensor)[start:stop])
+            summed = True
+        finally:
+            with self._changed:
+                if summed:
+                    self._final = stop
+                    self.block_crcs.extend(self._crcs.crcs[len(self.block_crcs) :])  # one list that only grows
+                self._summing = False
+                self._changed.notify_all()
+        return True
 
     def fail(self, error: BaseException) -> None:
         with self._changed:
@@ -125,7 +162,7 @@ class Production:
         """Until the first bytes are final (torch accepted the request) or it is done; re-raises its error,
         raises :class:`Abandoned` when ``is_active`` turns false."""
         with self._changed:
-            while not (self._final > 0 or self.done):
+            while not (self._written > 0 or self.done):
                 if not is_active():
                     raise Abandoned("the call ended while its tensor was being generated")
                 self._changed.wait(WAIT_POLL_SECONDS)
@@ -133,15 +170,21 @@ class Production:
             raise self.error
 
     def wait_for(self, end: int, is_active: Callable[[], bool] = lambda: True) -> None:
-        """Until bytes ``[0, end)`` are final and their block CRCs known; re-raises a production error, raises
-        :class:`Abandoned` when ``is_active`` turns false."""
-        with self._changed:
-            while not self._has(end) and self.error is None:
+        """Until bytes ``[0, end)`` are final and their block CRCs known, summing written bytes in this thread
+        while no other thread does; re-raises a production error, raises :class:`Abandoned` when ``is_active``
+        turns false."""
+        while True:
+            with self._changed:
+                if self._has(end):
+                    return
+                if self.error is not None:
+                    raise self.error
                 if not is_active():
                     raise Abandoned("the call ended while waiting for the tensor's bytes")
-                self._changed.wait(WAIT_POLL_SECONDS)
-            if not self._has(end):
-                raise self.error  # type: ignore[misc]
+                if self._summing or self._written <= self._final:
+                    self._changed.wait(WAIT_POLL_SECONDS)
+                    continue
+            self._sum_written(wait=False)
 
     def _has(self, end: int) -> bool:
         """Whether bytes ``[0, end)`` may be read: whole blocks whose CRCs are known, and the last byte only
