@@ -68,7 +68,9 @@ def test_the_torchrun_example_gathers_the_single_process_model(server) -> None:
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         str(EXAMPLE), "--target", server.target,
     ]  # fmt: skip
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: a rank that aborts (gloo's teardown did, once in some 30 runs, after every check had
+    # passed) prints every thread's Python stack into the failure message
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=TORCHRUN_SECONDS, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "OK: the gathered model equals a single-process init (" in done.stdout
@@ -102,7 +104,10 @@ dist.destroy_process_group()
 
 
 def test_materialize_as_fsdps_param_init_fn(server) -> None:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo"}
+    env = {
+        **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo",
+        "PYTHONFAULTHANDLER": "1",
+    }  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-c", FSDP_SCRIPT, server.target], capture_output=True, text=True, timeout=120, env=env
     )
