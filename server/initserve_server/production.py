@@ -89,31 +89,37 @@ class Production:
             self._written = final_bytes
             self._changed.notify_all()
         if checksum_now:
-            self._sum_written(wait=True)
+            self._sum_written()
 
     def finish(self) -> None:
         assert self.tensor is not None
         self.advance(self.nbytes)
-        self._sum_written(wait=True)  # what no reader summed (all of it, when nobody reads)
+        self._sum_written()  # what no reader summed (all of it, when nobody reads)
         with self._changed:
             self.block_crcs.extend(self._crcs.finished()[len(self.block_crcs) :])
             self.checksum = self._crcs.digest()
             self._changed.notify_all()
         self._done()
 
-    def _sum_written(self, *, wait: bool) -> bool:
-        """Compute the CRCs of the bytes written but not yet summed, outside the lock, one thread at a time.
-        ``wait``: if another thread is summing, wait for it and then sum what is left; otherwise return False
-        at once. True when this call summed or found nothing to sum."""
+    def _sum_written(self) -> None:
+        """The producer's share: wait for a reader that is summing, then sum whatever is still unsummed."""
         with self._changed:
             while self._summing:
-                if not wait:
-                    return False
                 self._changed.wait()
-            start, stop = self._final, self._written
-            if stop <= start:
-                return True
-            self._summing = True
+            span = self._claim()
+        if span is not None:
+            self._sum(*span)
+
+    def _claim(self) -> tuple[int, int] | None:
+        """Under the lock: the written bytes nobody has summed, now this thread's to sum; None if another thread
+        is summing or there is nothing to sum."""
+        if self._summing or self._written <= self._final:
+            return None
+        self._summing = True
+        return self._final, self._written
+
+    def _sum(self, start: int, stop: int) -> None:
+        """Compute the CRCs of claimed bytes ``[start, stop)`` outside the lock, then publish them."""
         assert self.tensor is not None
         summed = False
         try:
@@ -126,7 +132,6 @@ class Production:
                     self.block_crcs.extend(self._crcs.crcs[len(self.block_crcs) :])  # one list that only grows
                 self._summing = False
                 self._changed.notify_all()
-        return True
 
     def fail(self, error: BaseException) -> None:
         with self._changed:
@@ -181,10 +186,11 @@ class Production:
                     raise self.error
                 if not is_active():
                     raise Abandoned("the call ended while waiting for the tensor's bytes")
-                if self._summing or self._written <= self._final:
+                span = self._claim()
+                if span is None:
                     self._changed.wait(WAIT_POLL_SECONDS)
                     continue
-            self._sum_written(wait=False)
+            self._sum(*span)
 
     def _has(self, end: int) -> bool:
         """Whether bytes ``[0, end)`` may be read: whole blocks whose CRCs are known, and the last byte only
