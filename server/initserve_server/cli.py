@@ -58,6 +58,17 @@ def _optional_port(text: str) -> int | None:
     return port
 
 
+def _uids(text: str) -> tuple[int, ...]:
+    uids = tuple(int(part) for part in text.split(",") if part.strip())
+    if any(uid < 0 for uid in uids):
+        raise ValueError(f"UIDs must be >= 0, got {text!r}")
+    return uids
+
+
+def _devices(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def _log_format(text: str) -> str:
     if text not in ("text", "json"):
         raise ValueError(f"log format must be 'text' or 'json', got {text!r}")
@@ -82,7 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     option("--host", "HOST", str, defaults.DEFAULT_HOST, "address to listen on (0.0.0.0 or :: for all interfaces)")
     option("--port", "PORT", int, defaults.DEFAULT_PORT, "port to listen on; 0 picks a free one and prints it")
-    option("--workers", "WORKERS", int, defaults.DEFAULT_WORKERS, "RPCs served concurrently (threads)")
+    option(
+        "--workers",
+        "WORKERS",
+        int,
+        defaults.DEFAULT_WORKERS,
+        "generations run at once (threads); small generations have one more of their own (default: usable CPUs, "
+        "at least 2)",
+    )
     option("--chunk-bytes", "CHUNK_BYTES", _size, defaults.DEFAULT_CHUNK_BYTES, "default payload bytes per chunk")
     option(
         "--max-message-bytes",
@@ -137,14 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
         "close each client connection after this long (its calls finish; the client reconnects), so clients of a "
         "DNS name reach replicas added since; 0: never",
     )
-    parser.add_argument(
-        "--shared-memory",
-        type=_bool,
-        nargs="?",
-        const=True,
-        default=_env("SHARED_MEMORY", _bool, False),
-        help="write tensors straight into the /dev/shm objects of clients on this host (Client(shared_memory=True)); "
-        f"off by default [env {ENV_PREFIX}SHARED_MEMORY=1]",
+    option(
+        "--shared-memory-socket",
+        "SHARED_MEMORY_SOCKET",
+        str,
+        "",
+        "Unix-domain socket where clients on this host hand the server sealed memory to write tensors into "
+        "(Client(shared_memory=True)); off when empty",
+    )
+    option(
+        "--shared-memory-uids",
+        "SHARED_MEMORY_UIDS",
+        _uids,
+        (),
+        "comma-separated UIDs allowed on --shared-memory-socket besides the server's own",
     )
     option("--tls-cert", "TLS_CERT", str, "", "PEM certificate chain: serve TLS (with --tls-key)")
     option("--tls-key", "TLS_KEY", str, "", "PEM private key of --tls-cert")
@@ -154,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         "AUTH_TOKEN_FILE",
         str,
         "",
-        "file holding the bearer token every RPC but health must carry "
-        f"(or the token itself in {ENV_PREFIX}AUTH_TOKEN)",
+        "file of bearer tokens, one per line, any of which every RPC but health may carry; re-read when it changes "
+        f"(or one token itself in {ENV_PREFIX}AUTH_TOKEN)",
     )
     option(
         "--metrics-port",
@@ -163,6 +187,36 @@ def build_parser() -> argparse.ArgumentParser:
         _optional_port,
         None,
         "serve Prometheus /metrics over HTTP on --host and this port (0: a free one, printed); off by default",
+    )
+    option(
+        "--health-port",
+        "HEALTH_PORT",
+        _optional_port,
+        None,
+        "serve the gRPC health service alone, in plaintext and without a token, on --host and this port "
+        "(for kubelet gRPC probes of a TLS server); off by default",
+    )
+    option(
+        "--stall-seconds",
+        "STALL_SECONDS",
+        float,
+        defaults.DEFAULT_STALL_SECONDS,
+        "cancel a stream whose client has read nothing for this long, releasing what it held",
+    )
+    option(
+        "--max-work-seconds",
+        "MAX_WORK_SECONDS",
+        float,
+        defaults.DEFAULT_MAX_WORK_SECONDS,
+        "refuse a request whose generation the cost model estimates above this many seconds of one core",
+    )
+    option(
+        "--require-devices",
+        "REQUIRE_DEVICES",
+        _devices,
+        (),
+        "comma-separated devices (cpu, cuda, cuda:N) that must generate a probe tensor for the server to report "
+        "ready, checked at start and every 30 s",
     )
     option("--log-level", "LOG_LEVEL", str, "INFO", "logging level (INFO logs one access line per call)")
     option("--log-format", "LOG_FORMAT", _log_format, "text", "log lines as 'text' or 'json' objects")
@@ -194,12 +248,18 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             cache_bytes=args.cache_bytes,
             max_inflight_bytes=args.max_inflight_bytes,
             preallocate_bytes=args.preallocate_bytes,
-            shared_memory=args.shared_memory,
+            shared_memory_socket=args.shared_memory_socket,
+            shared_memory_uids=args.shared_memory_uids,
             tls_cert_file=args.tls_cert,
             tls_key_file=args.tls_key,
             tls_client_ca_file=args.tls_client_ca,
             auth_token=_auth_token(args),
+            auth_token_file=args.auth_token_file,
             metrics_port=args.metrics_port,
+            health_port=args.health_port,
+            stall_seconds=args.stall_seconds,
+            max_work_seconds=args.max_work_seconds,
+            require_devices=args.require_devices,
         )
     except ValueError as error:
         raise SystemExit(f"initserve-server: {error}")

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from initserve_server.cpu_limit import usable_cpus
 from initserve_server.memory_limit import usable_memory_bytes
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
-DEFAULT_WORKERS = 16
+# Generation threads: one per usable CPU (torch runs one intra-op thread each), at least 2. RPCs themselves take
+# no thread: a stream waiting on its client is a suspended coroutine (initserve_server.servicer).
+DEFAULT_WORKERS = max(2, usable_cpus())
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # gRPC's own default receive limit, so any stock client can read chunks
 DEFAULT_MAX_TENSOR_BYTES = 4 << 30
 DEFAULT_MAX_DIMS = 16
 DEFAULT_GRACE_SECONDS = 10.0
 DEFAULT_MAX_CONNECTION_AGE_SECONDS = 0.0  # off; the Kubernetes manifests set 300
+# A stream whose client reads nothing for this long is cancelled and what it held is released.
+DEFAULT_STALL_SECONDS = 30.0
+# A request whose generation the cost model (initserve_server.costs) puts above this many seconds of one core
+# of the reference machine is refused, whatever its size: nothing admitted can run for hours.
+DEFAULT_MAX_WORK_SECONDS = 60.0
 # Sized for the machine, or the container's memory limit where that is smaller: the cache may hold 1/8 of it
 # (at most 16 GiB), tensors being generated or streamed outside it 1/4 (at least one largest tensor). Peak RSS
 # stays under idle + both + gRPC buffers.
@@ -42,7 +50,7 @@ MAX_CONNECTION_AGE_SECONDS = 2**31 / 1000  # gRPC takes it in int32 milliseconds
 class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT  # 0 picks a free port; RunningServer.port says which
-    workers: int = DEFAULT_WORKERS  # concurrent RPCs being served (threads)
+    workers: int = DEFAULT_WORKERS  # generations running at once (threads); small ones also have a lane of their own
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # default payload per Chunk message
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest message the server sends
     max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES  # largest tensor one request may ask for
@@ -51,15 +59,32 @@ class ServerConfig:
     cache_bytes: int = DEFAULT_CACHE_BYTES  # LRU cache budget for finished tensors; 0 disables the cache
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES  # tensors generated/streamed outside the cache
     preallocate_bytes: int = 0  # tensor memory written at start-up for generations to reuse; within both budgets
-    shared_memory: bool = False  # write tensors into same-host clients' /dev/shm objects (InitUnary)
+    # Same-host transport: a Unix-domain socket where local clients hand the server sealed memfds to fill
+    # (initserve_server.shared_memory); "" off.
+    shared_memory_socket: str = ""
+    shared_memory_uids: tuple[int, ...] = ()  # peer UIDs allowed on that socket besides the server's own
     tls_cert_file: str = ""  # PEM certificate chain: serve TLS (with tls_key_file)
     tls_key_file: str = ""
     tls_client_ca_file: str = ""  # PEM CA bundle: require client certificates it signed (mutual TLS)
     auth_token: str = field(default="", repr=False)  # bearer token every RPC but health must carry; "" for none
+    # A file of bearer tokens, one per line, any of which is accepted; re-read when it changes (rotation).
+    auth_token_file: str = ""
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0: a free port); None: off
     # Close each client connection after this long (GOAWAY: its calls finish, new ones reconnect), so clients
     # of a DNS name re-resolve it and reach replicas added since; 0: never.
     max_connection_age_seconds: float = DEFAULT_MAX_CONNECTION_AGE_SECONDS
+    # The gRPC health service alone, in plaintext and without a token, on host:health_port (kubelet's gRPC
+    # probes speak plaintext only); None: off.
+    health_port: int | None = None
+    stall_seconds: float = DEFAULT_STALL_SECONDS
+    max_work_seconds: float = DEFAULT_MAX_WORK_SECONDS
+    # Devices that must generate a probe tensor before the server reports ready (and keep doing so): a CUDA
+    # pool whose GPU does not work is not ready. Each "cpu", "cuda" or "cuda:N".
+    require_devices: tuple[str, ...] = ()
+
+    @property
+    def shared_memory(self) -> bool:
+        return bool(self.shared_memory_socket)
 
     @property
     def max_chunk_bytes(self) -> int:
@@ -97,6 +122,12 @@ class ServerConfig:
             raise ValueError("max_tensor_bytes and max_dims must be >= 0")
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be in 0..65535, got {self.health_port}")
+        if not self.stall_seconds > 0:
+            raise ValueError(f"stall_seconds must be > 0, got {self.stall_seconds}")
+        if not self.max_work_seconds > 0:
+            raise ValueError(f"max_work_seconds must be > 0, got {self.max_work_seconds}")
         if not 0 <= self.max_connection_age_seconds <= MAX_CONNECTION_AGE_SECONDS:
             raise ValueError(
                 f"max_connection_age_seconds must be in 0..{MAX_CONNECTION_AGE_SECONDS:.0f}, "
