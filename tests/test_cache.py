@@ -1,11 +1,13 @@
 """TensorCache on its own: single-flight, LRU under a byte budget, the in-flight budget, errors and abandonment.
 
-Real torch tensors and real threads throughout; a generation that must stay in progress blocks on a
-threading.Event, and every wait is bounded.
+Real torch tensors and real threads throughout: a generation that must stay in progress is a thread blocked on
+a threading.Event, and every wait is bounded. Acquiring never waits (start() only hands the generation to a
+thread); streams await the production, as the server's coroutines do.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -13,13 +15,13 @@ from collections.abc import Callable, Hashable
 import pytest
 import torch
 
-from initserve_server.cache import WAIT_POLL_SECONDS, Abandoned, Lease, Overloaded, TensorCache
+from initserve_server.cache import Abandoned, Lease, Overloaded, TensorCache
 from initserve_server.production import Production
 
 WAIT_SECONDS = 10.0  # the bound on every wait for another thread
 FLOATS = 1024
 NBYTES = FLOATS * 4  # one float32 tensor of FLOATS elements
-LIMIT = "in-flight tensor bytes limit (max_inflight_bytes={})"
+LIMIT = "in-flight bytes limit (max_inflight_bytes={})"
 
 
 def tensor_for(seed: int, floats: int = FLOATS) -> torch.Tensor:
@@ -27,7 +29,8 @@ def tensor_for(seed: int, floats: int = FLOATS) -> torch.Tensor:
 
 
 class Producer:
-    """A produce() that makes a real tensor, counts its calls and may block on a gate or raise."""
+    """A start() that makes a real tensor, counts its calls, and generates in a thread of its own that may wait
+    on a gate, fail, or stop once cancelled; without a gate or an error its production is finished at once."""
 
     def __init__(
         self,
@@ -42,7 +45,7 @@ class Producer:
         self.gate = gate
         self.error = error
         self.calls = 0
-        self.started = threading.Event()
+        self.threads: list[threading.Thread] = []
 
     @property
     def nbytes(self) -> int:
@@ -50,21 +53,45 @@ class Producer:
 
     def __call__(self) -> Production:
         self.calls += 1
-        self.started.set()
-        if self.gate is not None:
-            assert self.gate.wait(WAIT_SECONDS), "the test never opened the gate"
-        if self.error is not None:
-            raise self.error
-        return Production.finished(tensor_for(self.seed, self.floats))
+        if self.gate is None and self.error is None:
+            return Production.finished(tensor_for(self.seed, self.floats))
+        production = Production(self.nbytes)
+        thread = threading.Thread(target=self._generate, args=(production,), daemon=True)
+        self.threads.append(thread)
+        thread.start()
+        return production
+
+    def _generate(self, production: Production) -> None:
+        try:
+            if self.gate is not None:
+                assert self.gate.wait(WAIT_SECONDS), "the test never opened the gate"
+            production.check_cancelled()
+            if self.error is not None:
+                raise self.error
+            production.attach(tensor_for(self.seed, self.floats))
+            production.finish()
+        except BaseException as error:  # noqa: BLE001 - handed to the production's readers
+            production.fail(error)
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(WAIT_SECONDS)
+            assert not thread.is_alive(), "a generation did not end in time"
 
 
 def must_not_produce() -> Production:
-    raise AssertionError("produce() was called for what should have been a cache hit or a join")
+    raise AssertionError("start() was called for what should have been a cache hit or a join")
 
 
 def acquire(cache: TensorCache, key: Hashable, producer: Producer | Callable[[], Production], **options) -> Lease:
     nbytes = producer.nbytes if isinstance(producer, Producer) else NBYTES
     return cache.acquire(key, nbytes, producer, **options)
+
+
+def finished(lease: Lease) -> Lease:
+    """``lease`` once its production is done (raising its error, as a stream would)."""
+    asyncio.run(asyncio.wait_for(lease.production.wait_for(lease.production.nbytes), WAIT_SECONDS))
+    return lease
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:
@@ -73,27 +100,6 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {WAIT_SECONDS}s waiting for {what}")
         time.sleep(0.005)
-
-
-class Worker(threading.Thread):
-    """Runs one acquire on its own thread and keeps the lease or the exception it ended with."""
-
-    def __init__(self, call: Callable[[], Lease]) -> None:
-        super().__init__(daemon=True)
-        self._call = call
-        self.lease: Lease | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.lease = self._call()
-        except BaseException as error:  # noqa: BLE001 - kept for the test to inspect
-            self.error = error
-
-    def finish(self) -> Worker:
-        self.join(WAIT_SECONDS)
-        assert not self.is_alive(), "an acquire did not return in time"
-        return self
 
 
 def cached_keys(cache: TensorCache) -> list[Hashable]:
@@ -114,29 +120,23 @@ def check_invariants(cache: TensorCache) -> None:
 
 @pytest.mark.parametrize("cache_bytes", [1 << 20, 0], ids=["cache", "no-cache"])
 def test_identical_requests_in_flight_share_one_generation(cache_bytes: int) -> None:
-    threads = 8
+    streams = 8
     cache = TensorCache(cache_bytes=cache_bytes, max_inflight_bytes=1 << 20)
     gate = threading.Event()
     producer = Producer(seed=3, gate=gate)
-    workers = [Worker(lambda: acquire(cache, "k", producer)) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    # Every thread is inside acquire: one generating (blocked on the gate), the others joined to it.
-    wait_until(lambda: cache.stats.joins == threads - 1, "every other thread to join the generation")
-    assert producer.started.is_set() and producer.calls == 1
+    leases = [acquire(cache, "k", producer) for _ in range(streams)]  # none of them waits
+    assert producer.calls == 1 and cache.stats.joins == streams - 1
     assert cache.gauges() == (0, 0, NBYTES)  # generating: in flight, not yet cached
-    gate.set()
-    for worker in workers:
-        worker.finish()
-    assert [worker.error for worker in workers] == [None] * threads
-    leases = [worker.lease for worker in workers]
-    assert producer.calls == 1
     first = leases[0].production
-    assert all(lease.production is first for lease in leases)  # the very same tensor, not copies
+    assert all(lease.production is first for lease in leases)  # the very same production, not copies
+    assert not first.done
+    gate.set()
+    for lease in leases:
+        finished(lease)
     assert torch.equal(first.tensor, tensor_for(3))
-    assert sorted(lease.shared for lease in leases) == [False] + [True] * (threads - 1)
+    assert [lease.shared for lease in leases] == [False] + [True] * (streams - 1)
     stats = cache.stats
-    assert (stats.requests, stats.generations, stats.misses, stats.joins, stats.hits) == (threads, 1, 1, threads - 1, 0)
+    assert (stats.requests, stats.generations, stats.misses, stats.joins, stats.hits) == (streams, 1, 1, streams - 1, 0)
     for lease in leases:
         lease.release()
     expected = (1, NBYTES, 0) if cache_bytes else (0, 0, 0)
@@ -242,12 +242,11 @@ def test_uncacheable_entries_are_not_cached_but_are_single_flight() -> None:
     assert producer.calls == 2
     gate = threading.Event()
     gated = Producer(5, gate=gate)
-    workers = [Worker(lambda: acquire(cache, "drawn", gated, cacheable=False)) for _ in range(3)]
-    for worker in workers:
-        worker.start()
-    wait_until(lambda: cache.stats.joins == 2, "two joins")
+    leases = [acquire(cache, "drawn", gated, cacheable=False) for _ in range(3)]
+    assert cache.stats.joins == 2
     gate.set()
-    leases = [worker.finish().lease for worker in workers]
+    for lease in leases:
+        finished(lease)
     assert gated.calls == 1
     assert cache.gauges() == (0, 0, NBYTES)
     for lease in leases:
@@ -300,16 +299,14 @@ def test_joins_and_hits_are_admitted_over_the_in_flight_budget() -> None:
     """Only new generations are refused: joining one in flight or streaming a cached tensor adds no memory."""
     cache = TensorCache(cache_bytes=NBYTES, max_inflight_bytes=NBYTES)
     gate = threading.Event()
-    generating = Worker(lambda: acquire(cache, "k", Producer(1, gate=gate)))
-    generating.start()
-    wait_until(lambda: cache.gauges()[2] == NBYTES, "the generation to be admitted")
-    joining = Worker(lambda: acquire(cache, "k", must_not_produce))
-    joining.start()
-    wait_until(lambda: cache.stats.joins == 1, "the join")
+    generating = acquire(cache, "k", Producer(1, gate=gate))
+    assert cache.gauges()[2] == NBYTES
+    joining = acquire(cache, "k", must_not_produce)
+    assert cache.stats.joins == 1
     with pytest.raises(Overloaded, match=r"retry later$"):
         acquire(cache, "other", must_not_produce)
     gate.set()
-    leases = [generating.finish().lease, joining.finish().lease]
+    leases = [finished(generating), finished(joining)]
     assert cache.gauges() == (1, NBYTES, 0)  # cached now: no longer in flight
     with acquire(cache, "k", must_not_produce) as hit:
         assert hit.shared
@@ -388,27 +385,58 @@ def test_an_evicted_entry_with_several_streams_is_in_flight_until_the_last_one_e
     assert cache.gauges() == (1, NBYTES, 0)
 
 
+# --- working memory -----------------------------------------------------------------------------------------------
+
+
+def test_working_memory_is_admitted_with_the_tensor_and_freed_when_the_producer_stops() -> None:
+    cache = TensorCache(cache_bytes=1 << 20, max_inflight_bytes=4 * NBYTES)
+    gate = threading.Event()
+    lease = acquire(cache, "qr", Producer(1, gate=gate), working_bytes=2 * NBYTES)
+    assert cache.gauges() == (0, 0, 3 * NBYTES)  # the tensor and what its scheme allocates beside it
+    with pytest.raises(Overloaded) as refused:
+        acquire(cache, "other", must_not_produce, working_bytes=NBYTES)  # 1 + 1 more do not fit beside 3
+    assert str(refused.value) == f"{LIMIT.format(4 * NBYTES)}: {3 * NBYTES} bytes in flight, this request needs " \
+        f"{2 * NBYTES}; retry later"  # fmt: skip
+    gate.set()
+    finished(lease)
+    assert cache.gauges() == (1, NBYTES, 0)  # the working memory is gone; the tensor is cached
+    lease.release()
+
+
+def test_a_start_that_raises_frees_what_it_was_admitted_with() -> None:
+    cache = TensorCache(cache_bytes=0, max_inflight_bytes=NBYTES)
+
+    def refuse() -> Production:
+        raise RuntimeError("the pool is closed")
+
+    with pytest.raises(RuntimeError, match="the pool is closed"):
+        cache.acquire("k", NBYTES, refuse)
+    assert cache.gauges() == (0, 0, 0)
+    acquire(cache, "k", Producer(1)).release()  # and nothing of it is left to join
+    assert cache.stats.misses == 2
+
+
 # --- failures -------------------------------------------------------------------------------------------------------
 
 
 def test_a_failed_generation_raises_the_same_error_to_every_joiner_and_caches_nothing() -> None:
-    threads = 6
+    streams = 6
     cache = TensorCache(cache_bytes=1 << 20, max_inflight_bytes=1 << 20)
     gate = threading.Event()
     error = RuntimeError("generation failed")
     producer = Producer(gate=gate, error=error)
-    workers = [Worker(lambda: acquire(cache, "k", producer)) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    wait_until(lambda: cache.stats.joins == threads - 1, "every other thread to join")
+    leases = [acquire(cache, "k", producer) for _ in range(streams)]
     gate.set()
-    for worker in workers:
-        worker.finish()
-    assert [worker.lease for worker in workers] == [None] * threads
-    assert all(worker.error is error for worker in workers)
+    for lease in leases:
+        with pytest.raises(RuntimeError) as raised:
+            finished(lease)
+        assert raised.value is error
     assert producer.calls == 1
+    assert cache.gauges() == (0, 0, NBYTES)  # held by its streams until they end
+    for lease in leases:
+        lease.release()
     assert cache.gauges() == (0, 0, 0)
-    assert (cache.stats.generations, cache.stats.misses, cache.stats.joins) == (0, 1, threads - 1)
+    assert (cache.stats.generations, cache.stats.misses, cache.stats.joins) == (0, 1, streams - 1)
     # Not cached, not remembered: the next request generates (and succeeds).
     retry = Producer(seed=9)
     with acquire(cache, "k", retry) as lease:
@@ -417,58 +445,80 @@ def test_a_failed_generation_raises_the_same_error_to_every_joiner_and_caches_no
     assert cache.gauges() == (1, NBYTES, 0)
 
 
-def test_a_failed_generation_alone_frees_its_in_flight_bytes() -> None:
-    cache = TensorCache(cache_bytes=0, max_inflight_bytes=NBYTES)
-    with pytest.raises(ValueError, match="bad parameter"):
-        acquire(cache, "k", Producer(error=ValueError("bad parameter")))
-    assert cache.gauges() == (0, 0, 0)
-    acquire(cache, "other", Producer(1)).release()  # the whole budget is free again
-
-
 # --- abandonment ----------------------------------------------------------------------------------------------------
 
 
-def test_a_joiner_whose_call_ends_while_waiting_is_abandoned_and_released() -> None:
-    cache = TensorCache(cache_bytes=0, max_inflight_bytes=1 << 20)
+def test_a_generation_nobody_wants_is_cancelled_and_its_bytes_stay_counted_until_it_stops() -> None:
+    cache = TensorCache(cache_bytes=1 << 20, max_inflight_bytes=1 << 20)
     gate = threading.Event()
-    generating = Worker(lambda: acquire(cache, "k", Producer(4, gate=gate)))
-    generating.start()
-    wait_until(lambda: cache.gauges()[2] == NBYTES, "the generation to start")
-    active = threading.Event()
-    active.set()
-    joining = Worker(lambda: acquire(cache, "k", must_not_produce, is_active=active.is_set))
-    joining.start()
-    wait_until(lambda: cache.stats.joins == 1, "the join")
-    ended_at = time.monotonic()
-    active.clear()  # the joiner's call is cancelled while the generation is still running
-    joining.finish()
-    waited = time.monotonic() - ended_at
-    assert isinstance(joining.error, Abandoned)
-    assert str(joining.error) == "the call ended while waiting for an identical generation in flight"
-    assert waited < WAIT_POLL_SECONDS + 2.0  # noticed within a poll, not at the generation's end
-    assert generating.is_alive()  # the generation itself goes on for its own caller
-    gate.set()
-    lease = generating.finish().lease
-    assert lease is not None and torch.equal(lease.production.tensor, tensor_for(4))
-    assert cache.gauges() == (0, 0, NBYTES)
-    lease.release()
-    assert cache.gauges() == (0, 0, 0)  # the abandoned joiner's hold was released too
-
-
-def test_a_joiner_still_active_is_not_abandoned_however_long_it_waits() -> None:
-    cache = TensorCache(cache_bytes=0, max_inflight_bytes=1 << 20)
-    gate = threading.Event()
-    generating = Worker(lambda: acquire(cache, "k", Producer(4, gate=gate)))
-    generating.start()
-    wait_until(lambda: cache.gauges()[2] == NBYTES, "the generation to start")
-    polls = []
-    joining = Worker(lambda: acquire(cache, "k", must_not_produce, is_active=lambda: polls.append(1) or True))
-    joining.start()
-    wait_until(lambda: len(polls) >= 3, "the joiner to poll is_active a few times")
-    gate.set()
-    leases = [generating.finish().lease, joining.finish().lease]
-    assert joining.error is None
-    assert leases[0].production is leases[1].production
+    producer = Producer(4, gate=gate)
+    leases = [acquire(cache, "k", producer) for _ in range(2)]
     for lease in leases:
         lease.release()
+    production = leases[0]._entry.production
+    assert production is not None and production.cancelled
+    assert cache.gauges() == (0, 0, NBYTES)  # its producer may still be writing the tensor
+    again = acquire(cache, "k", Producer(5))  # nobody joins a cancelled generation: a new one starts
+    assert not again.shared
+    again.release()
+    gate.set()
+    producer.join()
+    assert isinstance(production.error, Abandoned)
+    assert cache.stats.abandoned == 1
+    assert cache.gauges() == (1, NBYTES, 0)  # the abandoned one is let go; the second one is cached
+    assert cached_keys(cache) == ["k"] and torch.equal(cache._cached["k"].production.tensor, tensor_for(5))
+
+
+def test_a_stream_cancelled_while_waiting_leaves_the_generation_to_the_others() -> None:
+    cache = TensorCache(cache_bytes=0, max_inflight_bytes=1 << 20)
+    gate = threading.Event()
+    generating = acquire(cache, "k", Producer(4, gate=gate))
+    joining = acquire(cache, "k", must_not_produce)
+
+    async def cancel_the_joiner() -> None:
+        waiting = asyncio.ensure_future(joining.production.started())
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(cancel_the_joiner())
+    joining.release()
+    assert not generating.production.cancelled  # its own stream still wants it
+    gate.set()
+    finished(generating)
+    assert torch.equal(generating.production.tensor, tensor_for(4))
+    generating.release()
     assert cache.gauges() == (0, 0, 0)
+
+
+class SlowToReport(Production):
+    """A production whose producer is held between finishing (``done`` is true) and reporting it (``_done``)."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__(nbytes)
+        self.finished_event = threading.Event()
+        self.report = threading.Event()
+
+    def _done(self) -> None:
+        self.finished_event.set()
+        assert self.report.wait(WAIT_SECONDS)
+        super()._done()
+
+
+def test_a_stream_released_between_finish_and_its_report_leaves_a_whole_entry_to_cache() -> None:
+    """The last stream leaves after the tensor is finished but before the producer's callback ran: the entry must
+    still hold its tensor when the callback caches it (a hit after it gets the tensor, never an empty entry)."""
+    cache = TensorCache(cache_bytes=1 << 20, max_inflight_bytes=1 << 20)
+    production = SlowToReport(NBYTES)
+    lease = cache.acquire("k", NBYTES, lambda: production)
+    production.attach(tensor_for(6))
+    producer = threading.Thread(target=production.finish, daemon=True)
+    producer.start()
+    assert production.finished_event.wait(WAIT_SECONDS) and production.done
+    lease.release()  # the window: done, not yet reported
+    production.report.set()
+    producer.join(WAIT_SECONDS)
+    assert cache.gauges() == (1, NBYTES, 0)
+    with acquire(cache, "k", must_not_produce) as hit:
+        assert hit.shared and torch.equal(hit.production.tensor, tensor_for(6))

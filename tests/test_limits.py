@@ -28,7 +28,7 @@ SETTLE_SECONDS = 15.0  # the bound on waiting for the server's gauges to return 
 INFLIGHT_BUDGET = 24 * MIB
 HELD_SHAPE = (2048, 2048)  # 16 MiB float32: far beyond what HTTP/2 flow control buffers for an unread stream
 HELD_BYTES = 16 * MIB
-LIMIT = f"in-flight tensor bytes limit (max_inflight_bytes={INFLIGHT_BUDGET})"
+LIMIT = f"in-flight bytes limit (max_inflight_bytes={INFLIGHT_BUDGET})"
 # The cache server.
 CACHE_BUDGET = 64 * MIB
 CACHE_INFLIGHT_BUDGET = 40 * MIB

@@ -50,7 +50,7 @@ SMALL = [
 LARGE = [("normal", (2048, 2048)), ("uniform", (2048, 2048))]  # 16 MiB each
 LARGE_FRACTION = 0.3
 RETRY_LATER = re.compile(
-    rf"^in-flight tensor bytes limit \(max_inflight_bytes={INFLIGHT_BUDGET}\): (\d+) bytes in flight, "
+    rf"^in-flight bytes limit \(max_inflight_bytes={INFLIGHT_BUDGET}\): (\d+) bytes in flight, "
     r"this request needs (\d+); retry later$"
 )
 

@@ -185,12 +185,13 @@ def test_init_unary_answers_the_streams_bytes_in_one_message(server) -> None:
         # zero bytes: no chunk at all
         empty = unary(unary_request((0, 5)), timeout=30)
         assert not empty.HasField("chunk") and empty.header.total_bytes == 0
-        # past the limit: FAILED_PRECONDITION, naming it; the Init stream serves it
+        # past the limit: INVALID_ARGUMENT (as the proto says), naming it, marked so that a client streams instead
         limit = initserve.Client(server.target).describe().limits.max_unary_bytes
         assert limit == 1 << 20
         with pytest.raises(grpc.RpcError) as raised:
             unary(unary_request((513, 512)), timeout=30)
-        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ("initserve-refusal", "unary-too-large") in raised.value.trailing_metadata()
         assert raised.value.details() == (
             f"InitUnary answers at most {limit} bytes (max_unary_bytes); this request is {513 * 512 * 4} bytes "
             "from its offset: use Init, which streams"

@@ -69,6 +69,12 @@ def _chunk_crc(piece: memoryview, start: int, total: int, block_crcs: Sequence[i
     return crc32(piece)
 
 
+def encode_chunk_at(payload: memoryview, start: int, end: int, block_crcs: Sequence[int] | None = None) -> bytes:
+    """The serialized chunk of ``payload[start:end]``, its CRC reused from ``block_crcs`` when it is one block."""
+    piece = payload[start:end]
+    return encode_chunk(start, piece, _chunk_crc(piece, start, len(payload), block_crcs))
+
+
 def encode_stream(
     header: pb.Header,
     payload: memoryview,
@@ -98,8 +104,7 @@ def encode_stream(
         end = min(start + chunk_bytes, total)
         if ready is not None:
             ready(end)
-        piece = payload[start:end]
-        yield encode_chunk(start, piece, _chunk_crc(piece, start, total, block_crcs))
+        yield encode_chunk_at(payload, start, end, block_crcs)
     if ready is not None:
         ready(total)
     if checksum is None:

@@ -10,17 +10,26 @@ from typing import Any
 
 import grpc
 
-from initserve._errors import from_grpc_error
+from initserve._errors import REFUSAL_KEY, UNARY_TOO_LARGE, from_grpc_error
 from initserve._wire import ChunkView, UnaryPart, decode_many_response, decode_response, decode_unary
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
 
 # Tensors of at most this many bytes (from the request's offset) are fetched by one InitUnary call: a stream's
 # per-message costs are most of a small tensor's latency. A server whose messages are too small for it says so
-# (FAILED_PRECONDITION) and the client streams instead.
+# (INVALID_ARGUMENT marked UNARY_TOO_LARGE; servers before 0.2 said FAILED_PRECONDITION "InitUnary answers at
+# most ...") and the client streams instead.
 UNARY_MAX_BYTES = 1 << 20
 Message = pb.InitResponse | ChunkView | pb.Header | pb.Trailer  # a stream's messages, a unary answer's parts
 _UNARY_REFUSAL = "InitUnary answers at most"
+
+
+def _unary_too_large(error: grpc.RpcError) -> bool:
+    """Whether the server refused an InitUnary call for its size (the caller then streams)."""
+    if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return (REFUSAL_KEY, UNARY_TOO_LARGE) in tuple(error.trailing_metadata() or ())
+    return error.code() == grpc.StatusCode.FAILED_PRECONDITION and (error.details() or "").startswith(_UNARY_REFUSAL)
+
 
 # Large enough for any chunk a server sends (its limit defaults to 4 MiB); requests themselves are tiny.
 DEFAULT_MAX_RECEIVE_MESSAGE_BYTES = 64 << 20
@@ -171,11 +180,10 @@ class Transport:
         try:
             return iter(self._init_unary(request, timeout=timeout, metadata=self._metadata))
         except grpc.RpcError as error:
-            failure = from_grpc_error(error)
-            if error.code() == grpc.StatusCode.FAILED_PRECONDITION and str(failure).startswith(_UNARY_REFUSAL):
+            if _unary_too_large(error):
                 self.unary_refused = True  # this server's messages are smaller: stream from now on
                 return self.init_stream(request, timeout)
-            raise failure from error
+            raise from_grpc_error(error) from error
 
     def init_shared(self, request: pb.InitRequest, name: str, timeout: float | None) -> list[UnaryPart]:
         """InitUnary asked to fill the shared-memory object ``name``: its header and trailer (a chunk, too, if

@@ -1,4 +1,4 @@
-"""Single-flight LRU cache of generated tensors, with byte budgets for the cache and for tensors in flight.
+"""Single-flight LRU cache of generated tensors, with byte budgets for the cache and for memory in flight.
 
 A request asks for the tensor of a spec key. Three outcomes:
 - hit: a finished tensor is in the cache; the request streams it (no new memory);
@@ -8,10 +8,20 @@ A request asks for the tensor of a spec key. Three outcomes:
   would not fit: :class:`Overloaded`, RESOURCE_EXHAUSTED). A failed production is never cached; its joiners get
   its error. A production nobody streams any more is cancelled and never cached.
 
-A production enters the cache when it finishes. Memory accounting: a tensor is either in the cache (counted
-against ``cache_bytes``) or held by streams or its producer outside it (counted against ``max_inflight_bytes``),
-never both; so the server's tensor memory is at most the sum of the two budgets. An entry evicted while streams
-still hold it moves to the in-flight count until they finish.
+Acquiring never waits: ``start()`` only hands the generation to a thread, and every stream (the one that
+started it and those that joined) then awaits the production itself. So a stream whose call ends while the
+tensor is still queued or being generated leaves at once, and the generation goes on only while someone wants it.
+
+Memory accounting, what the budgets bound: a tensor is either in the cache (counted against ``cache_bytes``) or
+held by streams or its producer outside it (counted against ``max_inflight_bytes``), never both. A generation's
+working memory (what its scheme allocates beside the tensor while generating: a QR's factors, a rejection
+sampler's candidates; see ``costs``) is counted in flight from admission until its producer stops. A
+cancelled production's bytes stay counted until its producer has really stopped writing them. So the server's
+tensor and working memory is at most the sum of the two budgets. An entry evicted while streams still hold it
+moves to the in-flight count until they finish.
+
+Threads: ``acquire`` and ``release`` are called from the server's event loop; a producer's end
+(:meth:`TensorCache._finished`) comes from its generation thread. One lock guards the counts.
 """
 
 from __future__ import annotations
@@ -19,11 +29,11 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from initserve_server.production import WAIT_POLL_SECONDS, Abandoned, Production
+from initserve_server.production import Abandoned, Production
 
-__all__ = ["WAIT_POLL_SECONDS", "Abandoned", "CacheStats", "Lease", "Overloaded", "TensorCache"]
+__all__ = ["Abandoned", "CacheStats", "Lease", "Overloaded", "TensorCache"]
 
 
 class Overloaded(Exception):
@@ -36,12 +46,13 @@ class _Entry:
     nbytes: int
     cacheable: bool
     generates: bool = True  # its production generates a tensor (False: it cuts a slice from a cached one)
-    started: threading.Event = field(default_factory=threading.Event)  # production started, or failed to
+    working_bytes: int = 0  # counted in flight until its producer stops
     production: Production | None = None
-    error: BaseException | None = None
     users: int = 0  # leases not yet released
     cached: bool = False
-    counted_inflight: bool = True  # its bytes are in the in-flight count (not cached, not yet released)
+    counted_inflight: bool = True  # its tensor's bytes are in the in-flight count (not cached, not yet freed)
+    stopped: bool = False  # its producer has stopped (_finished ran): the cache's own record, never the
+    # production's `done`, which turns true before the producer's callbacks have run
 
 
 @dataclass
@@ -58,7 +69,7 @@ class CacheStats:
 
 
 class Lease:
-    """A stream's hold on a finished tensor; release it (or use ``with``) when the stream ends."""
+    """A stream's hold on a production; release it (or use ``with``) when the stream ends."""
 
     def __init__(self, cache: TensorCache, entry: _Entry, *, shared: bool) -> None:
         self._cache = cache
@@ -100,18 +111,16 @@ class TensorCache:
         nbytes: int,
         start: Callable[[], Production],
         *,
+        working_bytes: int = 0,
         cacheable: bool = True,
         generates: bool = True,
-        is_active: Callable[[], bool] = lambda: True,
     ) -> Lease:
         """A lease on the production for ``key``: from the cache, a joined production, or ``start()`` now.
 
-        ``start`` returns once the production's first bytes are final (or it is finished); it may still be
-        filling. Raises :class:`Overloaded` when a new production does not fit the in-flight budget, whatever
-        ``start`` raised (for this request and for every request that joined it), or :class:`Abandoned` when
-        ``is_active`` turns false while waiting for a joined production to start.
+        ``start`` returns a production at once (its generation queued or running); ``working_bytes`` is what the
+        generation needs beside the tensor. Raises :class:`Overloaded` when a new production does not fit the
+        in-flight budget, or whatever ``start`` raised.
         """
-        leader = False
         with self._lock:
             self.stats.requests += 1
             entry = self._cached.get(key)
@@ -124,67 +133,51 @@ class TensorCache:
             if entry is not None:
                 entry.users += 1
                 self.stats.joins += 1
-            else:
-                if self._inflight_bytes + nbytes > self.max_inflight_bytes:
-                    self.stats.refused += 1
-                    limit = f"in-flight tensor bytes limit (max_inflight_bytes={self.max_inflight_bytes})"
-                    if nbytes > self.max_inflight_bytes:
-                        raise Overloaded(f"{limit}: this request needs {nbytes} bytes, more than the limit")
-                    raise Overloaded(
-                        f"{limit}: {self._inflight_bytes} bytes in flight, this request needs {nbytes}; retry later"
-                    )
-                entry = _Entry(key=key, nbytes=nbytes, cacheable=cacheable, generates=generates, users=1)
-                self._generating[key] = entry
-                self._inflight_bytes += nbytes
-                self.stats.misses += 1
-                leader = True
-        if leader:
-            return self._start(entry, start)
-        return self._wait(entry, is_active)
-
-    def _start(self, entry: _Entry, start: Callable[[], Production]) -> Lease:
-        try:
-            production = start()
-        except BaseException as error:
-            with self._lock:
-                if self._generating.get(entry.key) is entry:
-                    del self._generating[entry.key]
-                entry.error = error
-                self._release_locked(entry)
-            entry.started.set()
-            raise
-        with self._lock:
-            entry.production = production
-        entry.started.set()
-        production.on_done(lambda finished: self._finished(entry, finished))
+                return Lease(self, entry, shared=True)
+            self._admit_locked(nbytes + working_bytes, what="this request needs")
+            entry = _Entry(key, nbytes, cacheable, generates, working_bytes, users=1)
+            self._inflight_bytes += nbytes + working_bytes
+            self.stats.misses += 1
+            try:
+                entry.production = start()  # only queues the generation: quick, and never calls back here
+            except BaseException:
+                self._inflight_bytes -= nbytes + working_bytes
+                raise
+            self._generating[key] = entry
+        entry.production.on_done(lambda finished: self._finished(entry, finished))
         return Lease(self, entry, shared=False)
 
+    def _admit_locked(self, nbytes: int, *, what: str) -> None:
+        if self._inflight_bytes + nbytes <= self.max_inflight_bytes:
+            return
+        self.stats.refused += 1
+        limit = f"in-flight bytes limit (max_inflight_bytes={self.max_inflight_bytes})"
+        if nbytes > self.max_inflight_bytes:
+            raise Overloaded(f"{limit}: {what} {nbytes} bytes, more than the limit")
+        raise Overloaded(f"{limit}: {self._inflight_bytes} bytes in flight, {what} {nbytes}; retry later")
+
     def _finished(self, entry: _Entry, production: Production) -> None:
-        """The producer is done: a finished tensor enters the cache (if it may and fits), a failed one never."""
+        """The producer stopped: its working memory is free; a finished tensor enters the cache (if it may and
+        fits), a failed one never; a tensor nobody holds any more is let go."""
         with self._lock:
+            entry.stopped = True
+            self._inflight_bytes -= entry.working_bytes
+            entry.working_bytes = 0
             if self._generating.get(entry.key) is entry:
                 del self._generating[entry.key]
             if production.error is not None:
                 if isinstance(production.error, Abandoned):
                     self.stats.abandoned += 1
-                return
-            if entry.generates:
-                self.stats.generations += 1
             else:
-                self.stats.slices_cut += 1
-            if entry.cacheable and 0 < entry.nbytes <= self.cache_bytes and entry.key not in self._cached:
-                entry.production = production  # kept even when every stream already went (one-piece generation)
-                self._insert_locked(entry)
-
-    def _wait(self, entry: _Entry, is_active: Callable[[], bool]) -> Lease:
-        while not entry.started.wait(WAIT_POLL_SECONDS):
-            if not is_active():
-                self._release(entry)
-                raise Abandoned("the call ended while waiting for an identical generation in flight")
-        if entry.error is not None:
-            self._release(entry)
-            raise entry.error
-        return Lease(self, entry, shared=True)
+                if entry.generates:
+                    self.stats.generations += 1
+                else:
+                    self.stats.slices_cut += 1
+                if entry.cacheable and 0 < entry.nbytes <= self.cache_bytes and entry.key not in self._cached:
+                    self._insert_locked(entry)  # kept even when every stream already went
+                    return
+            if entry.users == 0:
+                self._let_go_locked(entry)
 
     def _insert_locked(self, entry: _Entry) -> None:
         while self._cached and self._cached_bytes + entry.nbytes > self.cache_bytes:
@@ -206,19 +199,26 @@ class TensorCache:
 
     def _release(self, entry: _Entry) -> None:
         with self._lock:
-            self._release_locked(entry)
-
-    def _release_locked(self, entry: _Entry) -> None:
-        entry.users -= 1
-        if entry.users == 0 and not entry.cached:
-            if entry.counted_inflight:
-                self._inflight_bytes -= entry.nbytes
-                entry.counted_inflight = False
+            entry.users -= 1
+            if entry.users > 0 or entry.cached:
+                return
             if self._generating.get(entry.key) is entry:
                 del self._generating[entry.key]  # nobody may join a production that nobody wants
-            production, entry.production = entry.production, None  # drop the tensor now
-            if production is not None and not production.done:
-                production.cancel()
+            production = entry.production
+            if production is not None and not entry.stopped:
+                cancel = production.cancel  # its bytes stay counted until the producer stops (_finished)
+            else:
+                cancel = None
+                self._let_go_locked(entry)
+        if cancel is not None:
+            cancel()  # outside the lock: it may call back (a queued generation fails at once)
+
+    def _let_go_locked(self, entry: _Entry) -> None:
+        """Nobody holds the entry and it is not cached: its tensor's bytes leave the in-flight count."""
+        if entry.counted_inflight:
+            self._inflight_bytes -= entry.nbytes
+            entry.counted_inflight = False
+        entry.production = None  # drop the tensor now
 
     def spare_bytes(self) -> int:
         """Budget bytes neither cached nor in flight (what a pool of freed tensor memory may hold).

@@ -15,9 +15,10 @@ from initserve_server import config as defaults
 from initserve_server.config import ServerConfig
 from initserve_server.logs import configure_logging
 from initserve_server.security import SecurityConfigError, check_token, read_token
-from initserve_server.server import serve
+from initserve_server.server import RunningServer, serve
 
 ENV_PREFIX = "INITSERVE_"
+STOP_MARGIN_SECONDS = 4.0  # after the grace period: the stop's own work, well inside the issue's grace + 5 s
 
 
 def _env(name: str, parse: Callable[[str], object], default: object) -> object:
@@ -283,12 +284,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One machine-readable line: tests and scripts started with --port 0 read the bound port from it.
     if running.metrics_port is not None:
         print(f"initserve metrics on {running.config.host}:{running.metrics_port}", flush=True)
+    if running.health_port is not None:
+        print(f"initserve health on {running.config.host}:{running.health_port}", flush=True)
     print(f"initserve listening on {running.target}", flush=True)
     while not stop_requested.wait(timeout=1.0):
         pass
-    logging.getLogger("initserve.server").info("signal received; stopping within %.1fs", config.grace_seconds)
-    running.stop()
-    return 0
+    return _stop(running, config.grace_seconds)
+
+
+def _stop(running: RunningServer, grace_seconds: float) -> int:
+    """Drain for the grace period, then exit, within grace + STOP_MARGIN_SECONDS whatever is still running.
+
+    Generations cannot be interrupted mid-call (a QR, a fill), and the interpreter's normal exit would wait for
+    them, or crash finalizing beside them: with generations still running, the process ends with os._exit once
+    its logs are flushed."""
+    log = logging.getLogger("initserve.server")
+    log.info("signal received; stopping within %.1fs", grace_seconds)
+    outcome: list[int] = []
+    stopper = threading.Thread(target=lambda: outcome.append(running.stop()), name="initserve-stop", daemon=True)
+    stopper.start()
+    stopper.join(grace_seconds + STOP_MARGIN_SECONDS)
+    if outcome and outcome[0] == 0:
+        return 0
+    log.warning(
+        "exiting with %s generation(s) still running",
+        outcome[0] if outcome else "the drain unfinished and its",
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

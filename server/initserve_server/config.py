@@ -43,7 +43,12 @@ MAX_UNARY_BYTES = 1 << 20
 UNARY_OVERHEAD_BYTES = 4 << 10
 # Serialized InitUnary answers to repeated cached requests (initserve_server.answers), apart from cache_bytes.
 MAX_ANSWER_MEMO_BYTES = 64 << 20
-MAX_CONNECTION_AGE_SECONDS = 2**31 / 1000  # gRPC takes it in int32 milliseconds
+MAX_CONNECTION_AGE_SECONDS = 2**31 / 1000
+# Streams' messages on their way out: each stream holds its current chunk twice while gRPC sends it (the encoded
+# message and gRPC's copy), outside the tensor budgets, so streams are admitted against this budget of their own
+# (RESOURCE_EXHAUSTED past it): 128 stalled default-chunk streams at once, released after stall_seconds.
+STREAM_BUFFER_BYTES = 256 << 20
+MESSAGE_COPIES = 2  # gRPC takes it in int32 milliseconds
 
 
 @dataclass(frozen=True)

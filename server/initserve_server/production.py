@@ -11,19 +11,24 @@ thread is the slowest step of an uncached fetch (torch's fill runs on one core),
 that are written but not yet summed sums them itself, in its own thread, one reader at a time; the producer sums
 only what no reader did, when it finishes. A producer that is not the slowest step (a copy from the GPU, whose
 streams are) sums each piece as it advances (``checksum_now``).
+
+Threads and the event loop: the producer is a thread (torch's fill blocks), the readers are coroutines on the
+server's event loop. A reader waiting for bytes holds no thread: it awaits a future of its own, which every change
+of the production resolves through ``loop.call_soon_threadsafe``; its CRC summing runs in an executor. A reader
+whose call ends is simply cancelled where it awaits; the producer is told to stop by :meth:`Production.cancel`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
+from concurrent.futures import Executor
 
 import torch
 
 from initserve._checksum import BLOCK_BYTES, TensorChecksum
 from initserve._codec import tensor_bytes
-
-WAIT_POLL_SECONDS = 0.1  # how often a waiting stream checks whether its call is still active
 
 
 class Abandoned(Exception):
@@ -32,7 +37,8 @@ class Abandoned(Exception):
 
 class Production:
     """The producer calls :meth:`attach`, :meth:`advance` (any number of times), then :meth:`finish` or
-    :meth:`fail`; readers call :meth:`wait_started`, :meth:`wait_for` and :meth:`final_checksum`."""
+    :meth:`fail`, and :meth:`check_cancelled` wherever it can stop; readers await :meth:`started` and
+    :meth:`wait_for`, then call :meth:`final_checksum`."""
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
@@ -46,7 +52,9 @@ class Production:
         self._crcs = TensorChecksum()
         self._cancelled = False
         self._changed = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []  # readers to wake
         self._on_done: list[Callable[[Production], None]] = []
+        self._on_cancel: list[Callable[[], object]] = []
 
     @classmethod
     def finished(cls, tensor: torch.Tensor) -> Production:
@@ -80,25 +88,27 @@ class Production:
     def advance(self, final_bytes: int, *, checksum_now: bool = False) -> None:
         """Bytes ``[0, final_bytes)`` are written and final; ``checksum_now``: sum them in this thread rather than
         leave it to the readers. Raises :class:`Abandoned` once nobody wants the tensor."""
-        if self._cancelled:
-            raise Abandoned("every stream for this tensor ended before it was generated")
+        self.check_cancelled()
         assert self.tensor is not None
         with self._changed:
             if final_bytes <= self._written:
                 return
             self._written = final_bytes
-            self._changed.notify_all()
+            self._wake_locked()
         if checksum_now:
             self._sum_written()
 
     def finish(self) -> None:
+        """Every byte is written: a finished tensor is kept (and cached) even if its streams have gone."""
         assert self.tensor is not None
-        self.advance(self.nbytes)
+        with self._changed:
+            self._written = self.nbytes
+            self._wake_locked()
         self._sum_written()  # what no reader summed (all of it, when nobody reads)
         with self._changed:
             self.block_crcs.extend(self._crcs.finished()[len(self.block_crcs) :])
             self.checksum = self._crcs.digest()
-            self._changed.notify_all()
+            self._wake_locked()
         self._done()
 
     def _sum_written(self) -> None:
@@ -131,21 +141,68 @@ class Production:
                     self._final = stop
                     self.block_crcs.extend(self._crcs.crcs[len(self.block_crcs) :])  # one list that only grows
                 self._summing = False
-                self._changed.notify_all()
+                self._wake_locked()
 
     def fail(self, error: BaseException) -> None:
         with self._changed:
             self.error = error
-            self._changed.notify_all()
+            self._wake_locked()
         self._done()
 
     def cancel(self) -> None:
-        """Ask the producer to stop at its next :meth:`advance` (one that generates in one piece cannot)."""
-        self._cancelled = True
+        """Nobody wants the tensor any more: the producer stops at its next :meth:`advance` or
+        :meth:`check_cancelled` (a generation still queued never starts: see :meth:`on_cancel`)."""
+        with self._changed:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            callbacks, self._on_cancel = self._on_cancel, []
+        for callback in callbacks:
+            callback()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`Abandoned` once :meth:`cancel` was called (the producer's stopping points)."""
+        if self._cancelled:
+            raise Abandoned("every stream for this tensor ended before it was generated")
+
+    def on_cancel(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` when the production is cancelled (at once, if it already is; never once done)."""
+        with self._changed:
+            if self.done:
+                return
+            if not self._cancelled:
+                self._on_cancel.append(callback)
+                return
+        callback()
+
+    def _wake_locked(self) -> None:
+        """Under the lock, after any change: wake the producer's waits and every waiting reader."""
+        self._changed.notify_all()
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for loop, future in waiters:
+                if future.done():  # its reader was cancelled
+                    continue
+                try:
+                    loop.call_soon_threadsafe(_resolve, future)
+                except RuntimeError:  # the loop is closed (the server stopped): nobody is waiting there
+                    pass
+
+    def _waiter_locked(self) -> asyncio.Future[None]:
+        """Under the lock: a future of the calling coroutine's own, resolved at the next change."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._waiters.append((loop, future))
+        return future
 
     def _done(self) -> None:
         with self._changed:
             callbacks, self._on_done = self._on_done, []
+            self._on_cancel = []  # nothing left to stop; and its hooks (a pool future) must not keep it alive
         for callback in callbacks:
             callback(self)
 
@@ -163,34 +220,34 @@ class Production:
     def done(self) -> bool:
         return self.checksum is not None or self.error is not None
 
-    def wait_started(self, is_active: Callable[[], bool] = lambda: True) -> None:
-        """Until the first bytes are final (torch accepted the request) or it is done; re-raises its error,
-        raises :class:`Abandoned` when ``is_active`` turns false."""
-        with self._changed:
-            while not (self._written > 0 or self.done):
-                if not is_active():
-                    raise Abandoned("the call ended while its tensor was being generated")
-                self._changed.wait(WAIT_POLL_SECONDS)
+    async def started(self) -> None:
+        """Until the first bytes are final (torch accepted the request) or it is done; re-raises its error."""
+        while True:
+            with self._changed:
+                if self._written > 0 or self.done:
+                    break
+                changed = self._waiter_locked()
+            await changed
         if self.error is not None:
             raise self.error
 
-    def wait_for(self, end: int, is_active: Callable[[], bool] = lambda: True) -> None:
-        """Until bytes ``[0, end)`` are final and their block CRCs known, summing written bytes in this thread
-        while no other thread does; re-raises a production error, raises :class:`Abandoned` when ``is_active``
-        turns false."""
+    async def wait_for(self, end: int, summer: Executor | None = None) -> None:
+        """Until bytes ``[0, end)`` are final and their block CRCs known, summing written bytes in ``summer`` (the
+        loop's default executor when None) while no other reader does; re-raises a production error."""
+        loop = asyncio.get_running_loop()
         while True:
             with self._changed:
                 if self._has(end):
                     return
                 if self.error is not None:
                     raise self.error
-                if not is_active():
-                    raise Abandoned("the call ended while waiting for the tensor's bytes")
                 span = self._claim()
                 if span is None:
-                    self._changed.wait(WAIT_POLL_SECONDS)
-                    continue
-            self._sum(*span)
+                    changed = self._waiter_locked()
+            if span is None:
+                await changed
+            else:
+                await loop.run_in_executor(summer, self._sum, *span)
 
     def _has(self, end: int) -> bool:
         """Whether bytes ``[0, end)`` may be read: whole blocks whose CRCs are known, and the last byte only
@@ -203,3 +260,8 @@ class Production:
         """The whole tensor's checksum; call after every byte was waited for."""
         assert self.checksum is not None, "the checksum is known only once the production finished"
         return self.checksum
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # its reader may have been cancelled meanwhile
+        future.set_result(None)

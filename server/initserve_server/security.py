@@ -9,7 +9,7 @@ runs, so no tensor work is done and no byte of data is sent.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -65,34 +65,37 @@ def server_credentials(cert_file: str, key_file: str, client_ca_file: str) -> gr
     )
 
 
-def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+OnRefused = Callable[[str, grpc.aio.ServicerContext], None]  # (method, context): count and log the refusal
+
+
+def _refusal(handler: grpc.RpcMethodHandler, method: str, on_refused: OnRefused) -> grpc.RpcMethodHandler:
     """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED and nothing else."""
 
-    def refuse(request: object, context: grpc.ServicerContext) -> None:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+    async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+        on_refused(method, context)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(refuse)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(refuse)
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Refuses every call but health checks unless it carries ``authorization: Bearer <token>``."""
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call but health checks unless it carries ``authorization: Bearer <token>``; each refusal is
+    reported to ``on_refused`` (the servicer counts it and writes its access line)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, on_refused: OnRefused) -> None:
         self._expected = f"Bearer {token}".encode()
+        self._on_refused = on_refused
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(HEALTH_PREFIX):
             return handler
         given = b""
         for key, value in handler_call_details.invocation_metadata or ():
@@ -101,4 +104,4 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
                 break
         if hmac.compare_digest(given, self._expected):
             return handler
-        return _refusal(handler)
+        return _refusal(handler, method.rsplit("/", 1)[-1], self._on_refused)

@@ -1,19 +1,23 @@
-"""The gRPC servicer: request → spec → validate → generate → encode, with every error mapped in one place."""
+"""The gRPC servicer (grpc.aio): request → engine → messages written to the call, every error mapped in one place.
+
+Each call is a coroutine on the server's event loop; none holds a thread. A stream whose client reads nothing is
+a coroutine suspended in ``context.write`` (gRPC completes a write only once HTTP/2 flow control has let the
+whole message out), so slow or stalled readers cost the memory of one message each (counted, see
+``engine.stream_buffer``) and no capacity anyone else needs: Health, Describe and every other call go on. A
+write that makes no progress for ``stall_seconds`` ends the call (UNAVAILABLE: a slow client resumes from its
+last verified byte) and releases what it held.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
-import dataclasses
 import logging
-import os
 import secrets
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -21,17 +25,13 @@ from google.protobuf.message import DecodeError
 
 from initserve import _dtypes
 from initserve._checksum import CHECKSUM_ALGORITHM
-from initserve._codec import encode_stream, seal_header, tensor_bytes
-from initserve._errors import TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES
+from initserve._errors import REFUSAL_KEY, TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES, UNARY_TOO_LARGE
 from initserve._schemes import SCHEMES
-from initserve._slices import index
 from initserve._wire import encode_unary, serialize_response, tensor_tag
 from initserve.v1 import initserve_pb2 as pb
-from initserve.v1 import initserve_pb2_grpc as pb_grpc
 from initserve_server import __version__, devices
-from initserve_server.answers import AnswerMemo
-from initserve_server.buffers import BufferPool
-from initserve_server.cache import Abandoned, Overloaded, TensorCache
+from initserve_server.budget import OverBudget
+from initserve_server.cache import Overloaded
 from initserve_server.config import (
     MAX_CHUNKS_PER_STREAM,
     MAX_REQUEST_BYTES,
@@ -39,29 +39,27 @@ from initserve_server.config import (
     MAX_TENSORS_PER_CALL,
     ServerConfig,
 )
-from initserve_server.initializers import Allocate, configure_torch, generate
+from initserve_server.engine import SERVER_ID, Engine, TooLargeForUnary, unary_spec
+from initserve_server.generation_pool import PoolClosed
 from initserve_server.logs import AccessLog
 from initserve_server.metrics import CallRecord, Metrics
-from initserve_server.production import Production
-from initserve_server.shared_memory import (
-    SHARED_MEMORY_DIR,
-    SharedMemoryInvalid,
-    SharedMemoryNoSpace,
-    SharedMemoryUnavailable,
-    SharedRegion,
-)
-from initserve_server.spec import InitSpec
-from initserve_server.validation import InvalidRequest, OffsetOutOfRange, check_finite, validate_request
+from initserve_server.production import Abandoned
+from initserve_server.shared_memory import SharedMemoryInvalid, SharedMemoryNoSpace, SharedMemoryUnavailable
+from initserve_server.validation import InvalidRequest, OffsetOutOfRange
 
 API_VERSION = "initserve.v1"
-# Which replica served a stream: in every header and in Describe.
-SERVER_ID = f"{socket.gethostname()}:{os.getpid()}"
+MAX_DETAILS_CHARS = 2048  # an error's message: gRPC refuses trailers past its metadata limit (8 KiB by default)
+MAX_LABEL_NAME_CHARS = 64  # how much of a tensor's name an InitMany error repeats
 log = logging.getLogger("initserve.server")
 
 
-def draw_seed() -> int:
-    """A fresh seed for a request that gave none; reported in the header so the result can be reproduced."""
-    return secrets.randbits(64)
+class CallEnded(Exception):
+    """A write failed: the client cancelled, expired or disconnected (gRPC raises its own error for the write,
+    sometimes before ``context.cancelled()`` says so). Counted as cancelled; nothing is left to answer."""
+
+
+class Stalled(Exception):
+    """UNAVAILABLE: the client read nothing for stall_seconds; the server ended the stream."""
 
 
 def _torch_exception_name(error: BaseException) -> str | None:
@@ -76,136 +74,75 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
-def _abort(context: grpc.ServicerContext, error: BaseException, label: str = "") -> None:
-    """Every failure of an Init call becomes its status here, and only here; ``label`` names the tensor of an
-    InitMany call (its message's prefix)."""
+Status = tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]  # code, details, trailing metadata
+
+
+class _Labelled(Exception):
+    """An InitMany tensor's failure: the status of its error, the message prefixed with the tensor's label."""
+
+    def __init__(self, error: BaseException, label: str) -> None:
+        code, details, trailing = status_of(error)
+        super().__init__(label + details)
+        self.status = (code, label + details, trailing)
+
+
+def status_of(error: BaseException) -> Status:
+    """Every failure of a call becomes its status here, and only here."""
+    if isinstance(error, _Labelled):
+        return error.status
     if isinstance(error, Abandoned):
-        context.abort(grpc.StatusCode.CANCELLED, f"{label}{error}")
-    if isinstance(error, (Overloaded, SharedMemoryNoSpace)):
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{label}{error}")
+        return grpc.StatusCode.CANCELLED, str(error), ()
+    if isinstance(error, (Overloaded, OverBudget, SharedMemoryNoSpace)):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
+    if isinstance(error, (Stalled, PoolClosed)):
+        return grpc.StatusCode.UNAVAILABLE, str(error), ()
     if isinstance(error, OffsetOutOfRange):
-        context.abort(grpc.StatusCode.OUT_OF_RANGE, f"{label}{error}")
+        return grpc.StatusCode.OUT_OF_RANGE, str(error), ()
+    if isinstance(error, TooLargeForUnary):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error), ((REFUSAL_KEY, UNARY_TOO_LARGE),)
     if isinstance(error, (InvalidRequest, SharedMemoryInvalid)):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{label}{error}")
-    if isinstance(error, (devices.DeviceUnavailable, TooLargeForUnary, SharedMemoryUnavailable)):
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{label}{error}")
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error), ()
+    if isinstance(error, (devices.DeviceUnavailable, SharedMemoryUnavailable)):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(error), ()
     if _is_out_of_memory(error):
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{label}out of memory generating the tensor: {error}")
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory generating the tensor: {error}", ()
     torch_exception = _torch_exception_name(error)
     if torch_exception is not None:
-        context.set_trailing_metadata(((TORCH_EXCEPTION_KEY, torch_exception),))
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{label}{error}")
-    log.exception("unexpected error generating a tensor", exc_info=error)
-    context.abort(grpc.StatusCode.INTERNAL, f"{label}internal error generating the tensor ({type(error).__name__})")
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error), ((TORCH_EXCEPTION_KEY, torch_exception),)
+    log.error("unexpected error generating a tensor", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error generating the tensor ({type(error).__name__})", ()
+
+
+def _shown(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _tensor_label(position: int, name: str) -> str:
-    """How an InitMany error names its tensor: ``tensors[3] ('layer.weight'): ``."""
-    return f"tensors[{position}] ({name!r}): " if name else f"tensors[{position}]: "
+    """How an InitMany error names its tensor: ``tensors[3] ('layer.weight'): ``, a long name shortened."""
+    return f"tensors[{position}] ({_shown(name, MAX_LABEL_NAME_CHARS)!r}): " if name else f"tensors[{position}]: "
 
 
-def _header(spec: InitSpec, cache_hit: bool) -> pb.Header:
-    return seal_header(
-        pb.Header(
-            shape=spec.out_shape,
-            dtype=spec.dtype.wire,
-            total_bytes=spec.total_bytes,
-            seed_used=spec.seed,
-            seeded=spec.scheme.seeded,
-            torch_version=torch.__version__,
-            device=devices.device_info(spec.device),
-            checksum_algorithm=CHECKSUM_ALGORITHM,
-            chunk_bytes=spec.chunk_bytes,
-            scheme=spec.scheme.name,
-            server_version=__version__,
-            server_id=SERVER_ID,
-            offset=spec.offset,
-            cache_hit=cache_hit,
-            name=spec.name,
-            base_seed=spec.base_seed,
-            full_shape=spec.shape if spec.slices else (),
-            slices=[pb.Slice(dim=dim, start=start, length=length) for dim, start, length in spec.slices],
-        )
-    )
-
-
-DEVICE_COPY_PIECE_BYTES = 16 << 20  # one device-to-host copy: long enough that its call and sync cost vanish
-
-
-def produce(spec: InitSpec, production: Production, allocate: Allocate | None = None) -> None:
-    """Generate the contract tensor for ``spec`` into ``production``, piece by piece where the scheme allows;
-    ``allocate`` makes a CPU tensor's memory (see ``buffers``)."""
-
-    def on_piece(tensor: torch.Tensor, final_bytes: int) -> None:
-        if production.tensor is None:
-            production.attach(tensor)
-        production.advance(final_bytes)
-
-    try:
-        tensor = generate(spec, on_piece, allocate=allocate)
-        if production.tensor is None and tensor.device.type == "cpu":
-            production.attach(tensor.contiguous())
-        elif production.tensor is None:  # generated on a GPU: into pooled host memory, streamed as it lands
-            host = allocate(tensor.shape, tensor.dtype) if allocate else torch.empty(tensor.shape, dtype=tensor.dtype)
-            production.copy_from(tensor, host, DEVICE_COPY_PIECE_BYTES)
-        del tensor
-        production.finish()
-    except BaseException as error:  # noqa: BLE001 - the streams waiting on it re-raise it
-        production.fail(error)
-
-
-def _write_shared(
-    region: SharedRegion, spec: InitSpec, shared: bool, production: Production, ready: Callable[[int], None]
-) -> Iterator[pb.InitResponse]:
-    """The shared-memory answer: the bytes into the client's region as they become final, then the header and
-    the trailer."""
-    assert production.tensor is not None
-    region.write(production.tensor, spec.offset, spec.total_bytes, ready)
-    yield pb.InitResponse(header=_header(spec, shared))
-    yield pb.InitResponse(trailer=pb.Trailer(checksum=production.final_checksum()))
-
-
-METHODS = {"stream": "Init", "unary": "InitUnary", "shared": "InitUnary"}  # _serve's modes, as RPC names
-
-
-class TooLargeForUnary(Exception):
-    """FAILED_PRECONDITION: the client falls back to the Init stream on it."""
-
-
-def _unary(spec: InitSpec, config: ServerConfig) -> InitSpec:
-    """The spec of an InitUnary call: its bytes in one chunk, if they fit the unary limit."""
-    size = spec.total_bytes - spec.offset
-    if size > config.max_unary_bytes:
-        raise TooLargeForUnary(
-            f"InitUnary answers at most {config.max_unary_bytes} bytes (max_unary_bytes); this request is "
-            f"{size} bytes from its offset: use Init, which streams"
-        )
-    return dataclasses.replace(spec, chunk_bytes=max(size, 1))
-
-
-@dataclasses.dataclass
+@dataclass
 class _Call:
-    """An RPC in progress: ``ended`` is set when it is cancelled, expires, disconnects or finishes; the rest is
-    what its access-log line and metrics will say."""
+    """One RPC, as its access-log line and metrics will describe it."""
 
-    ended: threading.Event
-    finished: bool = False  # its last tensor was sent whole
+    method: str
+    started: float
+    code: str = "OK"
     scheme: str = ""
     shape: tuple[int, ...] = ()
     tensors: int = 0
     bytes_sent: int = 0
     cache_hit: bool = False
+    last_progress: float = 0.0
 
-    def is_active(self) -> bool:
-        return not self.ended.is_set()
-
-    def answered(self, spec: InitSpec, cache_hit: bool) -> None:
+    def answered(self, total_bytes: int, offset: int, cache_hit: bool) -> None:
         self.tensors += 1
-        self.bytes_sent += spec.total_bytes - spec.offset
+        self.bytes_sent += total_bytes - offset
         self.cache_hit = cache_hit if self.tensors == 1 else self.cache_hit and cache_hit
 
 
-def _request_id(context: grpc.ServicerContext) -> str:
+def _request_id(context: grpc.aio.ServicerContext) -> str:
     """The caller's ``x-request-id`` (at most 64 printable characters), else a new one."""
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 64 and value.isprintable():
@@ -224,7 +161,7 @@ def _parser(message_type: type) -> Callable[[bytes], object]:
     def parse(data: bytes) -> object:
         try:
             return message_type.FromString(data)
-        except (DecodeError, ValueError) as error:  # grpc would answer INTERNAL for an exception here
+        except (DecodeError, RuntimeError, ValueError) as error:  # RuntimeError: recursion too deep
             return MalformedRequest(error, len(data))
 
     return parse
@@ -245,302 +182,204 @@ def _reusable(messages: list[pb.InitResponse | bytes]) -> bool:
     )
 
 
-class _Gauge:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.value = 0
-
-    def add(self, delta: int) -> None:
-        with self._lock:
-            self.value += delta
-
-
-class InitServicer(pb_grpc.InitServiceServicer):
-    def __init__(self, config: ServerConfig) -> None:
+class InitServicer:
+    def __init__(self, config: ServerConfig, engine: Engine) -> None:
         self._config = config
-        self.cache = TensorCache(config.cache_bytes, config.max_inflight_bytes)
-        self.buffers = BufferPool(self.cache.spare_bytes)
-        self.buffers.start_preallocating(config.preallocate_bytes)
-        self.answers = AnswerMemo(config.answer_memo_bytes)
-        self.inflight_requests = _Gauge()
-        self.cancelled = _Gauge()
-        # Generation runs here, beside the streams that send its bytes as they become final.
-        self._producers = ThreadPoolExecutor(config.workers, "initserve-produce", initializer=configure_torch)
+        self.engine = engine
+        self.inflight_requests = 0  # calls being served (the event loop's only: no lock)
+        self.cancelled = 0
+        self.stalled = 0
+        self.refused_unauthenticated = 0
         # Last: registering reads the stats once (a collision check), so everything above must exist.
         self.metrics = Metrics(self.stats, lambda: [devices.device_info(d) for d in devices.available_devices()])
+        engine.on_generated = self.metrics.generated
         self.access_log = AccessLog()
 
-    def _start(self, spec: InitSpec, is_active: Callable[[], bool]) -> Production:
-        """A production for ``spec``, once torch has accepted the request (its first bytes are final)."""
-        production = Production(spec.total_bytes)
-        self._producers.submit(self._produce, spec, production)
+    # --- calls ---
+
+    @contextlib.asynccontextmanager
+    async def _call(self, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[_Call]:
+        """One RPC's bookkeeping: the in-flight gauge (Init calls), how it ended (its status, or cancelled), and
+        its access line and metrics once it has ended. Whatever the body raises becomes the call's status here."""
+        call = _Call(method, time.perf_counter())
+        counted = method != "Describe"
+        self.inflight_requests += counted
         try:
-            production.wait_started(is_active)
-            check_finite(spec)
-        except BaseException:
-            production.cancel()
+            yield call
+        except asyncio.CancelledError:  # cancelled, expired or disconnected while waiting
+            call.code = "CANCELLED"
+            self.cancelled += 1
             raise
-        return production
+        except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in status_of
+            if isinstance(error, CallEnded):
+                call.code = "CANCELLED"
+                self.cancelled += 1
+                return
+            code, details, trailing = status_of(error)
+            call.code = code.name
+            if isinstance(error, Stalled):
+                self.stalled += 1
+            await context.abort(code, _shown(details, MAX_DETAILS_CHARS), trailing_metadata=trailing)
+        finally:
+            self.inflight_requests -= counted
+            self._record(context, call)
 
-    def _produce(self, spec: InitSpec, production: Production) -> None:
-        started = time.perf_counter()
-        produce(spec, production, self.buffers.empty)
-        if production.error is None:
-            self.metrics.generated(spec.scheme.name, str(spec.device), time.perf_counter() - started)
+    async def _write(self, context: grpc.aio.ServicerContext, call: _Call, data: bytes) -> None:
+        """Write one message, or raise Stalled when the client takes none of it for stall_seconds."""
+        try:
+            async with asyncio.timeout(self._config.stall_seconds):
+                await context.write(data)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            raise Stalled(
+                f"the client read nothing for {self._config.stall_seconds:g} s (stall_seconds): the stream was "
+                "ended; resume from the last byte received"
+            ) from None
+        except Exception as error:  # noqa: BLE001 - grpc's write error: the call is over
+            raise CallEnded(f"the call ended while writing ({type(error).__name__})") from None
 
-    def _cut(self, spec: InitSpec, is_active: Callable[[], bool]) -> Production:
-        """A slice's production: the whole tensor from the cache (generated there if need be), then its slice
-        copied out, so every slice of one tensor shares one generation."""
-        whole = spec.whole()
-        with self.cache.acquire(
-            whole.key,
-            whole.total_bytes,
-            lambda: self._start(whole, is_active),
-            cacheable=not whole.seed_drawn,
-            is_active=is_active,
-        ) as lease:
-            lease.production.wait_for(whole.total_bytes, is_active)
-            assert lease.production.tensor is not None
-            piece = self.buffers.empty(spec.out_shape, spec.dtype.torch_dtype)
-            piece.copy_(lease.production.tensor[index(spec.slices)])
-        return Production.finished(piece)
+    def _spec(self, request: pb.InitRequest | MalformedRequest, call: _Call):  # noqa: ANN202
+        if isinstance(request, MalformedRequest):
+            raise InvalidRequest(request.message)
+        spec = self.engine.validate(request)
+        call.scheme, call.shape = spec.scheme.name, spec.shape
+        return spec
 
-    def Init(self, request: pb.InitRequest, context: grpc.ServicerContext) -> Iterator[pb.InitResponse | bytes]:
-        return self._serve(request, context, mode="stream")
+    async def Init(self, request: pb.InitRequest | MalformedRequest, context: grpc.aio.ServicerContext) -> None:
+        async with self._call(context, "Init") as call:
+            spec = self._spec(request, call)
+            if request.shared_memory:
+                raise InvalidRequest("shared_memory is answered by InitUnary, not by the Init stream")
+            release = self.engine.stream_buffer(spec.chunk_bytes)
+            cache_hit = False
+            try:
+                async with contextlib.aclosing(self.engine.answer(spec)) as messages:
+                    async for message in messages:
+                        await self._write(context, call, serialize_response(message))
+                        if isinstance(message, pb.InitResponse) and message.HasField("header"):
+                            cache_hit = message.header.cache_hit
+            finally:
+                release()
+            call.answered(spec.total_bytes, spec.offset, cache_hit)
 
-    def InitUnary(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+    async def InitUnary(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """The stream's messages in one serialized InitUnaryResponse (see initserve._wire.encode_unary).
 
         ``data`` is the request's bytes: a repeat of a request the cache served is answered from the memo."""
-        started = time.perf_counter()
-        kept = self.answers.get(data)
+        kept = self.engine.answers.get(data)
         if kept is not None:
             answer, (scheme, shape, nbytes) = kept
-            seconds = time.perf_counter() - started
-            self._record(
-                context,
-                lambda: CallRecord("InitUnary", _request_id(context), context.peer(), seconds, "OK", scheme, shape,
-                                   1, nbytes, cache_hit=True),
-            )  # fmt: skip
+            call = _Call("InitUnary", time.perf_counter(), scheme=scheme, shape=shape, tensors=1, bytes_sent=nbytes,
+                         cache_hit=True)  # fmt: skip
+            self._record(context, call)
             return answer
         request = _parse_init_request(data)
-        mode = "shared" if not isinstance(request, MalformedRequest) and request.shared_memory else "unary"
-        messages = list(self._serve(request, context, mode=mode))  # an abort raises out of this
-        answer = encode_unary(messages)
-        if mode == "unary" and _reusable(messages):
-            header = messages[0].header
-            self.answers.put(data, answer, (header.scheme, tuple(header.shape), header.total_bytes - header.offset))
-        return answer
+        async with self._call(context, "InitUnary") as call:
+            spec = self._spec(request, call)
+            if request.shared_memory:
+                raise SharedMemoryUnavailable(
+                    "this server does not write shared memory by name (the /dev/shm transport was removed); "
+                    "register a sealed memfd on its shared-memory socket instead"
+                )
+            spec = unary_spec(spec, self._config)
+            async with contextlib.aclosing(self.engine.answer(spec)) as answers:
+                messages = [message async for message in answers]
+            answer = encode_unary(messages)
+            call.answered(spec.total_bytes, spec.offset, messages[0].header.cache_hit)
+            if _reusable(messages):
+                self.engine.answers.put(data, answer, (spec.scheme.name, spec.shape, spec.total_bytes - spec.offset))
+            return answer
 
-    def _open_region(self, name: str, nbytes: int) -> SharedRegion:
-        if not self._config.shared_memory:
-            raise SharedMemoryUnavailable("this server does not write shared memory (start it with --shared-memory)")
-        return SharedRegion(name, nbytes)
-
-    def _serve(
-        self, request: pb.InitRequest, context: grpc.ServicerContext, *, mode: str
-    ) -> Iterator[pb.InitResponse | bytes]:
-        """One Init call: ``mode`` "stream" (Init), "unary" (InitUnary: one chunk) or "shared" (InitUnary with
-        shared_memory: the bytes go into the client's region, the messages carry header and trailer only)."""
-        with self._call(context, METHODS[mode]) as call:
-            region: SharedRegion | None = None
-            try:
-                try:
-                    if isinstance(request, MalformedRequest):
-                        raise InvalidRequest(request.message)
-                    spec = validate_request(request, self._config, draw_seed)
-                    call.scheme, call.shape = spec.scheme.name, spec.shape
-                    if mode == "unary":
-                        spec = _unary(spec, self._config)
-                    elif mode == "shared":
-                        region = self._open_region(request.shared_memory, spec.total_bytes)
-                    elif request.shared_memory:
-                        raise InvalidRequest("shared_memory is answered by InitUnary, not by the Init stream")
-                except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in _abort
-                    _abort(context, error)
-                    return
-                yield from self._answer(spec, region, context, call)
-            finally:
-                if region is not None:
-                    region.close()
-
-    def InitMany(
-        self, request: pb.InitManyRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.InitManyResponse | bytes]:
+    async def InitMany(self, request: pb.InitManyRequest | MalformedRequest, context: grpc.aio.ServicerContext) -> None:
         """Every tensor of the request in order on one stream, each message tagged with its tensor's index.
         All are validated before the first byte is sent; an error names the tensor (index and name)."""
-        with self._call(context, "InitMany") as call:
+        async with self._call(context, "InitMany") as call:
             call.scheme = "many"
             if isinstance(request, MalformedRequest):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                raise InvalidRequest(request.message)
             count = len(request.tensors)
             if count > MAX_TENSORS_PER_CALL:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{count} tensors in one InitMany call; the limit is {MAX_TENSORS_PER_CALL} (max_tensors_per_call)",
+                raise InvalidRequest(
+                    f"{count} tensors in one InitMany call; the limit is {MAX_TENSORS_PER_CALL} (max_tensors_per_call)"
                 )
             specs = []
             for position, tensor in enumerate(request.tensors):
-                label = _tensor_label(position, tensor.name)
                 try:
                     if tensor.shared_memory:
                         raise InvalidRequest("shared_memory is answered by InitUnary, not by InitMany")
-                    specs.append(validate_request(tensor, self._config, draw_seed))
-                except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in _abort
-                    _abort(context, error, label)
-                    return
-            for position, spec in enumerate(specs):
-                tag = tensor_tag(position)
-                label = _tensor_label(position, spec.name)
-                for message in self._answer(spec, None, context, call, label):
-                    yield tag + serialize_response(message)
-                if call.ended.is_set():
-                    return
-
-    @contextlib.contextmanager
-    def _call(self, context: grpc.ServicerContext, method: str) -> Iterator[_Call]:
-        """One RPC's bookkeeping: its end as an event, the in-flight gauge, the cancelled count, and its
-        access-log line and metrics once it ends."""
-        started = time.perf_counter()
-        call = _Call(threading.Event())
-        context.add_callback(call.ended.set)  # cancelled, expired, disconnected or finished
-        self.inflight_requests.add(1)
-        try:
-            yield call
-        finally:
-            self.inflight_requests.add(-1)
-            cancelled = not call.finished and call.ended.is_set()
-            if cancelled:
-                self.cancelled.add(1)
-            code = context.code()
-            seconds = time.perf_counter() - started
-            status = code.name if code is not None else "CANCELLED" if cancelled else "OK"
-            self._record(
-                context,
-                lambda: CallRecord(
-                    method=method,
-                    request_id=_request_id(context),
-                    peer=context.peer(),
-                    seconds=seconds,
-                    code=status,
-                    scheme=call.scheme,
-                    shape=call.shape,
-                    tensors=call.tensors,
-                    bytes_sent=call.bytes_sent,
-                    cache_hit=call.cache_hit,
-                ),
-            )
-
-    def _answer(
-        self,
-        spec: InitSpec,
-        region: SharedRegion | None,
-        context: grpc.ServicerContext,
-        call: _Call,
-        label: str = "",
-    ) -> Iterator[pb.InitResponse | bytes]:
-        """One validated tensor's messages (header, chunks or a shared-memory write, trailer), from the cache or
-        a new production; ``label`` prefixes every error's message."""
-        call.finished = False
-        is_active = call.is_active
-        try:
-            lease = self.cache.acquire(
-                spec.key,
-                spec.total_bytes,
-                lambda: self._cut(spec, is_active) if spec.slices else self._start(spec, is_active),
-                cacheable=not spec.seed_drawn,
-                generates=not spec.slices,
-                is_active=is_active,
-            )
-        except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in _abort
-            _abort(context, error, label)
-            return
-        with lease:
-            production = lease.production
-            assert production.tensor is not None
-
-            def ready(end: int) -> None:
-                production.wait_for(end, is_active)
-
-            if region is not None:
-                messages = _write_shared(region, spec, lease.shared, production, ready)
-            else:
-                messages = encode_stream(
-                    _header(spec, lease.shared),
-                    tensor_bytes(production.tensor),
-                    spec.chunk_bytes,
-                    offset=spec.offset,
-                    checksum=production.final_checksum,
-                    block_crcs=production.block_crcs,
-                    ready=ready,
-                )
+                    specs.append(self.engine.validate(tensor))
+                except Exception as error:  # noqa: BLE001 - re-raised with the tensor's label
+                    raise _Labelled(error, _tensor_label(position, tensor.name)) from None
+            release = self.engine.stream_buffer(max((spec.chunk_bytes for spec in specs), default=0))
+            cache_hit = False
             try:
-                for message in messages:
-                    if call.ended.is_set():
-                        return
-                    yield message
-            except Abandoned:
-                return  # this call ended while waiting for bytes
-            except Exception as error:  # noqa: BLE001 - the production failed part-way
-                _abort(context, error, label)
-                return
-        call.answered(spec, lease.shared)
-        call.finished = True
+                for position, spec in enumerate(specs):
+                    tag = tensor_tag(position)
+                    try:
+                        async with contextlib.aclosing(self.engine.answer(spec)) as messages:
+                            async for message in messages:
+                                await self._write(context, call, tag + serialize_response(message))
+                                if isinstance(message, pb.InitResponse) and message.HasField("header"):
+                                    cache_hit = message.header.cache_hit
+                    except (Stalled, CallEnded, asyncio.CancelledError):
+                        raise
+                    except Exception as error:  # noqa: BLE001 - re-raised with the tensor's label
+                        raise _Labelled(error, _tensor_label(position, spec.name)) from None
+                    call.answered(spec.total_bytes, spec.offset, cache_hit)
+            finally:
+                release()
 
-    def _record(self, context: grpc.ServicerContext, make_record: Callable[[], CallRecord]) -> None:
-        """Count the call and write its access-log line once the RPC has ended, after its answer went out (gRPC
-        runs termination callbacks on its polling thread), so a small call's answer does not wait for them.
-        ``make_record()`` runs then, so the request id and the peer are read then too."""
-        if not context.add_callback(partial(self._record_now, make_record)):
-            self._record_now(make_record)  # the RPC has already ended
+    async def Describe(self, request: pb.DescribeRequest | MalformedRequest, context: grpc.aio.ServicerContext):  # noqa: ANN201
+        async with self._call(context, "Describe"):
+            if isinstance(request, MalformedRequest):
+                raise InvalidRequest(request.message)
+            info = describe(self._config)
+            info.stats.CopyFrom(self.stats())
+            return info
 
-    def _record_now(self, make_record: Callable[[], CallRecord]) -> None:
-        record = make_record()
-        self.metrics.record(record)
-        self.access_log.write(record)
+    # --- records and stats ---
 
-    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
-        started = time.perf_counter()
-        if isinstance(request, MalformedRequest):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        info = describe(self._config)
-        info.stats.CopyFrom(self.stats())
-        seconds = time.perf_counter() - started
-        self._record(context, lambda: CallRecord("Describe", _request_id(context), context.peer(), seconds, "OK"))
-        return info
+    def refused(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        """A call the token check refused (security's interceptor): counted, and logged like any call."""
+        self.refused_unauthenticated += 1
+        self._record(context, _Call(method, time.perf_counter(), code="UNAUTHENTICATED"))
+
+    def _record(self, context: grpc.aio.ServicerContext, call: _Call) -> None:
+        """Count the call and write its access line once the RPC has ended (after its answer went out)."""
+        seconds = time.perf_counter() - call.started
+
+        def record(_: object = None) -> None:
+            entry = CallRecord(
+                method=call.method, request_id=_request_id(context), peer=context.peer(), seconds=seconds,
+                code=call.code, scheme=call.scheme, shape=call.shape, tensors=call.tensors,
+                bytes_sent=call.bytes_sent, cache_hit=call.cache_hit,
+            )  # fmt: skip
+            self.metrics.record(entry)
+            self.access_log.write(entry)
+
+        if context.done():
+            record()
+        else:
+            context.add_done_callback(record)
 
     def stats(self) -> pb.ServerStats:
-        entries, cached_bytes, inflight_bytes = self.cache.gauges()
-        counters = self.cache.stats
-        reused = self.answers.hits  # each one a cache hit that skipped the tensor cache
-        return pb.ServerStats(
-            requests=counters.requests + reused,
-            generations=counters.generations,
-            cache_hits=counters.hits + reused,
-            single_flight_joins=counters.joins,
-            cache_misses=counters.misses,
-            cache_evictions=counters.evictions,
-            cache_entries=entries,
-            cache_bytes_used=cached_bytes,
-            inflight_requests=self.inflight_requests.value,
-            inflight_bytes=inflight_bytes,
-            refused_inflight_bytes=counters.refused,
-            cancelled=self.cancelled.value,
-            abandoned_generations=counters.abandoned,
-            unary_answers_reused=reused,
-            slices_cut=counters.slices_cut,
-            buffer_pool_bytes=self.buffers.free_bytes(),
-        )
+        stats = self.engine.stats()
+        stats.inflight_requests = self.inflight_requests
+        stats.cancelled = self.cancelled
+        stats.stalled_streams = self.stalled
+        stats.refused_unauthenticated = self.refused_unauthenticated
+        return stats
 
 
-def add_to_server(servicer: InitServicer, server: grpc.Server) -> None:
+def add_to_server(servicer: InitServicer, server: grpc.aio.Server) -> None:
     """Register the service as the generated code would, but parse requests here: malformed bytes are the
     client's error (INVALID_ARGUMENT), where grpc's own deserializer failure would be INTERNAL."""
     handlers = {
         "Init": grpc.unary_stream_rpc_method_handler(
             servicer.Init,
             request_deserializer=_parser(pb.InitRequest),
-            response_serializer=serialize_response,
+            response_serializer=None,  # Init writes serialized messages (chunks encoded by initserve._wire)
         ),
         "InitUnary": grpc.unary_unary_rpc_method_handler(
             servicer.InitUnary,
@@ -550,7 +389,7 @@ def add_to_server(servicer: InitServicer, server: grpc.Server) -> None:
         "InitMany": grpc.unary_stream_rpc_method_handler(
             servicer.InitMany,
             request_deserializer=_parser(pb.InitManyRequest),
-            response_serializer=None,  # InitMany yields serialized messages (initserve._wire.tensor_tag)
+            response_serializer=None,  # InitMany writes serialized messages (initserve._wire.tensor_tag)
         ),
         "Describe": grpc.unary_unary_rpc_method_handler(
             servicer.Describe,
@@ -560,7 +399,6 @@ def add_to_server(servicer: InitServicer, server: grpc.Server) -> None:
     }
     service = pb.DESCRIPTOR.services_by_name["InitService"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)
 
 
 def describe(config: ServerConfig) -> pb.ServerInfo:
@@ -603,8 +441,10 @@ def describe(config: ServerConfig) -> pb.ServerInfo:
             max_unary_bytes=config.max_unary_bytes,
             max_tensors_per_call=MAX_TENSORS_PER_CALL,
             max_request_bytes=MAX_REQUEST_BYTES,
+            max_work_seconds=config.max_work_seconds,
+            stall_seconds=config.stall_seconds,
+            workers=config.workers,
         ),
-        shared_memory_dir=SHARED_MEMORY_DIR if config.shared_memory else "",
         checksum_algorithm=CHECKSUM_ALGORITHM,
         api_version=API_VERSION,
         server_id=SERVER_ID,
