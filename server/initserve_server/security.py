@@ -221,27 +221,25 @@ def _call_on_refused(on_refused: RefusalCallback | None, method: str, context: g
         log.exception("on_refused failed for %s", method)
 
 
-def _async_refusal(
-    handler: grpc.RpcMethodHandler, method: str, on_refused: RefusalCallback | None
+def _refused(handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails, tokens: TokenSet) -> bool:
+    """Whether a call must be refused: it has a handler, is no health check, and carries no accepted token."""
+    if handler is None or details.method.startswith(HEALTH_PREFIX):
+        return False
+    return not tokens.accepts(_authorization(details.invocation_metadata))
+
+
+def _of_kind(
+    handler: grpc.RpcMethodHandler, unary_response: Callable[..., object], stream_response: Callable[..., object]
 ) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED and nothing else; the request is
-    neither deserialized nor read."""
-
-    async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
-        _call_on_refused(on_refused, method, context)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-
-    async def refuse_stream(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
-        await refuse(request, context)
-        yield  # never reached: abort raises; the yield makes this a streaming handler  # pragma: no cover
-
+    """A handler of the same kind as ``handler`` (its request and response cardinality); no request deserializer,
+    so a refused request is never parsed."""
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream)
+        return grpc.unary_stream_rpc_method_handler(stream_response)
     if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(refuse)
+        return grpc.stream_unary_rpc_method_handler(unary_response)
     if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(refuse_stream)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+        return grpc.stream_stream_rpc_method_handler(stream_response)
+    return grpc.unary_unary_rpc_method_handler(unary_response)
 
 
 class AsyncBearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -258,30 +256,19 @@ class AsyncBearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(HEALTH_PREFIX):
+        if not _refused(handler, handler_call_details, self._tokens):
             return handler
-        if self._tokens.accepts(_authorization(handler_call_details.invocation_metadata)):
-            return handler
-        return _async_refusal(handler, method, self._on_refused)
+        method, on_refused = handler_call_details.method, self._on_refused
 
+        async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+            _call_on_refused(on_refused, method, context)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
-def _refusal(
-    handler: grpc.RpcMethodHandler, method: str, on_refused: Callable[[str, grpc.ServicerContext], None] | None
-) -> grpc.RpcMethodHandler:
-    """The thread-pool server's refusal handler: the same kind as ``handler``, UNAUTHENTICATED and nothing else."""
+        async def refuse_stream(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+            await refuse(request, context)
+            yield  # never reached (abort raises): the yield makes this a streaming handler  # pragma: no cover
 
-    def refuse(request: object, context: grpc.ServicerContext) -> None:
-        _call_on_refused(on_refused, method, context)  # type: ignore[arg-type]
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+        return _of_kind(handler, refuse, refuse_stream)
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
@@ -299,12 +286,15 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(HEALTH_PREFIX):
+        if not _refused(handler, handler_call_details, self._tokens):
             return handler
-        if self._tokens.accepts(_authorization(handler_call_details.invocation_metadata)):
-            return handler
-        return _refusal(handler, method, self._on_refused)
+        method, on_refused = handler_call_details.method, self._on_refused
+
+        def refuse(request: object, context: grpc.ServicerContext) -> None:
+            _call_on_refused(on_refused, method, context)  # type: ignore[arg-type]
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+        return _of_kind(handler, refuse, refuse)
 
 
 # -- TLS -------------------------------------------------------------------------------------------------------------
