@@ -3,10 +3,14 @@
     docker compose -f docker/compose.yaml up --build --exit-code-from client   # the `client` service, via Envoy
     python examples/compose_client.py --target 127.0.0.1:50051                 # or against any server
 
-The target comes from ``--target``, else ``DEMO_TARGET``; a server that requires a bearer token gets the one in
-``INITSERVE_AUTH_TOKEN`` (the server's own variable, so one environment serves both). The script waits up to
+The target comes from ``--target``, else ``DEMO_TARGET``; a server that requires a bearer token gets the first token
+of ``--token-file`` (``DEMO_TOKEN_FILE``, the servers' format: one a line, ``#`` comments), else the one in
+``INITSERVE_AUTH_TOKEN`` (the server's own variable, so one environment serves both). ``--tls-ca`` (``DEMO_TLS_CA``)
+connects over TLS trusting that CA bundle, checking the target's host or ``--tls-server-name``
+(``DEMO_TLS_SERVER_NAME``): docker/compose.tls.yaml sets both files. The script waits up to
 ``--wait-seconds`` (``DEMO_WAIT_SECONDS``) for the target to answer, so it may start before the balancer has a
-healthy replica. Exit status: 0 every tensor bit-exact, 1 a tensor differed, 2 the target never answered.
+healthy replica. Exit status: 0 every tensor bit-exact, 1 a tensor differed, 2 the target never answered (or
+refused the token).
 
 The local reference must take the servers' CPU code paths: against servers run with ``MKL_CBWR`` and
 ``ATEN_CPU_CAPABILITY`` (compose.yaml and docker/k8s pin both), run this with the same two values, or
@@ -93,10 +97,29 @@ def check(result: initserve.InitResult, expected: torch.Tensor, label: str, shap
     return exact
 
 
-def run(target: str, wait_seconds: float, token: str | None) -> int:
-    with initserve.Client(target, timeout=FETCH_TIMEOUT_SECONDS, token=token) as client:
+def first_token(path: str) -> str:
+    """The first token of a token file: its first line that is neither blank nor a ``#`` comment."""
+    with open(path) as lines:
+        tokens = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not tokens:
+        raise SystemExit(f"{path}: no token in it")
+    return tokens[0]
+
+
+def run(
+    target: str,
+    wait_seconds: float,
+    token: str | None,
+    tls_ca: str | None = None,
+    tls_server_name: str | None = None,
+) -> int:
+    tls = {"root_certificates": tls_ca, "tls_server_name": tls_server_name} if tls_ca else {}
+    with initserve.Client(target, timeout=FETCH_TIMEOUT_SECONDS, token=token, **tls) as client:
         try:
             info = wait_until_serving(client, wait_seconds)
+        except initserve.Unauthenticated as error:
+            print(f"{target} refused the call: {error}", file=sys.stderr)
+            return EXIT_NO_ANSWER
         except initserve.InitServeError as error:
             print(f"{target} did not answer within {wait_seconds:.0f}s: {error}", file=sys.stderr)
             return EXIT_NO_ANSWER
@@ -139,8 +162,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=float(os.environ.get("DEMO_WAIT_SECONDS") or DEFAULT_WAIT_SECONDS),
         help="how long to wait for the target to answer [env DEMO_WAIT_SECONDS]",
     )
+    parser.add_argument(
+        "--token-file",
+        default=os.environ.get("DEMO_TOKEN_FILE") or None,
+        help="send the first token of this file (one a line) [env DEMO_TOKEN_FILE]; else INITSERVE_AUTH_TOKEN's",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get("DEMO_TLS_CA") or None,
+        help="connect over TLS, trusting this PEM CA bundle [env DEMO_TLS_CA]",
+    )
+    parser.add_argument(
+        "--tls-server-name",
+        default=os.environ.get("DEMO_TLS_SERVER_NAME") or None,
+        help="check the certificate against this name, not the target's host [env DEMO_TLS_SERVER_NAME]",
+    )
     args = parser.parse_args(argv)
-    return run(args.target, args.wait_seconds, os.environ.get("INITSERVE_AUTH_TOKEN") or None)
+    token = first_token(args.token_file) if args.token_file else os.environ.get("INITSERVE_AUTH_TOKEN") or None
+    return run(args.target, args.wait_seconds, token, args.tls_ca, args.tls_server_name)
 
 
 if __name__ == "__main__":

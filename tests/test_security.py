@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import initserve
 from initserve.v1 import initserve_pb2 as pb
+from initserve_server.security import NO_TOKEN_MESSAGE
 from tests.conftest import ServerProcess, reference, same_bytes, start_server
 
 TOKEN = "s3cret-token-for-tests"
@@ -185,14 +186,14 @@ def test_security_settings_that_cannot_work_stop_the_server_with_a_reason(
     assert done.stderr.strip().splitlines()[-1].startswith(message)
 
 
-def test_an_empty_token_file_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "token").write_text("\n")
+def test_a_token_file_without_a_token_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("\n# rotated out\n\n")
     done = subprocess.run(
         [sys.executable, "-m", "initserve_server", "--port", "0", "--auth-token-file", str(tmp_path / "token")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode != 0
-    assert done.stderr.strip() == f"initserve-server: --auth-token-file {tmp_path / 'token'}: the token is empty"
+    assert done.stderr.strip() == f"initserve-server: --auth-token-file {tmp_path / 'token'}: {NO_TOKEN_MESSAGE}"
 
 
 def health_probe(*args: str) -> subprocess.CompletedProcess[str]:

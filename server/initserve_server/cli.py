@@ -14,7 +14,7 @@ from initserve_server import __version__
 from initserve_server import config as defaults
 from initserve_server.config import ServerConfig
 from initserve_server.logs import configure_logging
-from initserve_server.security import SecurityConfigError, check_token, read_token
+from initserve_server.security import SecurityConfigError, check_token
 from initserve_server.server import RunningServer, serve
 
 ENV_PREFIX = "INITSERVE_"
@@ -225,11 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _auth_token(args: argparse.Namespace) -> str:
-    """From --auth-token-file (or its env twin), else INITSERVE_AUTH_TOKEN; never a flag, so never in --help
-    or in a process listing."""
-    if args.auth_token_file:
-        return read_token(args.auth_token_file)
+def _auth_token() -> str:
+    """The one literal token of INITSERVE_AUTH_TOKEN, never a flag (so never in --help or a process listing). The
+    tokens of --auth-token-file are the server's to read, and to read again when the file changes."""
     token = os.environ.get(ENV_PREFIX + "AUTH_TOKEN", "")
     return check_token(token, f"{ENV_PREFIX}AUTH_TOKEN") if token else ""
 
@@ -254,7 +252,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             tls_cert_file=args.tls_cert,
             tls_key_file=args.tls_key,
             tls_client_ca_file=args.tls_client_ca,
-            auth_token=_auth_token(args),
+            auth_token=_auth_token(),
             auth_token_file=args.auth_token_file,
             metrics_port=args.metrics_port,
             health_port=args.health_port,

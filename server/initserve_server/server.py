@@ -28,7 +28,7 @@ from initserve_server.config import MAX_REQUEST_BYTES, ServerConfig
 from initserve_server.devices import cpu_qr_probe
 from initserve_server.engine import Engine
 from initserve_server.initializers import configure_torch
-from initserve_server.security import BearerTokenInterceptor, server_credentials
+from initserve_server.security import BearerTokenInterceptor, TokenSet, server_credentials
 from initserve_server.servicer import InitServicer, add_to_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InitService"].full_name
@@ -114,7 +114,8 @@ async def _start(config: ServerConfig, loop: asyncio.AbstractEventLoop, thread: 
     credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
     engine = Engine(config)
     servicer = InitServicer(config, engine)
-    interceptors = [BearerTokenInterceptor(config.auth_token, servicer.refused)] if config.auth_token else []
+    tokens = TokenSet(config.auth_token_file, config.auth_token)  # read now: a bad file stops the start
+    interceptors = [BearerTokenInterceptor(tokens, servicer.refused)] if tokens.required else []
     server = grpc.aio.server(options=_options(config), interceptors=interceptors)
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -170,6 +171,6 @@ def serve(config: ServerConfig) -> RunningServer:
     credentials = "mutual TLS" if config.tls_client_ca_file else "TLS" if config.tls_cert_file else "plaintext"
     log.info(
         "serving on %s (%s%s); %d generation threads and a light lane",
-        running.target, credentials, ", bearer token required" if config.auth_token else "", config.workers,
+        running.target, credentials, ", bearer token required" if config.auth_token or config.auth_token_file else "", config.workers,
     )  # fmt: skip
     return running

@@ -343,7 +343,7 @@ class InitServicer:
     def refused(self, method: str, context: grpc.aio.ServicerContext) -> None:
         """A call the token check refused (security's interceptor): counted, and logged like any call."""
         self.refused_unauthenticated += 1
-        self._record(context, _Call(method, time.perf_counter(), code="UNAUTHENTICATED"))
+        self._record(context, _Call(method.rsplit("/", 1)[-1], time.perf_counter(), code="UNAUTHENTICATED"))
 
     def _record(self, context: grpc.aio.ServicerContext, call: _Call) -> None:
         """Count the call and write its access line once the RPC has ended (after its answer went out)."""
