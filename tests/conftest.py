@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +43,13 @@ class ServerProcess:
     def client(self, **options) -> initserve.Client:
         options.setdefault("timeout", 60.0)
         return initserve.Client(self.target, **options)
+
+    def announced_port(self, what: str) -> int:
+        """The port of the server's ``initserve <what> on HOST:PORT`` line (``metrics``, ``health``)."""
+        match = re.search(rf"initserve {what} on \S+:(\d+)", "".join(self.output))
+        if match is None:
+            raise AssertionError(f"the server announced no {what} port: {''.join(self.output)}")
+        return int(match[1])
 
     def alive(self) -> bool:
         return self.process.poll() is None

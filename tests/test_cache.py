@@ -2,12 +2,11 @@
 
 Real torch tensors and real threads throughout: a generation that must stay in progress is a thread blocked on
 a threading.Event, and every wait is bounded. Acquiring never waits (start() only hands the generation to a
-thread); streams await the production, as the server's coroutines do.
+thread); streams then wait on the production, as the server's calls do.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -90,7 +89,8 @@ def acquire(cache: TensorCache, key: Hashable, producer: Producer | Callable[[],
 
 def finished(lease: Lease) -> Lease:
     """``lease`` once its production is done (raising its error, as a stream would)."""
-    asyncio.run(asyncio.wait_for(lease.production.wait_for(lease.production.nbytes), WAIT_SECONDS))
+    deadline = time.monotonic() + WAIT_SECONDS
+    lease.production.wait_for(lease.production.nbytes, is_active=lambda: time.monotonic() < deadline)
     return lease
 
 
@@ -469,20 +469,13 @@ def test_a_generation_nobody_wants_is_cancelled_and_its_bytes_stay_counted_until
     assert cached_keys(cache) == ["k"] and torch.equal(cache._cached["k"].production.tensor, tensor_for(5))
 
 
-def test_a_stream_cancelled_while_waiting_leaves_the_generation_to_the_others() -> None:
+def test_a_stream_whose_call_ends_while_waiting_leaves_the_generation_to_the_others() -> None:
     cache = TensorCache(cache_bytes=0, max_inflight_bytes=1 << 20)
     gate = threading.Event()
     generating = acquire(cache, "k", Producer(4, gate=gate))
     joining = acquire(cache, "k", must_not_produce)
-
-    async def cancel_the_joiner() -> None:
-        waiting = asyncio.ensure_future(joining.production.started())
-        await asyncio.sleep(0.05)
-        waiting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-
-    asyncio.run(cancel_the_joiner())
+    with pytest.raises(Abandoned, match="the call ended while its tensor was being generated"):
+        joining.production.wait_started(is_active=lambda: False)
     joining.release()
     assert not generating.production.cancelled  # its own stream still wants it
     gate.set()

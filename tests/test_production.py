@@ -7,9 +7,7 @@ and dtype, with tails, small tensors and odd piece sizes, and that each reported
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -41,11 +39,6 @@ PARAMS = {
 }
 # 15 elements (under 16: one piece), exact multiples of 16, and tails of 1 to 15 elements
 SHAPES = [(3, 5), (4, 4), (5, 7), (16, 3), (33, 17), (100, 101), (64, 64), (7, 1001)]
-
-
-def wait(awaitable, seconds: float = 10.0) -> None:  # noqa: ANN001
-    """Await ``awaitable`` as a stream on the server's loop would, for at most ``seconds``."""
-    asyncio.run(asyncio.wait_for(awaitable, seconds))
 
 
 def spec_for(scheme: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 5) -> InitSpec:
@@ -132,18 +125,18 @@ def test_production_streams_a_prefix_before_the_tensor_is_finished() -> None:
     producer = threading.Thread(target=run)
     producer.start()
     try:
-        wait(production.started())
+        production.wait_started()
         assert first_piece_done.wait(10)
-        wait(production.wait_for(BLOCK_BYTES))  # returns: the first block is final
+        production.wait_for(BLOCK_BYTES)  # returns: the first block is final
         assert not production.done and len(production.block_crcs) == 1
         expected = reference("normal", (1024, 1024), seed=5, mean=0.5, std=2.0)
         assert same_bytes(production.tensor.reshape(-1)[: BLOCK_BYTES // 4], expected.reshape(-1)[: BLOCK_BYTES // 4])
-        with pytest.raises(TimeoutError):  # the producer is held: the second block cannot be final
-            wait(production.wait_for(2 * BLOCK_BYTES), seconds=0.2)
+        with pytest.raises(Abandoned):
+            production.wait_for(2 * BLOCK_BYTES, is_active=lambda: False)  # not final yet, and the caller left
     finally:
         go_on.set()
         producer.join(10)
-    wait(production.wait_for(spec.total_bytes))
+    production.wait_for(spec.total_bytes)
     assert same_bytes(production.tensor, expected)
     assert production.final_checksum() == tensor_checksum(tensor_bytes(expected))
     crcs = BlockCrcs()
@@ -165,8 +158,7 @@ class SummingRecorded(Production):
 
 def test_a_reader_sums_the_written_bytes_it_waits_for_and_the_producer_sums_the_rest() -> None:
     """A CPU generation leaves its CRCs to the readers (its thread is the slow step): bytes the producer wrote are
-    summed for the first reader that needs them, in the reader's executor, never on the event loop; finish()
-    sums what no reader did."""
+    summed by the first reader that needs them, in the reader's thread; finish() sums what no reader did."""
     tensor = reference("normal", (3 * BLOCK_BYTES // 4 + 5,), seed=9)  # 3 blocks and 20 bytes
     nbytes = tensor.numel() * 4
     expected = BlockCrcs()
@@ -175,16 +167,17 @@ def test_a_reader_sums_the_written_bytes_it_waits_for_and_the_producer_sums_the_
     production.attach(tensor)
     production.advance(2 * BLOCK_BYTES)
     assert production.block_crcs == []  # written, not summed: the producer left it to the readers
-    with ThreadPoolExecutor(1, "reader") as readers:
-        wait(production.wait_for(2 * BLOCK_BYTES, readers))
-    assert production.summed_in == ["reader_0"] and production.block_crcs == expected.crcs[:2]
+    reader = threading.Thread(target=production.wait_for, args=(2 * BLOCK_BYTES,), name="reader")
+    reader.start()
+    reader.join(10)
+    assert production.summed_in == ["reader"] and production.block_crcs == expected.crcs[:2]
     production.advance(nbytes)
     assert production.block_crcs == expected.crcs[:2] and not production.done
     production.finish()  # no reader came for the rest
-    assert production.summed_in == ["reader_0", threading.current_thread().name]
+    assert production.summed_in == ["reader", threading.current_thread().name]
     assert production.block_crcs == expected.finished()
     assert production.final_checksum() == tensor_checksum(tensor_bytes(tensor))
-    wait(production.wait_for(nbytes))
+    production.wait_for(nbytes)
 
 
 def test_a_cancelled_production_stops_at_its_next_piece() -> None:
@@ -249,16 +242,16 @@ def test_produce_reports_torchs_error_to_every_reader() -> None:
     production = Production(spec.total_bytes)
     produce(spec, production)
     with pytest.raises(ValueError, match="Fan in and fan out can not be computed for tensor with fewer than 2"):
-        wait(production.started())
+        production.wait_started()
     with pytest.raises(ValueError):
-        wait(production.wait_for(spec.total_bytes))
+        production.wait_for(spec.total_bytes)
     assert production.done and production.checksum is None
 
 
 def test_a_finished_production_of_zero_bytes() -> None:
     production = Production.finished(torch.empty(0, 3))
-    wait(production.started())
-    wait(production.wait_for(0))
+    production.wait_started()
+    production.wait_for(0)
     assert production.final_checksum() == tensor_checksum(b"")
 
 

@@ -1,6 +1,7 @@
-"""security.py on its own: token files and TLS files re-read while a grpc.aio server serves, refusals reported.
+"""security.py on its own: token files and TLS files re-read while a server serves, refusals reported.
 
-Small in-test grpc.aio servers with a trivial echo service stand in for initserve; certificates are made here by
+Small in-test servers with a trivial echo service stand in for initserve: the threaded grpc.server it runs, for
+the interceptor; grpc.aio as well, for the reloading credentials, which serve both. Certificates are made by
 openssl (tests/test_security.py's helpers). Files are replaced as Kubernetes replaces a Secret's: a new file
 moved over the old name, or the symlink to it swapped.
 """
@@ -13,7 +14,8 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -217,7 +219,51 @@ def test_every_token_is_compared_whichever_matches(tmp_path: Path, monkeypatch: 
         assert compared == [(32, 32)] * 11, given
 
 
-# -- the interceptor on a grpc.aio server ------------------------------------------------------------------------
+# -- the interceptor on the threaded grpc.server -------------------------------------------------------------------
+
+
+def sync_echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return request
+
+
+def sync_echo_twice(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    yield request
+    yield request
+
+
+def sync_join(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    return b"".join(requests)
+
+
+def sync_echo_each(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+    yield from requests
+
+
+SYNC_ECHO = grpc.method_handlers_generic_handler(
+    SERVICE,
+    {
+        "Unary": grpc.unary_unary_rpc_method_handler(sync_echo),
+        "Stream": grpc.unary_stream_rpc_method_handler(sync_echo_twice),
+        "Join": grpc.stream_unary_rpc_method_handler(sync_join),
+        "Each": grpc.stream_stream_rpc_method_handler(sync_echo_each),
+    },
+)
+
+
+@contextlib.contextmanager
+def threaded_server(interceptors: Iterable[grpc.ServerInterceptor] = ()) -> Iterator[int]:
+    """A threaded grpc.server with the echo service and the health service on a free loopback port."""
+    server = grpc.server(ThreadPoolExecutor(8), interceptors=list(interceptors))
+    server.add_generic_rpc_handlers((SYNC_ECHO,))
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(None)
 
 
 async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -300,70 +346,59 @@ def unauthenticated(result: object) -> bool:
     )
 
 
-def test_the_aio_interceptor_serves_the_right_token_refuses_the_rest_and_reports_each_refusal(tmp_path: Path) -> None:
+def test_the_interceptor_serves_the_right_token_refuses_the_rest_and_reports_each_refusal(tmp_path: Path) -> None:
     path = tmp_path / "tokens"
     path.write_text(OLD + "\n")
     tokens = TokenSet(str(path), check_seconds=0.0)
     refused: list[tuple[str, str]] = []
 
-    def on_refused(method: str, context: grpc.aio.ServicerContext) -> None:
+    def on_refused(method: str, context: grpc.ServicerContext) -> None:
         refused.append((method, context.peer()))
 
-    async def scenario() -> None:
-        async with aio_server([BearerTokenInterceptor(tokens, on_refused)]) as port:
-            assert await asyncio.to_thread(all_calls, port, bearer(OLD)) == SERVED
-            assert refused == []
-            for metadata in (None, bearer(NEW), (("authorization", OLD),)):
-                assert all(map(unauthenticated, await asyncio.to_thread(all_calls, port, metadata))), metadata
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:  # health needs no token
-                answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-                assert answer.status == health_pb2.HealthCheckResponse.SERVING
-
-    asyncio.run(scenario())
+    with threaded_server([BearerTokenInterceptor(tokens, on_refused)]) as port:
+        assert all_calls(port, bearer(OLD)) == SERVED
+        assert refused == []
+        for metadata in (None, bearer(NEW), (("authorization", OLD),)):
+            assert all(map(unauthenticated, all_calls(port, metadata))), metadata
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # health needs no token
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
     methods = [f"/{SERVICE}/{name}" for name in ("Unary", "Stream", "Join", "Each")]
     assert [method for method, _ in refused] == methods * 3
     assert all(peer.startswith("ipv4:127.0.0.1:") for _, peer in refused), refused
 
 
-def test_tokens_rotated_while_an_aio_server_serves(tmp_path: Path) -> None:
+def test_tokens_rotated_while_a_server_serves(tmp_path: Path) -> None:
     """Old accepted until removed, new accepted once the file has it, both during the overlap; no restart."""
     path = tmp_path / "tokens"
     path.write_text(OLD + "\n")
     tokens = TokenSet(str(path), check_seconds=0.0)
+    with threaded_server([BearerTokenInterceptor(tokens)]) as port:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # one connection throughout
 
-    async def scenario() -> None:
-        async with aio_server([BearerTokenInterceptor(tokens)]) as port:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:  # one connection throughout
+            def served(token: str) -> bool:
+                try:
+                    return channel.unary_unary(f"/{SERVICE}/Unary")(b"u", metadata=bearer(token), timeout=10) == b"u"
+                except grpc.RpcError as error:
+                    assert unauthenticated(error), error
+                    return False
 
-                async def served(token: str) -> bool:
-                    try:
-                        return await channel.unary_unary(f"/{SERVICE}/Unary")(b"u", metadata=bearer(token)) == b"u"
-                    except grpc.aio.AioRpcError as error:
-                        assert unauthenticated(error), error
-                        return False
-
-                assert await served(OLD) and not await served(NEW)
-                replace(path, f"{OLD}\n{NEW}\n")
-                assert await served(NEW) and await served(OLD)
-                replace(path, f"{NEW}\n")
-                assert await served(NEW) and not await served(OLD)
-                replace(path, "")  # a broken version: the tokens stay
-                assert await served(NEW) and not await served(OLD)
-
-    asyncio.run(scenario())
+            assert served(OLD) and not served(NEW)
+            replace(path, f"{OLD}\n{NEW}\n")
+            assert served(NEW) and served(OLD)
+            replace(path, f"{NEW}\n")
+            assert served(NEW) and not served(OLD)
+            replace(path, "")  # a broken version: the tokens stay
+            assert served(NEW) and not served(OLD)
 
 
 def test_a_failing_on_refused_still_refuses(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    def on_refused(method: str, context: grpc.aio.ServicerContext) -> None:
+    def on_refused(method: str, context: grpc.ServicerContext) -> None:
         raise RuntimeError("metrics are down")
 
-    async def scenario() -> list[object]:
-        interceptor = BearerTokenInterceptor(TokenSet(token=LITERAL), on_refused)
-        async with aio_server([interceptor]) as port:
-            return await asyncio.to_thread(all_calls, port, None)
-
-    with caplog.at_level(logging.ERROR, logger="initserve.security"):
-        assert all(map(unauthenticated, asyncio.run(scenario())))
+    interceptor = BearerTokenInterceptor(TokenSet(token=LITERAL), on_refused)
+    with caplog.at_level(logging.ERROR, logger="initserve.security"), threaded_server([interceptor]) as port:
+        assert all(map(unauthenticated, all_calls(port, None)))
     assert "on_refused failed" in caplog.text
 
 

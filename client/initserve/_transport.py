@@ -5,12 +5,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import ssl
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
 
-from initserve._errors import REFUSAL_KEY, UNARY_TOO_LARGE, from_grpc_error
+from initserve._errors import REFUSAL_KEY, UNARY_TOO_LARGE, FailedPrecondition, from_grpc_error
 from initserve._wire import ChunkView, UnaryPart, decode_many_response, decode_response, decode_unary
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
@@ -102,6 +103,35 @@ def channel_target(target: str | Sequence[str]) -> str:
     return "ipv6:" + ",".join(addresses)
 
 
+TLS_PROBE_SECONDS = 2.0
+
+
+def speaks_tls(host_port: str, timeout: float = TLS_PROBE_SECONDS) -> bool:
+    """Whether the server at ``host_port`` answers a TLS handshake (its certificate is not checked: this only asks
+    which protocol the port speaks)."""
+    host, _, port = host_port.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=None, do_handshake_on_connect=True):
+                return True
+    except ssl.SSLError as error:  # an answer in TLS, refusing this client (mutual TLS): still TLS
+        return "WRONG_VERSION_NUMBER" not in str(error) and "record layer failure" not in str(error)
+    except (OSError, ValueError):
+        return False
+
+
+def _single_address(target: str) -> str | None:
+    """``host:port`` of a target that names one server (``host:port`` or ``dns:///host:port``), else None."""
+    address = target.removeprefix("dns:///")
+    if "," in address or "://" in address or address.startswith(("ipv4:", "ipv6:", "unix:")):
+        return None
+    host, separator, port = address.rpartition(":")
+    return address if separator and host and port.isdigit() else None
+
+
 class Transport:
     """One gRPC channel to an initserve target and the stub calls over it."""
 
@@ -148,6 +178,8 @@ class Transport:
             _registered_method=True,
         )
         self.unary_refused = False
+        self._secure = credentials is not None
+        self._tls_mismatch: str | None = None  # why this channel cannot talk to the server, once found
 
     def init_stream(self, request: pb.InitRequest, timeout: float | None) -> Iterator[Message]:
         """The Init stream's messages; on early exit (an integrity error, say) the call is cancelled."""
@@ -155,7 +187,7 @@ class Transport:
         try:
             yield from call
         except grpc.RpcError as error:
-            raise from_grpc_error(error) from error
+            raise self._error(error) from error
         finally:
             call.cancel()  # a no-op once the stream has finished; otherwise it stops the server's work
 
@@ -165,7 +197,7 @@ class Transport:
         try:
             yield from call
         except grpc.RpcError as error:
-            raise from_grpc_error(error) from error
+            raise self._error(error) from error
         finally:
             call.cancel()
 
@@ -183,7 +215,7 @@ class Transport:
             if _unary_too_large(error):
                 self.unary_refused = True  # this server's messages are smaller: stream from now on
                 return self.init_stream(request, timeout)
-            raise from_grpc_error(error) from error
+            raise self._error(error) from error
 
     def init_shared(self, request: pb.InitRequest, name: str, timeout: float | None) -> list[UnaryPart]:
         """InitUnary asked to fill the shared-memory object ``name``: its header and trailer (a chunk, too, if
@@ -194,13 +226,35 @@ class Transport:
         try:
             return self._init_unary(shared, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
-            raise from_grpc_error(error) from error
+            raise self._error(error) from error
 
     def describe(self, timeout: float | None) -> pb.ServerInfo:
         try:
             return self._stub.Describe(pb.DescribeRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
-            raise from_grpc_error(error) from error
+            raise self._error(error) from error
 
     def close(self) -> None:
         self._channel.close()
+
+    def _error(self, error: grpc.RpcError) -> Exception:
+        """The SDK error for ``error``: a channel whose security does not match the server's is said to be one
+        (FailedPrecondition, not retried), where gRPC says only "Socket closed" or "handshake failed"."""
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            mismatch = self._security_mismatch(error.details() or "")
+            if mismatch is not None:
+                return FailedPrecondition(f"{mismatch} (gRPC said: {error.details()})")
+        return from_grpc_error(error)
+
+    def _security_mismatch(self, details: str) -> str | None:
+        if self._tls_mismatch is not None:
+            return self._tls_mismatch
+        address = _single_address(self.target)
+        if self._secure and "WRONG_VERSION_NUMBER" in details:
+            self._tls_mismatch = f"the server at {self.target} does not speak TLS, and this client's channel does"
+        elif not self._secure and "Socket closed" in details and address is not None and speaks_tls(address):
+            self._tls_mismatch = (
+                f"the server at {self.target} speaks TLS, and this client's channel is plaintext: "
+                "give Client(root_certificates=...) (and client_certificate/client_key for mutual TLS)"
+            )
+        return self._tls_mismatch

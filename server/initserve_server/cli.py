@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(for kubelet gRPC probes of a TLS server); off by default",
     )
     option(
+        "--max-concurrent-calls",
+        "MAX_CONCURRENT_CALLS",
+        int,
+        defaults.DEFAULT_MAX_CONCURRENT_CALLS,
+        "Init calls served at once (threads); past it RESOURCE_EXHAUSTED. Describe and health have their own threads",
+    )
+    option(
         "--stall-seconds",
         "STALL_SECONDS",
         float,
@@ -257,6 +264,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             metrics_port=args.metrics_port,
             health_port=args.health_port,
             stall_seconds=args.stall_seconds,
+            max_concurrent_calls=args.max_concurrent_calls,
             max_work_seconds=args.max_work_seconds,
             require_devices=args.require_devices,
         )
@@ -281,13 +289,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     # One machine-readable line: tests and scripts started with --port 0 read the bound port from it.
     if running.metrics_port is not None:
-        print(f"initserve metrics on {running.config.host}:{running.metrics_port}", flush=True)
+        _announce(f"initserve metrics on {running.config.host}:{running.metrics_port}")
     if running.health_port is not None:
-        print(f"initserve health on {running.config.host}:{running.health_port}", flush=True)
-    print(f"initserve listening on {running.target}", flush=True)
+        _announce(f"initserve health on {running.config.host}:{running.health_port}")
+    _announce(f"initserve listening on {running.target}")
     while not stop_requested.wait(timeout=1.0):
         pass
     return _stop(running, config.grace_seconds)
+
+
+def _announce(line: str) -> None:
+    """One line in one write: print() writes the newline apart, and unbuffered, another thread's log line can
+    land between the two."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _stop(running: RunningServer, grace_seconds: float) -> int:

@@ -9,8 +9,8 @@ from initserve_server.memory_limit import usable_memory_bytes
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
-# Generation threads: one per usable CPU (torch runs one intra-op thread each), at least 2. RPCs themselves take
-# no thread: a stream waiting on its client is a suspended coroutine (initserve_server.servicer).
+# Generation threads: one per usable CPU (torch runs one intra-op thread each), at least 2; apart from the threads
+# that serve calls (max_concurrent_calls), which mostly wait: on bytes being generated, or on their client.
 DEFAULT_WORKERS = max(2, usable_cpus())
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # gRPC's own default receive limit, so any stock client can read chunks
@@ -18,6 +18,9 @@ DEFAULT_MAX_TENSOR_BYTES = 4 << 30
 DEFAULT_MAX_DIMS = 16
 DEFAULT_GRACE_SECONDS = 10.0
 DEFAULT_MAX_CONNECTION_AGE_SECONDS = 0.0  # off; the Kubernetes manifests set 300
+# Init calls served at once (each holds a gRPC thread while it runs; Describe and health checks have threads of
+# their own beyond these): past it, RESOURCE_EXHAUSTED. A stalled stream gives its thread back after stall_seconds.
+DEFAULT_MAX_CONCURRENT_CALLS = 256
 # A stream whose client reads nothing for this long is cancelled and what it held is released.
 DEFAULT_STALL_SECONDS = 30.0
 # A request whose generation the cost model (initserve_server.costs) puts above this many seconds of one core
@@ -82,6 +85,7 @@ class ServerConfig:
     # probes speak plaintext only); None: off.
     health_port: int | None = None
     stall_seconds: float = DEFAULT_STALL_SECONDS
+    max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS
     max_work_seconds: float = DEFAULT_MAX_WORK_SECONDS
     # Devices that must generate a probe tensor before the server reports ready (and keep doing so): a CUDA
     # pool whose GPU does not work is not ready. Each "cpu", "cuda" or "cuda:N".
@@ -129,6 +133,8 @@ class ServerConfig:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if self.health_port is not None and not 0 <= self.health_port <= 65535:
             raise ValueError(f"health_port must be in 0..65535, got {self.health_port}")
+        if self.max_concurrent_calls < 1:
+            raise ValueError(f"max_concurrent_calls must be at least 1, got {self.max_concurrent_calls}")
         if not self.stall_seconds > 0:
             raise ValueError(f"stall_seconds must be > 0, got {self.stall_seconds}")
         if not self.max_work_seconds > 0:

@@ -6,25 +6,22 @@ What it owns, and what bounds each:
 - **the tensor cache and the in-flight budget** (``cache``): a tensor and its scheme's working memory are
   admitted together, and counted until released;
 - **the generation pool** (``generation_pool``): ``workers`` threads, and a lane for light generations so a
-  small request never waits behind heavy ones; a generation nobody wants is cancelled, queued or running;
-- **a small executor for the readers' work** (CRC summing, slice copies, shared-memory copies), so the event
-  loop that serves every call never runs a long copy or checksum.
+  small request never waits behind heavy ones; a generation nobody wants is cancelled, queued or running.
 
-The servicer (``servicer``) turns gRPC requests into calls on it and its messages into gRPC writes. The answer
-of one tensor is an async iterator: a header, chunks as their bytes become final, a trailer; the coroutine
-that iterates it holds no thread while it waits for bytes.
+The servicer (``servicer``) turns gRPC requests into calls on it and its messages into gRPC messages. The answer
+of one tensor is an iterator run by the call's own thread: a header, chunks as their bytes become final (the
+call's thread computes the CRCs of bytes it is the first to wait for), a trailer; ``is_active`` turning false
+(the call ended) stops it within production.WAIT_POLL_SECONDS.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -47,7 +44,7 @@ from initserve_server.validation import InvalidRequest, check_finite, validate_r
 # Which replica served a stream: in every header and in Describe.
 SERVER_ID = f"{socket.gethostname()}:{os.getpid()}"
 DEVICE_COPY_PIECE_BYTES = 16 << 20  # one device-to-host copy: long enough that its call and sync cost vanish
-READER_THREADS = 2  # CRC summing, slice copies and shared-memory writes, off the event loop
+IsActive = Callable[[], bool]  # whether the call that waits is still wanted (cancelled, expired, disconnected)
 
 
 def draw_seed() -> int:
@@ -129,7 +126,6 @@ class Engine:
         self.answers = AnswerMemo(config.answer_memo_bytes)
         self.stream_buffers = ByteBudget(STREAM_BUFFER_BYTES, "stream_buffer_bytes")
         self.pool = GenerationPool(config.workers)
-        self._readers = ThreadPoolExecutor(READER_THREADS, "initserve-read")
         self.refused_work = 0
         self.on_generated: Callable[[str, str, float], None] = lambda scheme, device, seconds: None
 
@@ -152,10 +148,11 @@ class Engine:
 
     def lease(self, spec: InitSpec) -> Lease:
         """A lease on the production of ``spec``'s bytes: cached, joined, or started now (cache.Overloaded when
-        it does not fit the in-flight budget, generation_pool.PoolClosed when the server is stopping)."""
+        it does not fit the in-flight budget, generation_pool.PoolClosed when the server is stopping). A slice's
+        new production is empty: the lease's holder cuts it (:meth:`answer`)."""
         if spec.slices:
             return self.cache.acquire(
-                spec.key, spec.total_bytes, lambda: self._start_slice(spec), cacheable=not spec.seed_drawn,
+                spec.key, spec.total_bytes, lambda: Production(spec.total_bytes), cacheable=not spec.seed_drawn,
                 generates=False,
             )  # fmt: skip
         cost = costs.estimate(spec)
@@ -164,23 +161,38 @@ class Engine:
             cacheable=not spec.seed_drawn,
         )  # fmt: skip
 
-    async def answer(self, spec: InitSpec) -> AsyncIterator[pb.InitResponse | bytes]:
+    def answer(self, spec: InitSpec, is_active: IsActive) -> Iterator[pb.InitResponse | bytes]:
         """One tensor's messages: header, chunks of ``spec.chunk_bytes`` from ``spec.offset`` (serialized, see
-        initserve._wire), trailer. Raises what validation could not know: torch's error, a failed generation."""
+        initserve._wire), trailer. Raises what validation could not know: torch's error, a failed generation,
+        production.Abandoned once ``is_active`` turns false."""
         with self.lease(spec) as lease:
             production = lease.production
-            await production.started()
+            if spec.slices and not lease.shared:
+                self._cut(spec, production, is_active)
+            production.wait_started(is_active)
             yield pb.InitResponse(header=header(spec, lease.shared))
             assert production.tensor is not None
             payload = tensor_bytes(production.tensor)
             total = spec.total_bytes
             for start in range(spec.offset, total, spec.chunk_bytes):
                 end = min(start + spec.chunk_bytes, total)
-                if not production.done:
-                    await production.wait_for(end, self._readers)
+                production.wait_for(end, is_active)
                 yield encode_chunk_at(payload, start, end, production.block_crcs)
-            await production.wait_for(total, self._readers)
+            production.wait_for(total, is_active)
             yield pb.InitResponse(trailer=pb.Trailer(checksum=production.final_checksum()))
+
+    def wait_whole(self, spec: InitSpec, is_active: IsActive) -> tuple[Lease, bool]:
+        """A lease on ``spec``'s tensor, every byte of it final (for a shared-memory write); and whether it was
+        shared (cached or joined). Release the lease when done."""
+        lease = self.lease(spec)
+        try:
+            if spec.slices and not lease.shared:
+                self._cut(spec, lease.production, is_active)
+            lease.production.wait_for(spec.total_bytes, is_active)
+        except BaseException:
+            lease.release()
+            raise
+        return lease, lease.shared
 
     # --- generation ---
 
@@ -200,36 +212,22 @@ class Engine:
         if production.error is None:
             self.on_generated(spec.scheme.name, str(spec.device), time.perf_counter() - started)
 
-    def _start_slice(self, spec: InitSpec) -> Production:
-        """A slice's production: the whole tensor from the cache (generated there if need be), then its slice
-        copied out, so every slice of one tensor shares one generation."""
-        production = Production(spec.total_bytes)
-        loop = asyncio.get_running_loop()
-        cut = loop.create_task(self._cut(spec, production))
-        production.on_cancel(lambda: loop.call_soon_threadsafe(cut.cancel))
-        return production
-
-    async def _cut(self, spec: InitSpec, production: Production) -> None:
+    def _cut(self, spec: InitSpec, production: Production, is_active: IsActive) -> None:
+        """Fill a slice's new production: the whole tensor from the cache (generated there if need be), then the
+        slice copied out, so every slice of one tensor shares one generation. Run by the slice's first requester;
+        those that joined it wait on the production, and get its error if it fails."""
         try:
             whole = spec.whole()
             with self.lease(whole) as lease:
-                await lease.production.wait_for(whole.total_bytes, self._readers)
-                await asyncio.get_running_loop().run_in_executor(
-                    self._readers, self._copy_slice, lease.production, spec, production
-                )
-        except asyncio.CancelledError:
-            production.fail(Abandoned("every stream for this slice ended before it was cut"))
-            raise
-        except BaseException as error:  # noqa: BLE001 - its streams re-raise it
+                lease.production.wait_for(whole.total_bytes, is_active)
+                assert lease.production.tensor is not None
+                piece = self.buffers.empty(spec.out_shape, spec.dtype.torch_dtype)
+                piece.copy_(lease.production.tensor[index(spec.slices)])
+            production.attach(piece)
+            production.finish()
+        except BaseException as error:
             production.fail(error)
-
-    def _copy_slice(self, whole: Production, spec: InitSpec, production: Production) -> None:
-        assert whole.tensor is not None
-        production.check_cancelled()  # its streams left while this copy waited for a thread
-        piece = self.buffers.empty(spec.out_shape, spec.dtype.torch_dtype)
-        piece.copy_(whole.tensor[index(spec.slices)])
-        production.attach(piece)
-        production.finish()  # its CRCs, here rather than on the event loop
+            raise
 
     # --- the server's state ---
 
@@ -260,5 +258,4 @@ class Engine:
 
     def close(self) -> int:
         """Start no more generations; the number still running (they end with their daemon threads)."""
-        self._readers.shutdown(wait=False, cancel_futures=True)
         return self.pool.close()

@@ -12,23 +12,21 @@ that are written but not yet summed sums them itself, in its own thread, one rea
 only what no reader did, when it finishes. A producer that is not the slowest step (a copy from the GPU, whose
 streams are) sums each piece as it advances (``checksum_now``).
 
-Threads and the event loop: the producer is a thread (torch's fill blocks), the readers are coroutines on the
-server's event loop. A reader waiting for bytes holds no thread: it awaits a future of its own, which every change
-of the production resolves through ``loop.call_soon_threadsafe``; its CRC summing runs in an executor. A reader
-whose call ends is simply cancelled where it awaits; the producer is told to stop by :meth:`Production.cancel`.
+A reader whose call ends stops waiting within WAIT_POLL_SECONDS (``is_active``); the producer is told to stop by
+:meth:`Production.cancel`, which it notices at its next stopping point (:meth:`Production.check_cancelled`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor
 
 import torch
 
 from initserve._checksum import BLOCK_BYTES, TensorChecksum
 from initserve._codec import tensor_bytes
+
+WAIT_POLL_SECONDS = 0.1  # how often a waiting stream checks whether its call is still active
 
 
 class Abandoned(Exception):
@@ -37,8 +35,8 @@ class Abandoned(Exception):
 
 class Production:
     """The producer calls :meth:`attach`, :meth:`advance` (any number of times), then :meth:`finish` or
-    :meth:`fail`, and :meth:`check_cancelled` wherever it can stop; readers await :meth:`started` and
-    :meth:`wait_for`, then call :meth:`final_checksum`."""
+    :meth:`fail`, and :meth:`check_cancelled` wherever it can stop; readers call :meth:`wait_started`,
+    :meth:`wait_for` and :meth:`final_checksum`."""
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
@@ -52,7 +50,6 @@ class Production:
         self._crcs = TensorChecksum()
         self._cancelled = False
         self._changed = threading.Condition()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []  # readers to wake
         self._on_done: list[Callable[[Production], None]] = []
         self._on_cancel: list[Callable[[], object]] = []
 
@@ -94,7 +91,7 @@ class Production:
             if final_bytes <= self._written:
                 return
             self._written = final_bytes
-            self._wake_locked()
+            self._changed.notify_all()
         if checksum_now:
             self._sum_written()
 
@@ -103,12 +100,12 @@ class Production:
         assert self.tensor is not None
         with self._changed:
             self._written = self.nbytes
-            self._wake_locked()
+            self._changed.notify_all()
         self._sum_written()  # what no reader summed (all of it, when nobody reads)
         with self._changed:
             self.block_crcs.extend(self._crcs.finished()[len(self.block_crcs) :])
             self.checksum = self._crcs.digest()
-            self._wake_locked()
+            self._changed.notify_all()
         self._done()
 
     def _sum_written(self) -> None:
@@ -141,12 +138,12 @@ class Production:
                     self._final = stop
                     self.block_crcs.extend(self._crcs.crcs[len(self.block_crcs) :])  # one list that only grows
                 self._summing = False
-                self._wake_locked()
+                self._changed.notify_all()
 
     def fail(self, error: BaseException) -> None:
         with self._changed:
             self.error = error
-            self._wake_locked()
+            self._changed.notify_all()
         self._done()
 
     def cancel(self) -> None:
@@ -179,26 +176,6 @@ class Production:
                 return
         callback()
 
-    def _wake_locked(self) -> None:
-        """Under the lock, after any change: wake the producer's waits and every waiting reader."""
-        self._changed.notify_all()
-        if self._waiters:
-            waiters, self._waiters = self._waiters, []
-            for loop, future in waiters:
-                if future.done():  # its reader was cancelled
-                    continue
-                try:
-                    loop.call_soon_threadsafe(_resolve, future)
-                except RuntimeError:  # the loop is closed (the server stopped): nobody is waiting there
-                    pass
-
-    def _waiter_locked(self) -> asyncio.Future[None]:
-        """Under the lock: a future of the calling coroutine's own, resolved at the next change."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._waiters.append((loop, future))
-        return future
-
     def _done(self) -> None:
         with self._changed:
             callbacks, self._on_done = self._on_done, []
@@ -220,34 +197,34 @@ class Production:
     def done(self) -> bool:
         return self.checksum is not None or self.error is not None
 
-    async def started(self) -> None:
-        """Until the first bytes are final (torch accepted the request) or it is done; re-raises its error."""
-        while True:
-            with self._changed:
-                if self._written > 0 or self.done:
-                    break
-                changed = self._waiter_locked()
-            await changed
+    def wait_started(self, is_active: Callable[[], bool] = lambda: True) -> None:
+        """Until the first bytes are final (torch accepted the request) or it is done; re-raises its error,
+        raises :class:`Abandoned` when ``is_active`` turns false."""
+        with self._changed:
+            while not (self._written > 0 or self.done):
+                if not is_active():
+                    raise Abandoned("the call ended while its tensor was being generated")
+                self._changed.wait(WAIT_POLL_SECONDS)
         if self.error is not None:
             raise self.error
 
-    async def wait_for(self, end: int, summer: Executor | None = None) -> None:
-        """Until bytes ``[0, end)`` are final and their block CRCs known, summing written bytes in ``summer`` (the
-        loop's default executor when None) while no other reader does; re-raises a production error."""
-        loop = asyncio.get_running_loop()
+    def wait_for(self, end: int, is_active: Callable[[], bool] = lambda: True) -> None:
+        """Until bytes ``[0, end)`` are final and their block CRCs known, summing written bytes in this thread
+        while no other thread does; re-raises a production error, raises :class:`Abandoned` when ``is_active``
+        turns false."""
         while True:
             with self._changed:
                 if self._has(end):
                     return
                 if self.error is not None:
                     raise self.error
+                if not is_active():
+                    raise Abandoned("the call ended while waiting for the tensor's bytes")
                 span = self._claim()
                 if span is None:
-                    changed = self._waiter_locked()
-            if span is None:
-                await changed
-            else:
-                await loop.run_in_executor(summer, self._sum, *span)
+                    self._changed.wait(WAIT_POLL_SECONDS)
+                    continue
+            self._sum(*span)
 
     def _has(self, end: int) -> bool:
         """Whether bytes ``[0, end)`` may be read: whole blocks whose CRCs are known, and the last byte only
@@ -260,8 +237,3 @@ class Production:
         """The whole tensor's checksum; call after every byte was waited for."""
         assert self.checksum is not None, "the checksum is known only once the production finished"
         return self.checksum
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():  # its reader may have been cancelled meanwhile
-        future.set_result(None)

@@ -11,7 +11,7 @@ Entry points (the server builds them once from its config; none starts a thread 
   malformed) keeps the tokens it had and logs an error naming the file and line. A token is compared against
   every accepted token, each as a SHA-256 digest with ``hmac.compare_digest`` and without an early exit, so the
   time a check takes depends on neither whether nor which token matched, nor on their lengths.
-- ``BearerTokenInterceptor(tokens, on_refused)``: a ``grpc.aio.ServerInterceptor``. Every RPC but the gRPC
+- ``BearerTokenInterceptor(tokens, on_refused)``: a ``grpc.ServerInterceptor``. Every RPC but the gRPC
   health service (Kubernetes and load-balancer probes need no secret) must carry ``authorization: Bearer
   <token>``; any other call is answered UNAUTHENTICATED before its handler runs, so no tensor work is done and no
   byte of data is sent. ``on_refused(method, context)`` is called first (the context gives the peer), so the
@@ -36,12 +36,11 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import grpc.aio
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 AUTHORIZATION = "authorization"
@@ -58,7 +57,7 @@ log = logging.getLogger("initserve.security")
 
 # (mtime_ns, size, inode) of a file, or None when it cannot be stat'ed.
 FileSignature = tuple[int, int, int] | None
-RefusalCallback = Callable[[str, grpc.aio.ServicerContext], None]
+RefusalCallback = Callable[[str, grpc.ServicerContext], None]
 
 
 class SecurityConfigError(ValueError):
@@ -204,7 +203,7 @@ def _authorization(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | 
     return None
 
 
-def _call_on_refused(on_refused: RefusalCallback | None, method: str, context: grpc.aio.ServicerContext) -> None:
+def _call_on_refused(on_refused: RefusalCallback | None, method: str, context: grpc.ServicerContext) -> None:
     if on_refused is None:
         return
     try:
@@ -234,7 +233,7 @@ def _of_kind(
     return grpc.unary_unary_rpc_method_handler(unary_response)
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Refuses every call but health checks unless it carries ``authorization: Bearer <token>`` for a token of
     ``tokens``; ``on_refused(method, context)`` runs before each refusal (count it, log the peer)."""
 
@@ -242,25 +241,21 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self._tokens = tokens
         self._on_refused = on_refused
 
-    async def intercept_service(
+    def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
+        handler = continuation(handler_call_details)
         if not _refused(handler, handler_call_details, self._tokens):
             return handler
         method, on_refused = handler_call_details.method, self._on_refused
 
-        async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+        def refuse(request: object, context: grpc.ServicerContext) -> None:
             _call_on_refused(on_refused, method, context)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
-        async def refuse_stream(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
-            await refuse(request, context)
-            yield  # never reached (abort raises): the yield makes this a streaming handler  # pragma: no cover
-
-        return _of_kind(handler, refuse, refuse_stream)
+        return _of_kind(handler, refuse, refuse)
 
 
 # -- TLS -------------------------------------------------------------------------------------------------------------

@@ -1,40 +1,42 @@
 """serve(config): build and start the gRPC server (init service, health, reflection) and return it running.
 
-The server is a grpc.aio server on an event loop of its own thread ("initserve-loop"): calls are coroutines, so
-none holds a thread while it waits for its client or for bytes being generated; generation runs in the engine's
-pool. ``serve`` returns once the server listens; ``RunningServer.stop`` drains and stops it from any thread.
+Capacity: gRPC's thread pool has ``max_concurrent_calls`` threads for Init calls and CONTROL_THREADS more that
+only Describe and health checks can use (the servicer refuses Init calls past the limit, RESOURCE_EXHAUSTED), so
+those always answer, whatever the Init calls are doing. A thread a stalled stream holds is released after
+``stall_seconds`` (``stalls``). Generations run in the engine's own pool.
 
 Health: the service ``""`` answers SERVING while the process serves (liveness); ``initserve.v1.InitService``
 (readiness) also waits for the required devices (``readiness``). Both turn NOT_SERVING when the server drains.
-With ``health_port``, a second, plaintext server on that port carries the health service alone (no token, no
-TLS): kubelet's gRPC probes speak plaintext only.
+With ``health_port``, a second, plaintext server with threads of its own carries the health service alone (no
+token, no TLS) on that port: kubelet's gRPC probes speak plaintext only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from initserve.v1 import initserve_pb2 as pb
-from initserve_server import readiness
 from initserve_server.allocator import return_large_blocks_to_the_os
 from initserve_server.config import MAX_REQUEST_BYTES, ServerConfig
 from initserve_server.devices import cpu_qr_probe
 from initserve_server.engine import Engine
 from initserve_server.initializers import configure_torch
+from initserve_server.readiness import Readiness
 from initserve_server.security import BearerTokenInterceptor, TokenSet, server_credentials
 from initserve_server.servicer import InitServicer, add_to_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InitService"].full_name
+CONTROL_THREADS = 16  # gRPC threads beyond max_concurrent_calls: Describe and health checks always find one
+HEALTH_PORT_THREADS = 4
 # Streams one client connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; gRPC's own
-# default is unlimited): a client past it waits for one of its streams to end, and costs nobody else anything.
-MAX_STREAMS_PER_CONNECTION = 256
+# default is unlimited): a connection past it waits for one of its own streams to end.
+MAX_STREAMS_PER_CONNECTION = 64
 log = logging.getLogger("initserve.server")
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -64,17 +66,14 @@ def _options(config: ServerConfig) -> list[tuple[str, object]]:
 
 @dataclass
 class RunningServer:
+    server: grpc.Server
+    health: health.HealthServicer
     config: ServerConfig
     port: int  # the bound port (the real one when config.port was 0)
-    health_port: int | None  # the bound health-only port, or None
     servicer: InitServicer
-    _loop: asyncio.AbstractEventLoop
-    _thread: threading.Thread
-    _server: grpc.aio.Server
-    _health_server: grpc.aio.Server | None
-    _health: health.aio.HealthServicer
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _stopped: threading.Event = field(default_factory=threading.Event)
+    health_server: grpc.Server | None = None
+    health_port: int | None = None  # the bound health-only port, or None
+    readiness: Readiness | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -88,70 +87,20 @@ class RunningServer:
     def stop(self, grace_seconds: float | None = None) -> int:
         """Report NOT_SERVING, refuse new calls, give in-flight calls the grace period, then stop; returns how
         many generations were still running (their threads are daemons: they end with the process)."""
+        self.health.enter_graceful_shutdown()
+        if self.readiness is not None:
+            self.readiness.close()
         grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
-        if not self._stopped.is_set():
-            asyncio.run_coroutine_threadsafe(self._stop(grace), self._loop).result()
-            self._stopped.set()
-            self._thread.join()
-            self.servicer.metrics.close()  # after the drain, so the last calls are still scraped while it lasts
-            self.servicer.access_log.close()  # the last calls' lines are written before stop() returns
+        self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
+        self.servicer.stalls.close()
+        self.servicer.metrics.close()  # after the drain, so the last calls are still scraped while it lasts
+        self.servicer.access_log.close()  # the last calls' lines are written before stop() returns
         return self.servicer.engine.close()
 
-    async def _stop(self, grace: float) -> None:
-        await self._health.enter_graceful_shutdown()
-        for task in self._tasks:
-            task.cancel()
-        await self._server.stop(grace)
-        if self._health_server is not None:
-            await self._health_server.stop(0)
-        self._loop.call_soon(self._loop.stop)
-
     def wait(self) -> None:
-        self._thread.join()
-
-
-async def _start(config: ServerConfig, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> RunningServer:
-    credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
-    engine = Engine(config)
-    servicer = InitServicer(config, engine)
-    tokens = TokenSet(config.auth_token_file, config.auth_token)  # read now: a bad file stops the start
-    interceptors = [BearerTokenInterceptor(tokens, servicer.refused)] if tokens.required else []
-    server = grpc.aio.server(options=_options(config), interceptors=interceptors)
-    add_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{_host_for_target(config.host)}:{config.port}"
-    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
-    health_server, health_port = None, None
-    if config.health_port is not None:
-        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_address = f"{_host_for_target(config.host)}:{config.health_port}"
-        health_port = health_server.add_insecure_port(health_address)
-        if health_port == 0:
-            raise OSError(f"--health-port: could not bind {health_address}")
-    if config.metrics_port is not None:  # before the gRPC server starts: a port in use stops nothing running
-        servicer.metrics.serve(config.host, config.metrics_port)
-    await server.start()
-    if health_server is not None:
-        await health_server.start()
-    running = RunningServer(
-        config, port, health_port, servicer, loop, thread, server, health_server, health_servicer
-    )  # fmt: skip
-    await health_servicer.set("", SERVING)
-
-    async def set_ready(ready: bool) -> None:
-        await health_servicer.set(SERVICE_NAME, SERVING if ready else NOT_SERVING)
-
-    if config.require_devices:
-        await set_ready(False)
-        running._tasks.append(loop.create_task(readiness.watch(config.require_devices, engine.pool, set_ready)))
-    else:
-        await set_ready(True)
-    return running
+        self.server.wait_for_termination()
 
 
 def serve(config: ServerConfig) -> RunningServer:
@@ -159,18 +108,55 @@ def serve(config: ServerConfig) -> RunningServer:
     configure_torch()
     cpu_qr_probe()  # the CPU fingerprint's probe runs now, not in the first request (about 20 ms)
     return_large_blocks_to_the_os()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="initserve-loop", daemon=True)
-    thread.start()
-    try:
-        running = asyncio.run_coroutine_threadsafe(_start(config, loop, thread), loop).result()
-    except BaseException:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        raise
-    credentials = "mutual TLS" if config.tls_client_ca_file else "TLS" if config.tls_cert_file else "plaintext"
+    credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    tokens = TokenSet(config.auth_token_file, config.auth_token)  # read now: a bad file stops the start
+    servicer = InitServicer(config, Engine(config))
+    interceptors = [BearerTokenInterceptor(tokens, servicer.refused)] if tokens.required else []
+    threads = config.max_concurrent_calls + CONTROL_THREADS
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=threads, thread_name_prefix="initserve"),
+        options=_options(config),
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=threads,
+    )
+    add_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{_host_for_target(config.host)}:{config.port}"
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    running = RunningServer(server=server, health=health_servicer, config=config, port=port, servicer=servicer)
+    if config.health_port is not None:
+        running.health_server = grpc.server(
+            ThreadPoolExecutor(HEALTH_PORT_THREADS, thread_name_prefix="initserve-health"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, running.health_server)
+        health_address = f"{_host_for_target(config.host)}:{config.health_port}"
+        running.health_port = running.health_server.add_insecure_port(health_address)
+        if running.health_port == 0:
+            raise OSError(f"--health-port: could not bind {health_address}")
+    if config.metrics_port is not None:  # before the gRPC server starts: a port in use stops nothing running
+        servicer.metrics.serve(config.host, config.metrics_port)
+    server.start()
+    if running.health_server is not None:
+        running.health_server.start()
+    health_servicer.set("", SERVING)
+
+    def set_ready(ready: bool) -> None:
+        health_servicer.set(SERVICE_NAME, SERVING if ready else NOT_SERVING)
+
+    if config.require_devices:
+        set_ready(False)
+        running.readiness = Readiness(config.require_devices, servicer.engine.pool, set_ready)
+    else:
+        set_ready(True)
+    mode = "mutual TLS" if config.tls_client_ca_file else "TLS" if credentials is not None else "plaintext"
     log.info(
-        "serving on %s (%s%s); %d generation threads and a light lane",
-        running.target, credentials, ", bearer token required" if config.auth_token or config.auth_token_file else "", config.workers,
+        "serving on %s (%s%s); %d generation threads and a light lane; %d concurrent calls",
+        running.target, mode, ", bearer token required" if tokens.required else "", config.workers,
+        config.max_concurrent_calls,
     )  # fmt: skip
     return running

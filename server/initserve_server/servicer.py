@@ -1,23 +1,22 @@
-"""The gRPC servicer (grpc.aio): request → engine → messages written to the call, every error mapped in one place.
+"""The gRPC servicer: request → engine → messages, every error mapped to its status in one place.
 
-Each call is a coroutine on the server's event loop; none holds a thread. A stream whose client reads nothing is
-a coroutine suspended in ``context.write`` (gRPC completes a write only once HTTP/2 flow control has let the
-whole message out), so slow or stalled readers cost the memory of one message each (counted, see
-``engine.stream_buffer``) and no capacity anyone else needs: Health, Describe and every other call go on. A
-write that makes no progress for ``stall_seconds`` ends the call (UNAVAILABLE: a slow client resumes from its
-last verified byte) and releases what it held.
+Each call runs in a thread of gRPC's pool (``max_concurrent_calls`` of them for Init calls, and a reserve that
+Describe and health checks always find). A stream whose client reads nothing waits in gRPC's send, on HTTP/2
+flow control; the stall watch (``stalls``) cancels it after ``stall_seconds``, and its thread then releases its
+lease and its message. Streams' outgoing messages are admitted against a budget of their own
+(``engine.stream_buffer``), so slow readers hold bounded memory, counted.
 """
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
 import logging
 import secrets
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import grpc
 import torch
@@ -45,6 +44,7 @@ from initserve_server.logs import AccessLog
 from initserve_server.metrics import CallRecord, Metrics
 from initserve_server.production import Abandoned
 from initserve_server.shared_memory import SharedMemoryInvalid, SharedMemoryNoSpace, SharedMemoryUnavailable
+from initserve_server.stalls import StallWatch
 from initserve_server.validation import InvalidRequest, OffsetOutOfRange
 
 API_VERSION = "initserve.v1"
@@ -53,13 +53,8 @@ MAX_LABEL_NAME_CHARS = 64  # how much of a tensor's name an InitMany error repea
 log = logging.getLogger("initserve.server")
 
 
-class CallEnded(Exception):
-    """A write failed: the client cancelled, expired or disconnected (gRPC raises its own error for the write,
-    sometimes before ``context.cancelled()`` says so). Counted as cancelled; nothing is left to answer."""
-
-
-class Stalled(Exception):
-    """UNAVAILABLE: the client read nothing for stall_seconds; the server ended the stream."""
+class TooManyCalls(Exception):
+    """RESOURCE_EXHAUSTED: max_concurrent_calls Init calls are in progress."""
 
 
 def _torch_exception_name(error: BaseException) -> str | None:
@@ -94,7 +89,9 @@ def status_of(error: BaseException) -> Status:
         return grpc.StatusCode.CANCELLED, str(error), ()
     if isinstance(error, (Overloaded, OverBudget, SharedMemoryNoSpace)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
-    if isinstance(error, (Stalled, PoolClosed)):
+    if isinstance(error, TooManyCalls):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
+    if isinstance(error, PoolClosed):
         return grpc.StatusCode.UNAVAILABLE, str(error), ()
     if isinstance(error, OffsetOutOfRange):
         return grpc.StatusCode.OUT_OF_RANGE, str(error), ()
@@ -124,17 +121,21 @@ def _tensor_label(position: int, name: str) -> str:
 
 @dataclass
 class _Call:
-    """One RPC, as its access-log line and metrics will describe it."""
+    """One RPC: ``ended`` is set when it is cancelled, expires, disconnects or finishes; the rest is what its
+    access-log line and metrics will say."""
 
     method: str
     started: float
+    ended: threading.Event = field(default_factory=threading.Event)
     code: str = "OK"
     scheme: str = ""
     shape: tuple[int, ...] = ()
     tensors: int = 0
     bytes_sent: int = 0
     cache_hit: bool = False
-    last_progress: float = 0.0
+
+    def is_active(self) -> bool:
+        return not self.ended.is_set()
 
     def answered(self, total_bytes: int, offset: int, cache_hit: bool) -> None:
         self.tensors += 1
@@ -142,7 +143,7 @@ class _Call:
         self.cache_hit = cache_hit if self.tensors == 1 else self.cache_hit and cache_hit
 
 
-def _request_id(context: grpc.aio.ServicerContext) -> str:
+def _request_id(context: grpc.ServicerContext) -> str:
     """The caller's ``x-request-id`` (at most 64 printable characters), else a new one."""
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 64 and value.isprintable():
@@ -186,58 +187,74 @@ class InitServicer:
     def __init__(self, config: ServerConfig, engine: Engine) -> None:
         self._config = config
         self.engine = engine
-        self.inflight_requests = 0  # calls being served (the event loop's only: no lock)
+        self._lock = threading.Lock()
+        self.inflight_requests = 0  # Init calls being served
         self.cancelled = 0
         self.stalled = 0
         self.refused_unauthenticated = 0
+        self.stalls = StallWatch(config.stall_seconds, self._count_stall)
         # Last: registering reads the stats once (a collision check), so everything above must exist.
         self.metrics = Metrics(self.stats, lambda: [devices.device_info(d) for d in devices.available_devices()])
         engine.on_generated = self.metrics.generated
         self.access_log = AccessLog()
 
+    def _count_stall(self) -> None:
+        with self._lock:
+            self.stalled += 1
+
     # --- calls ---
 
-    @contextlib.asynccontextmanager
-    async def _call(self, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[_Call]:
-        """One RPC's bookkeeping: the in-flight gauge (Init calls), how it ended (its status, or cancelled), and
-        its access line and metrics once it has ended. Whatever the body raises becomes the call's status here."""
+    @contextlib.contextmanager
+    def _call(self, context: grpc.ServicerContext, method: str, *, limited: bool = True) -> Iterator[_Call]:
+        """One RPC's bookkeeping: its end as an event, the concurrent-call limit and gauge (Init calls), how it
+        ended, and its access line and metrics once it has ended. Whatever the body raises becomes the call's
+        status here."""
         call = _Call(method, time.perf_counter())
-        counted = method != "Describe"
-        self.inflight_requests += counted
+        context.add_callback(call.ended.set)  # cancelled, expired, disconnected or finished
+        admitted = False
         try:
+            if limited:
+                with self._lock:
+                    if self.inflight_requests >= self._config.max_concurrent_calls:
+                        raise TooManyCalls(
+                            f"{self.inflight_requests} calls in progress; the limit is "
+                            f"{self._config.max_concurrent_calls} (max_concurrent_calls); retry later"
+                        )
+                    self.inflight_requests += 1
+                    admitted = True
             yield call
-        except asyncio.CancelledError:  # cancelled, expired or disconnected while waiting
+        except GeneratorExit:  # gRPC dropped the stream: cancelled, expired, disconnected or stalled
             call.code = "CANCELLED"
-            self.cancelled += 1
             raise
         except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in status_of
-            if isinstance(error, CallEnded):
-                call.code = "CANCELLED"
-                self.cancelled += 1
-                return
             code, details, trailing = status_of(error)
-            call.code = code.name
-            if isinstance(error, Stalled):
-                self.stalled += 1
-            await context.abort(code, _shown(details, MAX_DETAILS_CHARS), trailing_metadata=trailing)
+            call.code = "CANCELLED" if call.ended.is_set() else code.name
+            if trailing:
+                context.set_trailing_metadata(trailing)
+            context.abort(code, _shown(details, MAX_DETAILS_CHARS))  # raises: the call ends with this status
         finally:
-            self.inflight_requests -= counted
+            if admitted:
+                with self._lock:
+                    self.inflight_requests -= 1
+            if call.code == "CANCELLED":
+                with self._lock:
+                    self.cancelled += 1
             self._record(context, call)
 
-    async def _write(self, context: grpc.aio.ServicerContext, call: _Call, data: bytes) -> None:
-        """Write one message, or raise Stalled when the client takes none of it for stall_seconds."""
+    def _stream(
+        self, context: grpc.ServicerContext, call: _Call, chunk_bytes: int, messages: Iterator[bytes]
+    ) -> Iterator[bytes]:
+        """``messages`` handed to gRPC one by one, each watched for stalls, within the stream-buffer budget."""
+        release = self.engine.stream_buffer(chunk_bytes)
+        sending = self.stalls.add(context.cancel)
         try:
-            async with asyncio.timeout(self._config.stall_seconds):
-                await context.write(data)
-        except asyncio.CancelledError:
-            raise
-        except TimeoutError:
-            raise Stalled(
-                f"the client read nothing for {self._config.stall_seconds:g} s (stall_seconds): the stream was "
-                "ended; resume from the last byte received"
-            ) from None
-        except Exception as error:  # noqa: BLE001 - grpc's write error: the call is over
-            raise CallEnded(f"the call ended while writing ({type(error).__name__})") from None
+            for data in messages:
+                sending.handed()
+                yield data  # gRPC sends it (waiting on flow control) before asking for the next
+                sending.taken()
+        finally:
+            self.stalls.remove(sending)
+            release()
 
     def _spec(self, request: pb.InitRequest | MalformedRequest, call: _Call):  # noqa: ANN202
         if isinstance(request, MalformedRequest):
@@ -246,24 +263,23 @@ class InitServicer:
         call.scheme, call.shape = spec.scheme.name, spec.shape
         return spec
 
-    async def Init(self, request: pb.InitRequest | MalformedRequest, context: grpc.aio.ServicerContext) -> None:
-        async with self._call(context, "Init") as call:
+    def Init(self, request: pb.InitRequest | MalformedRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        with self._call(context, "Init") as call:
             spec = self._spec(request, call)
             if request.shared_memory:
                 raise InvalidRequest("shared_memory is answered by InitUnary, not by the Init stream")
-            release = self.engine.stream_buffer(spec.chunk_bytes)
-            cache_hit = False
-            try:
-                async with contextlib.aclosing(self.engine.answer(spec)) as messages:
-                    async for message in messages:
-                        await self._write(context, call, serialize_response(message))
-                        if isinstance(message, pb.InitResponse) and message.HasField("header"):
-                            cache_hit = message.header.cache_hit
-            finally:
-                release()
-            call.answered(spec.total_bytes, spec.offset, cache_hit)
+            header: list[bool] = []
 
-    async def InitUnary(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            def messages() -> Iterator[bytes]:
+                for message in self.engine.answer(spec, call.is_active):
+                    if isinstance(message, pb.InitResponse) and message.HasField("header"):
+                        header.append(message.header.cache_hit)
+                    yield serialize_response(message)
+
+            yield from self._stream(context, call, spec.chunk_bytes, messages())
+            call.answered(spec.total_bytes, spec.offset, header[0])
+
+    def InitUnary(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         """The stream's messages in one serialized InitUnaryResponse (see initserve._wire.encode_unary).
 
         ``data`` is the request's bytes: a repeat of a request the cache served is answered from the memo."""
@@ -275,7 +291,7 @@ class InitServicer:
             self._record(context, call)
             return answer
         request = _parse_init_request(data)
-        async with self._call(context, "InitUnary") as call:
+        with self._call(context, "InitUnary") as call:
             spec = self._spec(request, call)
             if request.shared_memory:
                 raise SharedMemoryUnavailable(
@@ -283,18 +299,19 @@ class InitServicer:
                     "register a sealed memfd on its shared-memory socket instead"
                 )
             spec = unary_spec(spec, self._config)
-            async with contextlib.aclosing(self.engine.answer(spec)) as answers:
-                messages = [message async for message in answers]
+            messages = list(self.engine.answer(spec, call.is_active))
             answer = encode_unary(messages)
             call.answered(spec.total_bytes, spec.offset, messages[0].header.cache_hit)
             if _reusable(messages):
                 self.engine.answers.put(data, answer, (spec.scheme.name, spec.shape, spec.total_bytes - spec.offset))
             return answer
 
-    async def InitMany(self, request: pb.InitManyRequest | MalformedRequest, context: grpc.aio.ServicerContext) -> None:
+    def InitMany(
+        self, request: pb.InitManyRequest | MalformedRequest, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         """Every tensor of the request in order on one stream, each message tagged with its tensor's index.
         All are validated before the first byte is sent; an error names the tensor (index and name)."""
-        async with self._call(context, "InitMany") as call:
+        with self._call(context, "InitMany") as call:
             call.scheme = "many"
             if isinstance(request, MalformedRequest):
                 raise InvalidRequest(request.message)
@@ -311,27 +328,25 @@ class InitServicer:
                     specs.append(self.engine.validate(tensor))
                 except Exception as error:  # noqa: BLE001 - re-raised with the tensor's label
                     raise _Labelled(error, _tensor_label(position, tensor.name)) from None
-            release = self.engine.stream_buffer(max((spec.chunk_bytes for spec in specs), default=0))
-            cache_hit = False
-            try:
+
+            def messages() -> Iterator[bytes]:
                 for position, spec in enumerate(specs):
                     tag = tensor_tag(position)
+                    cache_hit = False
                     try:
-                        async with contextlib.aclosing(self.engine.answer(spec)) as messages:
-                            async for message in messages:
-                                await self._write(context, call, tag + serialize_response(message))
-                                if isinstance(message, pb.InitResponse) and message.HasField("header"):
-                                    cache_hit = message.header.cache_hit
-                    except (Stalled, CallEnded, asyncio.CancelledError):
-                        raise
+                        for message in self.engine.answer(spec, call.is_active):
+                            if isinstance(message, pb.InitResponse) and message.HasField("header"):
+                                cache_hit = message.header.cache_hit
+                            yield tag + serialize_response(message)
                     except Exception as error:  # noqa: BLE001 - re-raised with the tensor's label
                         raise _Labelled(error, _tensor_label(position, spec.name)) from None
                     call.answered(spec.total_bytes, spec.offset, cache_hit)
-            finally:
-                release()
 
-    async def Describe(self, request: pb.DescribeRequest | MalformedRequest, context: grpc.aio.ServicerContext):  # noqa: ANN201
-        async with self._call(context, "Describe"):
+            chunk_bytes = max((spec.chunk_bytes for spec in specs), default=0)
+            yield from self._stream(context, call, chunk_bytes, messages())
+
+    def Describe(self, request: pb.DescribeRequest | MalformedRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
+        with self._call(context, "Describe", limited=False):
             if isinstance(request, MalformedRequest):
                 raise InvalidRequest(request.message)
             info = describe(self._config)
@@ -340,16 +355,18 @@ class InitServicer:
 
     # --- records and stats ---
 
-    def refused(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    def refused(self, method: str, context: grpc.ServicerContext) -> None:
         """A call the token check refused (security's interceptor): counted, and logged like any call."""
-        self.refused_unauthenticated += 1
+        with self._lock:
+            self.refused_unauthenticated += 1
         self._record(context, _Call(method.rsplit("/", 1)[-1], time.perf_counter(), code="UNAUTHENTICATED"))
 
-    def _record(self, context: grpc.aio.ServicerContext, call: _Call) -> None:
-        """Count the call and write its access line once the RPC has ended (after its answer went out)."""
+    def _record(self, context: grpc.ServicerContext, call: _Call) -> None:
+        """Count the call and write its access line once the RPC has ended, after its answer went out (gRPC
+        runs termination callbacks on its polling thread), so a small call's answer does not wait for them."""
         seconds = time.perf_counter() - call.started
 
-        def record(_: object = None) -> None:
+        def record() -> None:
             entry = CallRecord(
                 method=call.method, request_id=_request_id(context), peer=context.peer(), seconds=seconds,
                 code=call.code, scheme=call.scheme, shape=call.shape, tensors=call.tensors,
@@ -358,10 +375,8 @@ class InitServicer:
             self.metrics.record(entry)
             self.access_log.write(entry)
 
-        if context.done():
-            record()
-        else:
-            context.add_done_callback(record)
+        if not context.add_callback(record):
+            record()  # the RPC has already ended
 
     def stats(self) -> pb.ServerStats:
         stats = self.engine.stats()
@@ -372,14 +387,14 @@ class InitServicer:
         return stats
 
 
-def add_to_server(servicer: InitServicer, server: grpc.aio.Server) -> None:
+def add_to_server(servicer: InitServicer, server: grpc.Server) -> None:
     """Register the service as the generated code would, but parse requests here: malformed bytes are the
     client's error (INVALID_ARGUMENT), where grpc's own deserializer failure would be INTERNAL."""
     handlers = {
         "Init": grpc.unary_stream_rpc_method_handler(
             servicer.Init,
             request_deserializer=_parser(pb.InitRequest),
-            response_serializer=None,  # Init writes serialized messages (chunks encoded by initserve._wire)
+            response_serializer=None,  # Init yields serialized messages (chunks encoded by initserve._wire)
         ),
         "InitUnary": grpc.unary_unary_rpc_method_handler(
             servicer.InitUnary,
@@ -389,7 +404,7 @@ def add_to_server(servicer: InitServicer, server: grpc.aio.Server) -> None:
         "InitMany": grpc.unary_stream_rpc_method_handler(
             servicer.InitMany,
             request_deserializer=_parser(pb.InitManyRequest),
-            response_serializer=None,  # InitMany writes serialized messages (initserve._wire.tensor_tag)
+            response_serializer=None,  # InitMany yields serialized messages (initserve._wire.tensor_tag)
         ),
         "Describe": grpc.unary_unary_rpc_method_handler(
             servicer.Describe,
@@ -399,6 +414,7 @@ def add_to_server(servicer: InitServicer, server: grpc.aio.Server) -> None:
     }
     service = pb.DESCRIPTOR.services_by_name["InitService"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 def describe(config: ServerConfig) -> pb.ServerInfo:
@@ -444,6 +460,7 @@ def describe(config: ServerConfig) -> pb.ServerInfo:
             max_work_seconds=config.max_work_seconds,
             stall_seconds=config.stall_seconds,
             workers=config.workers,
+            max_concurrent_calls=config.max_concurrent_calls,
         ),
         checksum_algorithm=CHECKSUM_ALGORITHM,
         api_version=API_VERSION,

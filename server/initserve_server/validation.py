@@ -86,6 +86,8 @@ def _check_slices(request: pb.InitRequest, shape: tuple[int, ...]) -> Resolved:
             if part.start or part.length:
                 raise InvalidRequest(f"slices[{number}] sets both a range (start, length) and a shard (shard_count)")
             slices.append(Shard(part.dim, part.shard_index, part.shard_count))
+        elif part.shard_index:
+            raise InvalidRequest(f"slices[{number}] sets shard_index {part.shard_index} without shard_count")
         else:
             slices.append(Range(part.dim, part.start, part.length))
     try:
