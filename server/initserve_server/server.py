@@ -16,7 +16,8 @@ from initserve_server.config import MAX_REQUEST_BYTES, ServerConfig
 from initserve_server.devices import cpu_qr_probe
 from initserve_server.initializers import configure_torch
 from initserve_server.security import BearerTokenInterceptor, server_credentials
-from initserve_server.servicer import InitServicer, add_to_server
+from initserve_server.servicer import SERVER_ID, InitServicer, add_to_server
+from initserve_server.shared_memory import RegionLimits, SharedMemoryServer
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InitService"].full_name
 log = logging.getLogger("initserve.server")
@@ -29,6 +30,7 @@ class RunningServer:
     config: ServerConfig
     port: int  # the bound port (the real one when config.port was 0)
     servicer: InitServicer
+    shared_memory: SharedMemoryServer | None = None  # the same-host transport's socket, when configured
 
     @property
     def metrics_port(self) -> int | None:
@@ -44,6 +46,8 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
         self.server.stop(grace).wait()
+        if self.shared_memory is not None:
+            self.shared_memory.close()  # after the drain: no write into a region is left running
         self.servicer.metrics.close()  # after the drain, so the last calls are still scraped while it lasts
         self.servicer.access_log.close()  # the last calls' lines are written before stop() returns
 
@@ -81,7 +85,15 @@ def serve(config: ServerConfig) -> RunningServer:
         options=options,
         interceptors=interceptors,
     )
-    servicer = InitServicer(config)
+    shared_memory = None
+    if config.shared_memory:
+        shared_memory = SharedMemoryServer(
+            config.shared_memory_socket,
+            SERVER_ID,
+            RegionLimits.for_tensors(config.max_tensor_bytes),
+            config.shared_memory_uids,
+        )
+    servicer = InitServicer(config, shared_memory)
     add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -93,12 +105,16 @@ def serve(config: ServerConfig) -> RunningServer:
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address}")
+    if shared_memory is not None:  # before the gRPC server starts, as the metrics port: a failure stops nothing running
+        shared_memory.start()
     if config.metrics_port is not None:  # before the gRPC server starts: a port in use stops nothing running
         servicer.metrics.serve(config.host, config.metrics_port)
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(server=server, health=health_servicer, config=config, port=port, servicer=servicer)
+    running = RunningServer(
+        server=server, health=health_servicer, config=config, port=port, servicer=servicer, shared_memory=shared_memory
+    )
     log.info(
         "serving on %s (%s%s)",
         running.target,

@@ -44,11 +44,12 @@ from initserve_server.logs import AccessLog
 from initserve_server.metrics import CallRecord, Metrics
 from initserve_server.production import Production
 from initserve_server.shared_memory import (
-    SHARED_MEMORY_DIR,
+    RegionLease,
     SharedMemoryInvalid,
-    SharedMemoryNoSpace,
+    SharedMemoryServer,
     SharedMemoryUnavailable,
-    SharedRegion,
+    open_lease,
+    socket_path,
 )
 from initserve_server.spec import InitSpec
 from initserve_server.validation import InvalidRequest, OffsetOutOfRange, check_finite, validate_request
@@ -81,7 +82,7 @@ def _abort(context: grpc.ServicerContext, error: BaseException, label: str = "")
     InitMany call (its message's prefix)."""
     if isinstance(error, Abandoned):
         context.abort(grpc.StatusCode.CANCELLED, f"{label}{error}")
-    if isinstance(error, (Overloaded, SharedMemoryNoSpace)):
+    if isinstance(error, Overloaded):
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{label}{error}")
     if isinstance(error, OffsetOutOfRange):
         context.abort(grpc.StatusCode.OUT_OF_RANGE, f"{label}{error}")
@@ -155,7 +156,7 @@ def produce(spec: InitSpec, production: Production, allocate: Allocate | None = 
 
 
 def _write_shared(
-    region: SharedRegion, spec: InitSpec, shared: bool, production: Production, ready: Callable[[int], None]
+    region: RegionLease, spec: InitSpec, shared: bool, production: Production, ready: Callable[[int], None]
 ) -> Iterator[pb.InitResponse]:
     """The shared-memory answer: the bytes into the client's region as they become final, then the header and
     the trailer."""
@@ -256,8 +257,9 @@ class _Gauge:
 
 
 class InitServicer(pb_grpc.InitServiceServicer):
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, shared_memory: SharedMemoryServer | None = None) -> None:
         self._config = config
+        self.shared_memory = shared_memory  # the same-host transport's regions (started and closed by serve)
         self.cache = TensorCache(config.cache_bytes, config.max_inflight_bytes)
         self.buffers = BufferPool(self.cache.spare_bytes)
         self.buffers.start_preallocating(config.preallocate_bytes)
@@ -324,7 +326,8 @@ class InitServicer(pb_grpc.InitServiceServicer):
             )  # fmt: skip
             return answer
         request = _parse_init_request(data)
-        mode = "shared" if not isinstance(request, MalformedRequest) and request.shared_memory else "unary"
+        shared = not isinstance(request, MalformedRequest) and (request.shared_memory or request.shared_memory_region)
+        mode = "shared" if shared else "unary"
         messages = list(self._serve(request, context, mode=mode))  # an abort raises out of this
         answer = encode_unary(messages)
         if mode == "unary" and _reusable(messages):
@@ -332,18 +335,13 @@ class InitServicer(pb_grpc.InitServiceServicer):
             self.answers.put(data, answer, (header.scheme, tuple(header.shape), header.total_bytes - header.offset))
         return answer
 
-    def _open_region(self, name: str, nbytes: int) -> SharedRegion:
-        if not self._config.shared_memory:
-            raise SharedMemoryUnavailable("this server does not write shared memory (start it with --shared-memory)")
-        return SharedRegion(name, nbytes)
-
     def _serve(
         self, request: pb.InitRequest, context: grpc.ServicerContext, *, mode: str
     ) -> Iterator[pb.InitResponse | bytes]:
         """One Init call: ``mode`` "stream" (Init), "unary" (InitUnary: one chunk) or "shared" (InitUnary with
         shared_memory: the bytes go into the client's region, the messages carry header and trailer only)."""
         with self._call(context, METHODS[mode]) as call:
-            region: SharedRegion | None = None
+            region: RegionLease | None = None
             try:
                 try:
                     if isinstance(request, MalformedRequest):
@@ -353,8 +351,10 @@ class InitServicer(pb_grpc.InitServiceServicer):
                     if mode == "unary":
                         spec = _unary(spec, self._config)
                     elif mode == "shared":
-                        region = self._open_region(request.shared_memory, spec.total_bytes)
-                    elif request.shared_memory:
+                        region = open_lease(
+                            self.shared_memory, request.shared_memory, request.shared_memory_region, spec.total_bytes
+                        )
+                    elif request.shared_memory or request.shared_memory_region:
                         raise InvalidRequest("shared_memory is answered by InitUnary, not by the Init stream")
                 except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in _abort
                     _abort(context, error)
@@ -383,7 +383,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
             for position, tensor in enumerate(request.tensors):
                 label = _tensor_label(position, tensor.name)
                 try:
-                    if tensor.shared_memory:
+                    if tensor.shared_memory or tensor.shared_memory_region:
                         raise InvalidRequest("shared_memory is answered by InitUnary, not by InitMany")
                     specs.append(validate_request(tensor, self._config, draw_seed))
                 except Exception as error:  # noqa: BLE001 - each kind is mapped to its status in _abort
@@ -434,7 +434,7 @@ class InitServicer(pb_grpc.InitServiceServicer):
     def _answer(
         self,
         spec: InitSpec,
-        region: SharedRegion | None,
+        region: RegionLease | None,
         context: grpc.ServicerContext,
         call: _Call,
         label: str = "",
@@ -604,7 +604,7 @@ def describe(config: ServerConfig) -> pb.ServerInfo:
             max_tensors_per_call=MAX_TENSORS_PER_CALL,
             max_request_bytes=MAX_REQUEST_BYTES,
         ),
-        shared_memory_dir=SHARED_MEMORY_DIR if config.shared_memory else "",
+        shared_memory_socket=socket_path(config.shared_memory_socket),
         checksum_algorithm=CHECKSUM_ALGORITHM,
         api_version=API_VERSION,
         server_id=SERVER_ID,
