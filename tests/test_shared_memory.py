@@ -32,7 +32,7 @@ from initserve._codec import StreamAssembler
 from initserve._errors import IntegrityError
 from initserve.v1 import initserve_pb2 as pb
 from initserve_server import shared_memory
-from tests.conftest import ServerProcess, reference, same_bytes, start_server
+from tests.conftest import ServerProcess, reference, run_python, same_bytes, start_server
 
 SERVICE = "initserve.v1.InitService"
 CALL_TIMEOUT_SECONDS = 60.0
@@ -835,3 +835,42 @@ def test_the_socket_file_is_replaced_only_when_nobody_listens_and_removed_on_exi
     finally:
         restarted.stop()
     assert not stale.exists()
+
+
+def test_a_forked_child_drops_the_parent_s_connection_and_the_parent_keeps_it(shm_server) -> None:
+    """In a process of its own: the child closes its copy of the socket (the server would otherwise keep the
+    parent's regions while the child lives) and replaces the lock another thread may have held at the fork."""
+    done = run_python(
+        """
+        import os, sys
+        import initserve
+
+        client = initserve.Client(sys.argv[1], shared_memory=True, timeout=60)
+        first = client.fetch((64, 64), "normal", seed=1)
+        assert first.transport == "shared_memory"
+        connection = client._shared._connection
+        fd = connection._sock.fileno()
+        del first  # pooled, registered
+        client._shared._lock.acquire()  # as if another thread were inside at the fork
+        child = os.fork()
+        if child == 0:
+            ok = client._shared._connection is None and connection.closed
+            ok = ok and client._shared._lock.acquire(timeout=1)
+            try:
+                os.fstat(fd)
+                ok = False  # the inherited descriptor must be closed
+            except OSError:
+                pass
+            os._exit(0 if ok else 1)
+        client._shared._lock.release()
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "child checks failed"
+        second = client.fetch((64, 64), "normal", seed=2)
+        assert second.transport == "shared_memory" and client._shared._connection is connection
+        client.close()
+        print("ok")
+        """,
+        shm_server.target,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

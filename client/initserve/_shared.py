@@ -23,6 +23,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -212,8 +213,13 @@ class Connection:
     def _close_locked(self) -> None:
         self.closed = True
         self._releases.clear()
-        if os.getpid() == self.pid:
-            self._sock.close()
+        self._sock.close()  # in a forked child, only the child's copy of the descriptor
+
+    def after_fork_in_child(self) -> None:
+        """The parent's connection: closed here without a word to the server (the parent's copy stays open, and
+        the server sees it close when the parent closes it); the lock, maybe held at the fork, replaced."""
+        self._lock = threading.Lock()
+        self._close_locked()
 
 
 class SharedMemory:
@@ -229,6 +235,7 @@ class SharedMemory:
         self._connection: Connection | None = None
         self._lock = threading.Lock()
         self._retry_at = 0.0
+        _TRANSPORTS.add(self)
 
     @property
     def enabled(self) -> bool:
@@ -377,6 +384,12 @@ class SharedMemory:
                     raise
                 attempts.failed(error, lambda: f"{attempts.count} shared-memory attempts")
 
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # a lock another thread held at the fork would never be released
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.after_fork_in_child()  # the child registers its own regions on a connection of its own
+
     def release_memory(self) -> int:
         """Close the free regions now; returns their bytes."""
         return self.pool.release()
@@ -386,3 +399,16 @@ class SharedMemory:
         self.pool.close()
         with self._lock:
             self._drop_connection()
+
+
+# Every live transport, for the fork hook: os.register_at_fork cannot unregister, so the hook is registered once
+# and finds them here (as _reuse does for its pools).
+_TRANSPORTS: weakref.WeakSet[SharedMemory] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for transport in list(_TRANSPORTS):
+        transport._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
