@@ -57,7 +57,7 @@ DEFAULT_SECTIONS = tuple(section for section in SECTIONS if section != "parallel
 KAIMING_PARAMS = {"mode": "fan_in", "nonlinearity": "relu"}
 DEFAULT = "default"  # the client variant with no options
 SHARED = "shared_memory"  # Client(shared_memory=True): regions reused through the client's pool
-SHARED_FRESH = "shared_memory_fresh"  # shared_memory_pool_bytes=0: a fresh /dev/shm object for every fetch
+SHARED_FRESH = "shared_memory_fresh"  # shared_memory_pool_bytes=0: a fresh memfd, registered, for every fetch
 NO_BUFFER_POOL = "buffer_pool_bytes=0"  # every fetch writes a new destination tensor's fresh pages
 REUSED = "server_memory_reused"  # uncached fetches from a server whose cache evicts one tensor per generation
 FRESH_SERVER = "fresh_server_memory"  # uncached fetches from a server without --preallocate-bytes: fresh pages
@@ -716,17 +716,19 @@ def run_fresh_server_memory(report: Report, plan: Plan, seeds: SeedSource) -> No
 
 def run_shared_memory(report: Report, plan: Plan, seeds: SeedSource) -> None:
     """Cached and uncached normal fetches over the same-host shared-memory transport, where it exists: with the
-    client's region pool (the default; each repetition frees its tensor, so the next one reuses the region) and
-    without it (every fetch writes a fresh /dev/shm object: the first fetch of a size)."""
-    flags = (*plan.serving_flags, "--shared-memory")
+    client's region pool (the default; each repetition frees its tensor, so the next one reuses the region, still
+    registered) and without it (every fetch allocates, seals and registers a fresh memfd: the first fetch of a
+    size)."""
     with contextlib.ExitStack() as stack:
+        socket_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="initserve-bench-"))
+        flags = (*plan.serving_flags, "--shared-memory-socket", os.path.join(socket_dir, "shm.sock"))
         try:
             server = stack.enter_context(initserve_server(*flags))
         except ServerUnavailable as error:
             if not error.unknown_flag:
                 raise
-            report.unavailable[SHARED] = "initserve-server has no --shared-memory flag"
-            print(f"{SHARED}: n/a (not available: the server has no --shared-memory flag)", flush=True)
+            report.unavailable[SHARED] = "initserve-server has no --shared-memory-socket flag"
+            print(f"{SHARED}: n/a (not available: the server has no --shared-memory-socket flag)", flush=True)
             return
         pooled = optional_client(report, SHARED, server.target, shared_memory=True)
         if pooled is None:

@@ -102,14 +102,16 @@ class Client:
         retry: how many streams one fetch may use and the backoff between them (see RetryPolicy).
         unary_max_bytes: a fetch of at most this many bytes, with no chunk size asked for, is one InitUnary
             call instead of a stream (lower latency); 0 always streams. At most 1 MiB (the server's limit).
-        shared_memory: on the server's host, have the server write each tensor into a /dev/shm object this
-            client creates (the server needs --shared-memory; both run as the same user); where it cannot,
-            fetches use gRPC (``InitResult.transport`` says which).
+        shared_memory: on the server's host, have the server write each tensor into memory this client hands
+            it (a sealed memfd, registered on the server's Unix socket; see docs/shared-memory.md). True: the
+            socket Describe names (``describe().shared_memory_socket``), which must belong to the server Describe
+            reached; a path: that socket (with several replicas, the local one's). The server needs
+            --shared-memory-socket and must allow this process's UID; where it cannot be used, fetches go over
+            gRPC (``InitResult.transport`` says which).
         shared_memory_pool_bytes: with ``shared_memory``, regions whose tensors were freed (and the regions of
-            fetches into ``out=``) are kept for the next fetch of the same byte size, up to this many bytes,
-            least recently used evicted; a reused region has no page faults to pay (see docs/performance.md).
-            Their names stay in /dev/shm until :meth:`close`, garbage collection or exit (or, if the process
-            dies, until multiprocessing's resource tracker removes them). 0 keeps none.
+            fetches into ``out=``) are kept, registered, for the next fetch of the same byte size, up to this
+            many bytes, least recently used evicted; a reused region has no page faults and no registration to
+            pay (see docs/performance.md). 0 keeps none. They go at :meth:`close` and with the process.
         buffer_pool_bytes: new tensors of 8 MiB or more that gRPC fetches return are made over memory that
             freed ones left (the tensor and every view of it freed, e.g. after ``.to("cuda")``): a free buffer
             of the same byte size, else the pages of free ones of other sizes, moved into the new tensor. Up to
@@ -135,7 +137,7 @@ class Client:
         require_device_fingerprint: str | None = None,
         retry: RetryPolicy | None = None,
         unary_max_bytes: int = UNARY_MAX_BYTES,
-        shared_memory: bool = False,
+        shared_memory: bool | str | os.PathLike = False,
         shared_memory_pool_bytes: int = _regions.DEFAULT_POOL_BYTES,
         buffer_pool_bytes: int = _buffers.DEFAULT_POOL_BYTES,
     ) -> None:
@@ -146,8 +148,6 @@ class Client:
         self._buffers = (
             _buffers.BufferPool(lambda: buffer_pool_bytes, make_room_on_miss=True) if buffer_pool_bytes else None
         )
-        self.shared_memory = shared_memory and _shared.available()
-        self._regions = _regions.RegionPool(shared_memory_pool_bytes) if self.shared_memory else None
         if not 0 <= unary_max_bytes <= UNARY_MAX_BYTES:
             raise ValueError(f"unary_max_bytes must be in 0..{UNARY_MAX_BYTES}, got {unary_max_bytes}")
         self.unary_max_bytes = unary_max_bytes
@@ -176,6 +176,15 @@ class Client:
             options=options,
             token=token,
         )
+        self._shared: _shared.SharedMemory | None = None
+        if shared_memory is not False:
+            path = None if shared_memory is True else os.fspath(shared_memory)
+            self._shared = _shared.SharedMemory(self._transport.describe, path, shared_memory_pool_bytes)
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether fetches still try the same-host transport (False once it proved unusable for this client)."""
+        return self._shared is not None and self._shared.enabled
 
     def __enter__(self) -> Client:
         return self
@@ -185,8 +194,8 @@ class Client:
 
     def close(self) -> None:
         self._transport.close()
-        if self._regions is not None:
-            self._regions.close()
+        if self._shared is not None:
+            self._shared.close()
         if self._buffers is not None:
             self._buffers.close()
 
@@ -196,8 +205,8 @@ class Client:
         released = 0
         if self._buffers is not None:
             released += self._buffers.release()
-        if self._regions is not None:
-            released += self._regions.release()
+        if self._shared is not None:
+            released += self._shared.release_memory()
         return released
 
     @property
@@ -257,10 +266,9 @@ class Client:
         )
         assembler = prepared.assembler(out=out, allocate=self._allocate, progress=progress)
         deadline = self.timeout if timeout is None else timeout
-        if self.shared_memory and self._regions is not None and total_bytes > 0:
-            shared = _shared.fetch_shared(
-                self._regions,
-                lambda name, remaining: self._transport.init_shared(request, name, remaining),
+        if self._shared is not None and self._shared.enabled and total_bytes > 0:
+            shared = self._shared.fetch(
+                lambda token, remaining: self._transport.init_shared(request, token, remaining),
                 assembler,
                 out_shape,
                 dtype,
@@ -275,8 +283,6 @@ class Client:
                 if progress is not None:
                     progress(total_bytes, total_bytes)
                 return _result(tensor, header, attempts, (), (header.server_id,), "shared_memory")
-            if shared == _shared.UNAVAILABLE:
-                self.shared_memory = False  # the server cannot reach this client's shared memory: use gRPC
         transport = "stream"
 
         def open_stream(offset: int, resume_seed: int | None, remaining: float | None) -> Any:

@@ -217,12 +217,12 @@ class Transport:
                 return self.init_stream(request, timeout)
             raise self._error(error) from error
 
-    def init_shared(self, request: pb.InitRequest, name: str, timeout: float | None) -> list[UnaryPart]:
-        """InitUnary asked to fill the shared-memory object ``name``: its header and trailer (a chunk, too, if
-        the server sent one: the caller refuses it)."""
+    def init_shared(self, request: pb.InitRequest, region_token: str, timeout: float | None) -> list[UnaryPart]:
+        """InitUnary asked to fill the registered shared-memory region ``region_token``: its header and trailer (a
+        chunk, too, if the server sent one: the caller refuses it)."""
         shared = pb.InitRequest()
         shared.CopyFrom(request)
-        shared.shared_memory = name
+        shared.shared_memory_region = region_token
         try:
             return self._init_unary(shared, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:

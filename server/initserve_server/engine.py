@@ -38,6 +38,7 @@ from initserve_server.config import MESSAGE_COPIES, STREAM_BUFFER_BYTES, ServerC
 from initserve_server.generation_pool import GenerationPool
 from initserve_server.initializers import Allocate, generate
 from initserve_server.production import Abandoned, Production
+from initserve_server.shared_memory import RegionLease
 from initserve_server.spec import InitSpec
 from initserve_server.validation import InvalidRequest, check_finite, validate_request
 
@@ -181,18 +182,22 @@ class Engine:
             production.wait_for(total, is_active)
             yield pb.InitResponse(trailer=pb.Trailer(checksum=production.final_checksum()))
 
-    def wait_whole(self, spec: InitSpec, is_active: IsActive) -> tuple[Lease, bool]:
-        """A lease on ``spec``'s tensor, every byte of it final (for a shared-memory write); and whether it was
-        shared (cached or joined). Release the lease when done."""
-        lease = self.lease(spec)
-        try:
+    def write_region(self, spec: InitSpec, region: RegionLease, is_active: IsActive) -> list[pb.InitResponse]:
+        """The shared-memory answer: ``spec``'s bytes written into the client's region as they become final, then
+        its header and trailer (the messages InitUnary answers with)."""
+        with self.lease(spec) as lease:
+            production = lease.production
             if spec.slices and not lease.shared:
-                self._cut(spec, lease.production, is_active)
-            lease.production.wait_for(spec.total_bytes, is_active)
-        except BaseException:
-            lease.release()
-            raise
-        return lease, lease.shared
+                self._cut(spec, production, is_active)
+            production.wait_started(is_active)
+            assert production.tensor is not None
+            region.write(
+                production.tensor, spec.offset, spec.total_bytes, lambda end: production.wait_for(end, is_active)
+            )
+            return [
+                pb.InitResponse(header=header(spec, lease.shared)),
+                pb.InitResponse(trailer=pb.Trailer(checksum=production.final_checksum())),
+            ]
 
     # --- generation ---
 

@@ -25,11 +25,12 @@ from initserve.v1 import initserve_pb2 as pb
 from initserve_server.allocator import return_large_blocks_to_the_os
 from initserve_server.config import MAX_REQUEST_BYTES, ServerConfig
 from initserve_server.devices import cpu_qr_probe
-from initserve_server.engine import Engine
+from initserve_server.engine import SERVER_ID, Engine
 from initserve_server.initializers import configure_torch
 from initserve_server.readiness import Readiness
 from initserve_server.security import BearerTokenInterceptor, TokenSet, server_credentials
 from initserve_server.servicer import InitServicer, add_to_server
+from initserve_server.shared_memory import RegionLimits, SharedMemoryServer
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InitService"].full_name
 CONTROL_THREADS = 16  # gRPC threads beyond max_concurrent_calls: Describe and health checks always find one
@@ -74,6 +75,7 @@ class RunningServer:
     health_server: grpc.Server | None = None
     health_port: int | None = None  # the bound health-only port, or None
     readiness: Readiness | None = None
+    shared_memory: SharedMemoryServer | None = None  # the same-host transport's socket, when configured
 
     @property
     def metrics_port(self) -> int | None:
@@ -94,6 +96,8 @@ class RunningServer:
         self.server.stop(grace).wait()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
+        if self.shared_memory is not None:
+            self.shared_memory.close()  # after the drain: no write into a region is left running
         self.servicer.stalls.close()
         self.servicer.metrics.close()  # after the drain, so the last calls are still scraped while it lasts
         self.servicer.access_log.close()  # the last calls' lines are written before stop() returns
@@ -110,7 +114,11 @@ def serve(config: ServerConfig) -> RunningServer:
     return_large_blocks_to_the_os()
     credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
     tokens = TokenSet(config.auth_token_file, config.auth_token)  # read now: a bad file stops the start
-    servicer = InitServicer(config, Engine(config))
+    shared_memory = None
+    if config.shared_memory:
+        limits = RegionLimits.for_tensors(config.max_tensor_bytes)
+        shared_memory = SharedMemoryServer(config.shared_memory_socket, SERVER_ID, limits, config.shared_memory_uids)
+    servicer = InitServicer(config, Engine(config), shared_memory)
     interceptors = [BearerTokenInterceptor(tokens, servicer.refused)] if tokens.required else []
     threads = config.max_concurrent_calls + CONTROL_THREADS
     server = grpc.server(
@@ -127,7 +135,9 @@ def serve(config: ServerConfig) -> RunningServer:
     port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address}")
-    running = RunningServer(server=server, health=health_servicer, config=config, port=port, servicer=servicer)
+    running = RunningServer(
+        server=server, health=health_servicer, config=config, port=port, servicer=servicer, shared_memory=shared_memory
+    )
     if config.health_port is not None:
         running.health_server = grpc.server(
             ThreadPoolExecutor(HEALTH_PORT_THREADS, thread_name_prefix="initserve-health"),
@@ -138,6 +148,8 @@ def serve(config: ServerConfig) -> RunningServer:
         running.health_port = running.health_server.add_insecure_port(health_address)
         if running.health_port == 0:
             raise OSError(f"--health-port: could not bind {health_address}")
+    if shared_memory is not None:  # before the gRPC server starts, as the metrics port: a failure stops nothing
+        shared_memory.start()
     if config.metrics_port is not None:  # before the gRPC server starts: a port in use stops nothing running
         servicer.metrics.serve(config.host, config.metrics_port)
     server.start()

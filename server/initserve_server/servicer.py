@@ -43,7 +43,13 @@ from initserve_server.generation_pool import PoolClosed
 from initserve_server.logs import AccessLog
 from initserve_server.metrics import CallRecord, Metrics
 from initserve_server.production import Abandoned
-from initserve_server.shared_memory import SharedMemoryInvalid, SharedMemoryNoSpace, SharedMemoryUnavailable
+from initserve_server.shared_memory import (
+    SharedMemoryInvalid,
+    SharedMemoryServer,
+    SharedMemoryUnavailable,
+    open_lease,
+    socket_path,
+)
 from initserve_server.stalls import StallWatch
 from initserve_server.validation import InvalidRequest, OffsetOutOfRange
 
@@ -87,7 +93,7 @@ def status_of(error: BaseException) -> Status:
         return error.status
     if isinstance(error, Abandoned):
         return grpc.StatusCode.CANCELLED, str(error), ()
-    if isinstance(error, (Overloaded, OverBudget, SharedMemoryNoSpace)):
+    if isinstance(error, (Overloaded, OverBudget)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
     if isinstance(error, TooManyCalls):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ()
@@ -184,9 +190,10 @@ def _reusable(messages: list[pb.InitResponse | bytes]) -> bool:
 
 
 class InitServicer:
-    def __init__(self, config: ServerConfig, engine: Engine) -> None:
+    def __init__(self, config: ServerConfig, engine: Engine, shared_memory: SharedMemoryServer | None = None) -> None:
         self._config = config
         self.engine = engine
+        self.shared_memory = shared_memory  # the same-host transport's regions (started and closed by serve)
         self._lock = threading.Lock()
         self.inflight_requests = 0  # Init calls being served
         self.cancelled = 0
@@ -266,7 +273,7 @@ class InitServicer:
     def Init(self, request: pb.InitRequest | MalformedRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         with self._call(context, "Init") as call:
             spec = self._spec(request, call)
-            if request.shared_memory:
+            if request.shared_memory or request.shared_memory_region:
                 raise InvalidRequest("shared_memory is answered by InitUnary, not by the Init stream")
             header: list[bool] = []
 
@@ -293,11 +300,13 @@ class InitServicer:
         request = _parse_init_request(data)
         with self._call(context, "InitUnary") as call:
             spec = self._spec(request, call)
-            if request.shared_memory:
-                raise SharedMemoryUnavailable(
-                    "this server does not write shared memory by name (the /dev/shm transport was removed); "
-                    "register a sealed memfd on its shared-memory socket instead"
-                )
+            if request.shared_memory or request.shared_memory_region:
+                with open_lease(
+                    self.shared_memory, request.shared_memory, request.shared_memory_region, spec.total_bytes
+                ) as region:
+                    messages = self.engine.write_region(spec, region, call.is_active)
+                call.answered(spec.total_bytes, spec.offset, messages[0].header.cache_hit)
+                return encode_unary(messages)
             spec = unary_spec(spec, self._config)
             messages = list(self.engine.answer(spec, call.is_active))
             answer = encode_unary(messages)
@@ -323,7 +332,7 @@ class InitServicer:
             specs = []
             for position, tensor in enumerate(request.tensors):
                 try:
-                    if tensor.shared_memory:
+                    if tensor.shared_memory or tensor.shared_memory_region:
                         raise InvalidRequest("shared_memory is answered by InitUnary, not by InitMany")
                     specs.append(self.engine.validate(tensor))
                 except Exception as error:  # noqa: BLE001 - re-raised with the tensor's label
@@ -462,6 +471,7 @@ def describe(config: ServerConfig) -> pb.ServerInfo:
             workers=config.workers,
             max_concurrent_calls=config.max_concurrent_calls,
         ),
+        shared_memory_socket=socket_path(config.shared_memory_socket),
         checksum_algorithm=CHECKSUM_ALGORITHM,
         api_version=API_VERSION,
         server_id=SERVER_ID,
