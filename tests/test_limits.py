@@ -264,8 +264,8 @@ def test_the_clients_deadline_exceeded_for_a_too_short_timeout(
     with budget_server.client() as client:
         started = time.monotonic()
         with pytest.raises(initserve.DeadlineExceeded) as raised:
-            # A 1536x1536 QR takes ~0.3 s to generate, alone; the call may have 50 ms.
-            client.orthogonal((1536, 1536), seed=51, timeout=0.05)
+            # A 1024x1024 QR (4 MiB, 18 MiB with its working memory) takes ~0.1 s alone; the call may have 20 ms.
+            client.orthogonal((1024, 1024), seed=51, timeout=0.02)
         elapsed = time.monotonic() - started
     assert raised.value.code == "DEADLINE_EXCEEDED"
     assert str(raised.value) == "Deadline Exceeded"
@@ -278,8 +278,8 @@ def test_the_clients_deadline_exceeded_for_a_too_short_timeout(
     )
     assert after.cancelled - before.cancelled == 1
     with budget_server.client() as client:
-        result = client.fetch((1536, 1536), "orthogonal", seed=51)
-    assert same_bytes(result.tensor, reference("orthogonal", (1536, 1536), seed=51))
+        result = client.fetch((1024, 1024), "orthogonal", seed=51)
+    assert same_bytes(result.tensor, reference("orthogonal", (1024, 1024), seed=51))
 
 
 # --- the cache ------------------------------------------------------------------------------------------------------

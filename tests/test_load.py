@@ -26,6 +26,10 @@ import pytest
 import torch
 
 import initserve
+from initserve.v1 import initserve_pb2 as pb
+from initserve_server import costs
+from initserve_server.config import ServerConfig
+from initserve_server.validation import validate_request
 from tests.conftest import ServerProcess, reference, same_bytes, start_server
 
 MIB = 1 << 20
@@ -55,8 +59,16 @@ RETRY_LATER = re.compile(
 )
 
 
-def deliberate_refusal(message: str, shape: tuple[int, ...]) -> bool:
-    """The budget's "retry later", naming this request's size and an in-flight total it does not fit beside.
+def admitted_bytes(scheme: str, shape: tuple[int, ...]) -> int:
+    """What a generation of ``scheme`` at ``shape`` (float32) is admitted with: its tensor and its scheme's working
+    memory, as the server's cost model counts them."""
+    spec = validate_request(pb.InitRequest(scheme=scheme, shape=shape, seed=0), ServerConfig(), lambda: 0)
+    return math.prod(shape) * 4 + costs.estimate(spec).working_bytes
+
+
+def deliberate_refusal(message: str, scheme: str, shape: tuple[int, ...]) -> bool:
+    """The budget's "retry later", naming what this request is admitted with and an in-flight total it does not
+    fit beside.
 
     The total may exceed the budget itself: a cached tensor evicted while still streamed moves to the in-flight
     count (seen here: 67371008 of 67108864), while cached + in flight stays under the sum of both budgets.
@@ -65,7 +77,7 @@ def deliberate_refusal(message: str, shape: tuple[int, ...]) -> bool:
     if match is None:
         return False
     inflight, needs = int(match[1]), int(match[2])
-    return needs == math.prod(shape) * 4 and inflight + needs > INFLIGHT_BUDGET
+    return needs == admitted_bytes(scheme, shape) and inflight + needs > INFLIGHT_BUDGET
 
 
 class RssOverBudget(AssertionError):
@@ -153,7 +165,7 @@ def client_loop(
                 result = client.fetch(shape, scheme, seed=seed)
             except initserve.ResourceExhausted as error:
                 with lock:
-                    if deliberate_refusal(str(error), shape):
+                    if deliberate_refusal(str(error), scheme, shape):
                         tally.refused += 1
                     else:
                         tally.errors.append(f"client {index} {key}: unexpected refusal {error}")

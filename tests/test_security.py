@@ -83,7 +83,7 @@ def test_tls_with_the_right_ca_serves_and_anything_else_fails(tls_server: Server
         with pytest.raises(initserve.Unavailable):
             client.fetch((2,), "normal", seed=1)
     with initserve.Client(tls_server.target, timeout=5, retry=ONE_TRY) as client:  # plaintext to a TLS port
-        with pytest.raises(initserve.Unavailable):
+        with pytest.raises(initserve.FailedPrecondition, match="speaks TLS, and this client's channel is plaintext"):
             client.fetch((2,), "normal", seed=1)
 
 
