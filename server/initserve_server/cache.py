@@ -20,7 +20,7 @@ cancelled production's bytes stay counted until its producer has really stopped 
 tensor and working memory is at most the sum of the two budgets. An entry evicted while streams still hold it
 moves to the in-flight count until they finish.
 
-Threads: ``acquire`` and ``release`` are called from the server's event loop; a producer's end
+Threads: ``acquire`` and ``release`` are called from the calls' threads; a producer's end
 (:meth:`TensorCache._finished`) comes from its generation thread. One lock guards the counts.
 """
 

@@ -2,7 +2,7 @@
 
 The generation pool is sized from it. ``os.cpu_count()`` reports the node's cores, not the container's share:
 a pod limited to 2 CPUs on a 64-core node would otherwise run 64 generations at once, each at 1/32 speed, all
-contending for the GIL with the event loop that answers health checks.
+contending for the GIL with the threads that answer calls and health checks.
 """
 
 from __future__ import annotations

@@ -56,6 +56,9 @@ class _StatsCollector(Collector):
             "abandoned_generations": (stats.abandoned_generations, "generations stopped part-way"),
             "unary_answers_reused": (stats.unary_answers_reused, "InitUnary answers served from the answer memo"),
             "slices_cut": (stats.slices_cut, "slices copied out of a whole tensor"),
+            "stalled_streams": (stats.stalled_streams, "streams cancelled: their client read nothing for a while"),
+            "refused_work": (stats.refused_work, "requests refused by the cost model (max_work_seconds)"),
+            "refused_unauthenticated": (stats.refused_unauthenticated, "calls refused for a missing or wrong token"),
         }
         for name, (value, help_text) in counters.items():
             yield CounterMetricFamily(f"initserve_{name}", help_text, value=value)
@@ -65,6 +68,8 @@ class _StatsCollector(Collector):
             "inflight_requests": (stats.inflight_requests, "calls being served"),
             "inflight_bytes": (stats.inflight_bytes, "bytes of tensors generated or streamed outside the cache"),
             "buffer_pool_bytes": (stats.buffer_pool_bytes, "memory of freed tensors kept for reuse"),
+            "queued_generations": (stats.queued_generations, "admitted generations waiting for a generation thread"),
+            "running_generations": (stats.running_generations, "generations running now"),
         }
         for name, (value, help_text) in gauges.items():
             yield GaugeMetricFamily(f"initserve_{name}", help_text, value=value)

@@ -121,7 +121,7 @@ def _digest(authorization: bytes) -> bytes:
 
 class TokenSet:
     """The bearer tokens a server accepts: the literal ``token`` (never reloaded) and the lines of ``token_file``,
-    re-read when the file changes. Safe to use from several threads and from an event loop."""
+    re-read when the file changes. Safe to use from several threads."""
 
     def __init__(
         self,
