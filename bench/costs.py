@@ -147,6 +147,10 @@ def memory_cases(mib: int) -> list[list]:
             ["trunc_normal", [n // 1024, 1024], dtype, {}],
             ["trunc_normal", [n // 1024, 1024], dtype, {"a": 0.5, "b": 0.6}],
         ]
+    cases += [  # trunc_normal's first round accepting everything, in both branches
+        ["trunc_normal", [n // 1024, 1024], "float32", {"std": 0.02}],
+        ["trunc_normal", [n // 1024, 1024], "float32", {"a": 0.5, "b": 0.5}],
+    ]
     cases += [
         ["constant", [n // 1024, 1024], "float32", {"val": 0.5}],
         ["ones", [n // 1024, 1024], "float16", {}],
@@ -274,27 +278,29 @@ def measure_coefficients(large: bool) -> dict[str, dict]:
         "float64": [256, 512, 1024, 2048] + ([4096] if large else []),
     }
     thin = [(1 << 22, 1), (1 << 20, 4), (1 << 18, 16), (1 << 16, 64), (1 << 14, 256)]
+    tall = {"float32": (65536, 1024), "float64": (32768, 1024)}  # 256 MiB: memory-bound panels, slower per flop
     for dtype in ("float32", "float64"):
         square_seconds = {
-            side: timed("orthogonal", [side, side], dtype, repeats=3 if side <= 2048 else 1)
+            (side, side): timed("orthogonal", [side, side], dtype, repeats=3 if side <= 2048 else 1)
             for side in qr_shapes[dtype]
         }
+        square_seconds[tall[dtype]] = timed("orthogonal", list(tall[dtype]), dtype, repeats=1)
         thin_seconds = {shape: timed("orthogonal", list(shape), dtype, repeats=3) for shape in thin}
         per_flop, per_element = 0.0, 0.0
         for _ in range(4):
             per_flop = max(
-                (seconds - per_element * side * side) / costs.qr_flops(side, side)
-                for side, seconds in square_seconds.items()
-                if side >= 1024
+                (seconds - per_element * math.prod(shape)) / costs.qr_flops(*shape)
+                for shape, seconds in square_seconds.items()
+                if min(shape) >= 1024
             )
             per_element = max(
                 (seconds - per_flop * costs.qr_flops(*shape)) / math.prod(shape)
                 for shape, seconds in thin_seconds.items()
             )
-        for side, seconds in square_seconds.items():
-            predicted = per_flop * costs.qr_flops(side, side) + per_element * side * side
-            print(f"    orthogonal {side}^2 {dtype}: {seconds:.3g} s, fit {predicted:.3g} s")
-        row(f"QR_SECONDS_PER_FLOP[{dtype}]", per_flop, costs.QR_SECONDS_PER_FLOP[dtype], "s/flop", "squares >= 1024")
+        for shape, seconds in square_seconds.items():
+            predicted = per_flop * costs.qr_flops(*shape) + per_element * math.prod(shape)
+            print(f"    orthogonal {shape} {dtype}: {seconds:.3g} s, fit {predicted:.3g} s")
+        row(f"QR_SECONDS_PER_FLOP[{dtype}]", per_flop, costs.QR_SECONDS_PER_FLOP[dtype], "s/flop", "k >= 1024")
         row(
             f"ORTHOGONAL_SECONDS_PER_ELEMENT[{dtype}]",
             per_element,
@@ -303,10 +309,11 @@ def measure_coefficients(large: bool) -> dict[str, dict]:
             "thin [m, k], k <= 256",
         )
 
-    # sparse: the loop's fixed cost per column, then per row (randperm) and per zero at growing row counts.
+    # sparse: the loop's fixed cost per column (16 rows: a non-empty index_put), then per row (randperm) and per
+    # zero at growing row counts.
     columns = 200_000
-    column = (timed("sparse", [0, columns], params={"sparsity": 0.1}) - small) / columns
-    row("SPARSE_SECONDS_PER_COLUMN", column, costs.SPARSE_SECONDS_PER_COLUMN, "s", "[0, 200000]")
+    column = (timed("sparse", [16, columns], params={"sparsity": 0.1}) - small) / columns
+    row("SPARSE_SECONDS_PER_COLUMN", column, costs.SPARSE_SECONDS_PER_COLUMN, "s", "[16, 200000], all of it")
     per_row, per_row_cached, per_zero = 0.0, 0.0, 0.0
     for rows_count, cols in ((1 << 16, 64), (1 << 20, 4), (1 << 24, 2)):
         per_column = {}

@@ -393,6 +393,7 @@ QUICK_MEMORY_CASES = [  # ~64 MiB each (orthogonal square: 16 MiB); about 15 s o
     ["kaiming_normal", [16384, 1024], "bfloat16", {}],
     ["trunc_normal", [16384, 1024], "float32", {}],
     ["trunc_normal", [16384, 1024], "float16", {"a": 0.5, "b": 0.6}],
+    ["trunc_normal", [16384, 1024], "bfloat16", {"std": 0.02}],  # accepted in the first round: masks only
     ["orthogonal", [2048, 2048], "float32", {}],
     ["orthogonal", [65536, 256], "float32", {}],
     ["orthogonal", [256, 65536], "float32", {}],
