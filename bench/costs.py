@@ -412,6 +412,17 @@ def measure_requests(large: bool) -> list[dict]:
     return results
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", choices=("probe",), help=argparse.SUPPRESS)
@@ -434,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "cpus": os.cpu_count(),
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": _cpu_model(),
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
