@@ -174,6 +174,32 @@ def memory_cases(mib: int) -> list[list]:
     return cases
 
 
+def trunc_normal_rounds(elements: int, dtype: str, params: dict, seed: int) -> tuple[float, float]:
+    """(rounds, CPU seconds) of one torch.nn.init.trunc_normal_ of ``elements``: its rounds are counted by its
+    torch.where calls (one a round in the normal branch, two in the uniform one)."""
+    import torch
+
+    from initserve_server import costs
+
+    class CountWhere(torch.overrides.TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.where:
+                self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    spec = make_spec("trunc_normal", [elements], dtype, params)
+    tensor = torch.empty(elements, dtype=spec.dtype.torch_dtype)
+    generator = torch.Generator().manual_seed(seed)
+    with CountWhere() as counter:
+        start = time.thread_time()
+        torch.nn.init.trunc_normal_(tensor, **params, generator=generator)
+        seconds = time.thread_time() - start
+    branch, _ = costs.trunc_normal_plan(*costs.trunc_normal_arguments(spec), dtype)
+    return 1 + counter.calls / (1 if branch == "normal" else 2), seconds
+
+
 def _minimum_seconds(function: Callable[[], object], repeats: int) -> float:
     best = math.inf
     for _ in range(repeats):
@@ -188,8 +214,6 @@ def _minimum_seconds(function: Callable[[], object], repeats: int) -> float:
 
 def measure_coefficients(large: bool) -> dict[str, dict]:
     """Each coefficient of the model, measured here, next to the model's value."""
-    import torch
-
     from initserve_server import costs
     from initserve_server.initializers import generate
 
@@ -218,34 +242,12 @@ def measure_coefficients(large: bool) -> dict[str, dict]:
             seconds = timed(scheme, [elements], dtype, params, repeats=5)
             row(f"FILL[{method},{dtype}]", seconds / elements, costs.FILL_SECONDS_PER_ELEMENT[(method, dtype)], "s/el")
 
-    # trunc_normal: count the rounds (torch.where: once a round in the normal branch, twice in the uniform one).
-    class CountWhere(torch.overrides.TorchFunctionMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls = 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is torch.where:
-                self.calls += 1
-            return func(*args, **(kwargs or {}))
-
-    def trunc_rounds(elements: int, dtype: str, params: dict, seed: int) -> tuple[float, float]:
-        spec = make_spec("trunc_normal", [elements], dtype, params)
-        tensor = torch.empty(elements, dtype=spec.dtype.torch_dtype)
-        generator = torch.Generator().manual_seed(seed)
-        with CountWhere() as counter:
-            start = time.thread_time()
-            torch.nn.init.trunc_normal_(tensor, **params, generator=generator)
-            seconds = time.thread_time() - start
-        branch, _ = costs.trunc_normal_plan(*costs.trunc_normal_arguments(spec), dtype)
-        return 1 + counter.calls / (1 if branch == "normal" else 2), seconds
-
     elements = 1 << 24  # well past the last-level cache, as large tensors are
     for branch, params in (("normal", {}), ("uniform", {"a": 0.5, "b": 0.6})):
         for dtype in ("float32", "float64", "float16", "bfloat16"):
             per_element = min(
                 seconds / rounds / elements
-                for rounds, seconds in (trunc_rounds(elements, dtype, params, seed) for seed in range(2))
+                for rounds, seconds in (trunc_normal_rounds(elements, dtype, params, seed) for seed in range(2))
             )
             row(
                 f"TRUNC_ROUND[{branch},{dtype}]",
@@ -254,7 +256,7 @@ def measure_coefficients(large: bool) -> dict[str, dict]:
                 "s/el",
             )
     far = {"a": 10.0, "b": 110.0}  # q ~ 1e-3: about a thousand rounds of one element
-    one_element = (trunc_rounds(1, "float32", far, seed) for seed in range(3))
+    one_element = (trunc_normal_rounds(1, "float32", far, seed) for seed in range(3))
     per_round = min(seconds / rounds for rounds, seconds in one_element)
     row("TRUNC_NORMAL_SECONDS_PER_ROUND", per_round, costs.TRUNC_NORMAL_SECONDS_PER_ROUND, "s", "1 element, a=10 b=110")
     print("  trunc_normal rounds, measured (5 seeds) vs the model's bound:")
@@ -265,7 +267,7 @@ def measure_coefficients(large: bool) -> dict[str, dict]:
         (1, "float32", far),
         (1 << 12, "bfloat16", {"a": 10.0, "b": 1e9}),
     ):
-        measured = [trunc_rounds(elements, dtype, params, seed)[0] for seed in range(5)]
+        measured = [trunc_normal_rounds(elements, dtype, params, seed)[0] for seed in range(5)]
         spec = make_spec("trunc_normal", [elements], dtype, params)
         branch, q = costs.trunc_normal_plan(*costs.trunc_normal_arguments(spec), dtype)
         bound = costs.expected_rounds(elements, q)
