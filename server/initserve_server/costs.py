@@ -29,7 +29,9 @@ in: that cost is part of the coefficients). Per scheme, with ``n`` elements and 
   ``ceil(ln n / -ln(1 - q)) + 1/q`` (:func:`expected_rounds`), each costing :data:`TRUNC_NORMAL_SECONDS_PER_ROUND`
   ``+ n x`` :data:`TRUNC_NORMAL_SECONDS_PER_ELEMENT_ROUND`. Working memory, per branch: normal (p > 0.3) the
   previous result, a fresh normal draw, torch.where's output and a bool mask, ``3B + n``; uniform (p <= 0.3)
-  candidates, the acceptance buffer, the previous and the new result and the pending mask, ``4B + n``.
+  candidates, the acceptance buffer, the previous and the new result and the pending mask, ``4B + n``. When
+  ``q`` is 1 (``std=0.02`` with the default bounds: 100 std), the first round accepts all and the loop is never
+  entered: ``3n`` (the masks) and ``2B + n``.
   ``q == 0`` (or so small that the rounds overflow) is infinite work.
 
 Every generation also pays :data:`CALL_SECONDS`. A CUDA generation is estimated at the CPU's figures (the GPU
@@ -53,58 +55,69 @@ from initserve_server.initializers import INITIALIZERS
 from initserve_server.spec import InitSpec
 from initserve_server.validation import InvalidRequest
 
-# --- coefficients, measured by bench/costs.py on the reference machine (docs/limits.md), rounded up ---------------
+# --- coefficients: bench/costs.py measures them on the reference machine; docs/limits.md has the figures ---------
 
+# Each is about 1.5 x the smallest of repeated measurements: on a shared machine the same fill measures slower
+# from one minute to the next, and a refusal should not hinge on that noise.
 # A generation's fixed cost: the Python call, the generator, the tensor's header.
 CALL_SECONDS = 50e-6
 # One fill of a fresh tensor (its pages fault in), seconds per element, by torch method and dtype.
 FILL_SECONDS_PER_ELEMENT: dict[tuple[str, str], float] = {
-    ("uniform", "float32"): 6.5e-9,
-    ("uniform", "float64"): 10e-9,
-    ("uniform", "float16"): 6.0e-9,
-    ("uniform", "bfloat16"): 6.0e-9,
-    ("normal", "float32"): 7.0e-9,
-    ("normal", "float64"): 26e-9,
-    ("normal", "float16"): 6.0e-9,
-    ("normal", "bfloat16"): 7.0e-9,
-    ("fill", "float32"): 3.0e-9,
-    ("fill", "float64"): 4.5e-9,
-    ("fill", "float16"): 1.2e-9,
-    ("fill", "bfloat16"): 1.2e-9,
+    ("uniform", "float32"): 8e-9,
+    ("uniform", "float64"): 12e-9,
+    ("uniform", "float16"): 7e-9,
+    ("uniform", "bfloat16"): 8e-9,
+    ("normal", "float32"): 8e-9,
+    ("normal", "float64"): 32e-9,
+    ("normal", "float16"): 7e-9,
+    ("normal", "bfloat16"): 9e-9,
+    ("fill", "float32"): 3e-9,
+    ("fill", "float64"): 5.5e-9,
+    ("fill", "float16"): 1.5e-9,
+    ("fill", "bfloat16"): 1.5e-9,
 }
 # One round of trunc_normal_'s rejection loop, seconds per element, by branch and dtype; and per round, whatever
 # the size (about ten torch calls from Python).
 TRUNC_NORMAL_SECONDS_PER_ELEMENT_ROUND: dict[tuple[str, str], float] = {
-    ("normal", "float32"): 13e-9,
-    ("normal", "float64"): 35e-9,
-    ("normal", "float16"): 13e-9,
-    ("normal", "bfloat16"): 13e-9,
-    ("uniform", "float32"): 22e-9,
-    ("uniform", "float64"): 30e-9,
-    ("uniform", "float16"): 22e-9,
-    ("uniform", "bfloat16"): 22e-9,
+    ("normal", "float32"): 16e-9,
+    ("normal", "float64"): 40e-9,
+    ("normal", "float16"): 16e-9,
+    ("normal", "bfloat16"): 16e-9,
+    ("uniform", "float32"): 26e-9,
+    ("uniform", "float64"): 34e-9,
+    ("uniform", "float16"): 26e-9,
+    ("uniform", "bfloat16"): 26e-9,
 }
-TRUNC_NORMAL_SECONDS_PER_ROUND = 50e-6
+TRUNC_NORMAL_SECONDS_PER_ROUND = 60e-6
 # Householder QR (torch.linalg.qr, reduced, one thread), seconds per flop counted as 2mk^2 - 2k^3/3; it covers
-# forming Q too. Only float32 and float64: torch's CPU QR does not implement the half types.
-QR_SECONDS_PER_FLOP: dict[str, float] = {"float32": 55e-12, "float64": 110e-12}
-# orthogonal_'s element-linear part, seconds per element of the flattened matrix.
-ORTHOGONAL_SECONDS_PER_ELEMENT: dict[str, float] = {"float32": 28e-9, "float64": 60e-9}
-SPARSE_SECONDS_PER_COLUMN = 10e-6  # one iteration of sparse_'s Python loop: randperm, slice, index_put
+# forming Q too. The rate is the slowest of squares from 1024 up and of a tall 64Ki x 1024 (tall ones are slower
+# per flop: their panels are memory-bound; large squares are faster). Only float32 and float64: torch's CPU QR
+# does not implement the half types.
+QR_SECONDS_PER_FLOP: dict[str, float] = {"float32": 65e-12, "float64": 100e-12}
+# orthogonal_'s element-linear part, seconds per element of the flattened matrix: the normal fill, QR's
+# memory-bound passes (all of a thin QR), the sign fix, the copy and the gain. For the half types: the fill and
+# QR's column-major copy, after which the QR raises.
+ORTHOGONAL_SECONDS_PER_ELEMENT: dict[str, float] = {
+    "float32": 32e-9,
+    "float64": 70e-9,
+    "float16": 32e-9,
+    "bfloat16": 32e-9,
+}
+SPARSE_SECONDS_PER_COLUMN = 16e-6  # one iteration of sparse_'s Python loop: randperm, slice, index_put
 # randperm(rows), per row, per column: Fisher-Yates swaps at random, so the cost per row is the latency of the
 # memory the permutation lives in: a cache-resident one (up to SPARSE_CACHED_PERMUTATION_BYTES) or DRAM.
-SPARSE_SECONDS_PER_ROW_CACHED = 8e-9
+SPARSE_SECONDS_PER_ROW_CACHED = 12e-9
 SPARSE_SECONDS_PER_ROW = 60e-9
 SPARSE_CACHED_PERMUTATION_BYTES = 1 << 20  # a core's L2 on the reference machine
 SPARSE_SECONDS_PER_ZERO = 60e-9  # one zeroed element, per column: a scattered write into the tensor
-DIRAC_SECONDS_PER_WRITE = 10e-6  # one ``tensor[i, j, k...] = 1`` from Python (measured 4-10 us, 3 to 5 dims)
+DIRAC_SECONDS_PER_WRITE = 12e-6  # one ``tensor[i, j, k...] = 1`` from Python, 3 to 5 dims
 
 # --- working memory --------------------------------------------------------------------------------------------
 
 RANDPERM_ITEMSIZE = 8  # torch.randperm makes int64
 BOOL_ITEMSIZE = 1
 # torch.linalg.qr's small allocations beyond Q and R: LAPACK's blocked workspace (k x nb elements, nb its block
-# size), tau, and the buffers MKL keeps between calls. Measured up to 1536 x k elements (tall 16384 x 1024).
+# size), tau, and the buffers MKL keeps between calls.
 QR_WORKSPACE_ELEMENTS_PER_COLUMN = 2048
 QR_DTYPES = frozenset({"float32", "float64"})
 
@@ -112,7 +125,8 @@ QR_DTYPES = frozenset({"float32", "float64"})
 
 # trunc_normal_'s uniform branch accepts a candidate when log(u) <= its log-pdf; u == 0 (log -inf) always
 # accepts. uniform_() draws exactly 0 with this probability: 24 and 53 random bits for float32 and float64;
-# float16 and bfloat16 map the draws that round up to 1 onto 0 (measured: 2^-12, 2^-9).
+# float16 and bfloat16 map the draws that round up to 1 onto 0 (half an ulp below 1: 2^-12 and 2^-9). Lower
+# bounds of the acceptance: in the half types a candidate also lands on a bound (maybe the mode) as often.
 EXACT_ZERO_PROBABILITY: dict[str, float] = {
     "float32": 2.0**-24,
     "float64": 2.0**-53,
@@ -278,17 +292,16 @@ def _orthogonal(spec: InitSpec) -> Cost:
     cols = elements // rows
     itemsize = spec.dtype.itemsize
     matrix_bytes = elements * itemsize
+    per_element = ORTHOGONAL_SECONDS_PER_ELEMENT[spec.dtype.name]
     if spec.dtype.name not in QR_DTYPES:  # the normal fill and QR's column-major copy, then the QR raises
-        fill = FILL_SECONDS_PER_ELEMENT[("normal", spec.dtype.name)]
         return Cost(
-            CALL_SECONDS + elements * fill,
+            CALL_SECONDS + elements * per_element,
             2 * matrix_bytes,
-            f"orthogonal: {elements} elements x {_seconds(fill)}, then torch's QR rejects {spec.dtype.name}",
+            f"orthogonal: {elements} elements x {_seconds(per_element)}, then torch's QR rejects {spec.dtype.name}",
         )
     k = min(rows, cols)
     flops = qr_flops(rows, cols)
     per_flop = QR_SECONDS_PER_FLOP[spec.dtype.name]
-    per_element = ORTHOGONAL_SECONDS_PER_ELEMENT[spec.dtype.name]
     return Cost(
         CALL_SECONDS + flops * per_flop + elements * per_element,
         2 * matrix_bytes + (k * k + QR_WORKSPACE_ELEMENTS_PER_COLUMN * k) * itemsize,
@@ -387,19 +400,22 @@ def trunc_normal_arguments(spec: InitSpec) -> tuple[float, float, float, float]:
     return tuple(float(_param(spec, name)) for name in ("mean", "std", "a", "b"))
 
 
+def _trunc_normal_working_bytes(branch: str, elements: int, tensor_bytes: int, rounds: float) -> int:
+    """Peak temporaries of torch's loop. A first round that accepts everything never enters the loop: the normal
+    branch then holds only its bool masks, the uniform branch its candidates, acceptance buffer and mask."""
+    masks = elements * BOOL_ITEMSIZE
+    if branch == "normal":
+        return 3 * masks if rounds <= 1 else 3 * tensor_bytes + masks
+    return 2 * tensor_bytes + masks if rounds <= 1 else 4 * tensor_bytes + masks
+
+
 def _trunc_normal(spec: InitSpec) -> Cost:
     elements = math.prod(spec.shape)
     branch, q = trunc_normal_plan(*trunc_normal_arguments(spec), spec.dtype.name)
     rounds = expected_rounds(elements, q)
     per_element = TRUNC_NORMAL_SECONDS_PER_ELEMENT_ROUND[(branch, spec.dtype.name)]
     work = CALL_SECONDS + rounds * (TRUNC_NORMAL_SECONDS_PER_ROUND + elements * per_element)
-    tensor_bytes = elements * spec.dtype.itemsize
-    if elements == 0:
-        working = 0
-    elif branch == "normal":
-        working = 3 * tensor_bytes + elements * BOOL_ITEMSIZE
-    else:
-        working = 4 * tensor_bytes + elements * BOOL_ITEMSIZE
+    working = _trunc_normal_working_bytes(branch, elements, elements * spec.dtype.itemsize, rounds)
     return Cost(
         work,
         working,
