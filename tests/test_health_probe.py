@@ -86,3 +86,25 @@ def test_the_probe_never_imports_torch() -> None:
     code = "import sys, initserve_server.health_probe; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=PROBE_SECONDS)
     assert done.stdout == "False\n"
+
+
+def test_the_default_target_is_the_plaintext_health_port_when_the_server_has_one(tmp_path: Path) -> None:
+    """A TLS server with --health-port: the probe, given only the server's environment (its TLS CA too), asks the
+    plaintext health port, so the image's HEALTHCHECK works without certificates."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    running = start_server("--tls-cert", str(cert), "--tls-key", str(key), "--health-port", "0")
+    try:
+        health_port = running.announced_port("health")
+        environment = {"INITSERVE_PORT": str(running.port), "INITSERVE_HEALTH_PORT": str(health_port),
+                       "INITSERVE_HEALTH_TLS_CA": str(cert)}  # fmt: skip
+        done = probe(env=environment)
+        assert (done.returncode, done.stdout) == (0, f"127.0.0.1:{health_port}: SERVING\n")
+        done = probe("--service", "initserve.v1.InitService", env=environment)
+        assert done.returncode == 0
+    finally:
+        running.stop()

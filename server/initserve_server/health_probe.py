@@ -26,8 +26,18 @@ DEFAULT_TIMEOUT_SECONDS = 3.0
 EXIT_SERVING, EXIT_NOT_SERVING, EXIT_NO_ANSWER = 0, 1, 2
 
 
+def _health_port() -> str | None:
+    """The server's plaintext health port from its own env twin (INITSERVE_HEALTH_PORT), if it has one."""
+    port = os.environ.get(ENV_PREFIX + "HEALTH_PORT", "").strip()
+    return port if port and port.lower() not in ("off", "none", "0") else None
+
+
 def _default_target() -> str:
-    """This host's server: INITSERVE_PORT is the server's own env twin, so one environment serves both."""
+    """This host's server, by the server's own env twins, so one environment serves both: its plaintext health
+    port where it has one (a TLS server is then probed without certificates), else INITSERVE_PORT."""
+    health_port = _health_port()
+    if health_port is not None:
+        return f"127.0.0.1:{health_port}"
     return f"127.0.0.1:{os.environ.get(ENV_PREFIX + 'PORT') or DEFAULT_PORT}"
 
 
@@ -43,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         value = os.environ.get(f"{ENV_PREFIX}HEALTH_{env}") or default
         parser.add_argument(flag, default=value, help=f"{help_text} [env {ENV_PREFIX}HEALTH_{env}]")
 
-    option("--target", "TARGET", _default_target(), "host:port of the server (default port: INITSERVE_PORT)")
+    option(
+        "--target",
+        "TARGET",
+        "",
+        f"host:port of the server (default: {_default_target()}, from INITSERVE_HEALTH_PORT, the plaintext health "
+        "port, whose default ignores the TLS options; else INITSERVE_PORT)",
+    )
     option("--service", "SERVICE", "", "health service name: '' for the server, or initserve.v1.InitService")
     option("--timeout", "TIMEOUT", str(DEFAULT_TIMEOUT_SECONDS), "seconds to wait for the answer")
     option("--tls-ca", "TLS_CA", "", "PEM CA bundle: connect over TLS, trusting these CAs")
@@ -54,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
-    if not args.tls_ca:
+    if not args.tls_ca or (args.target == _default_target() and _health_port() is not None and not args.explicit):
         return grpc.insecure_channel(args.target)
     client_cert = Path(args.tls_client_cert).read_bytes() if args.tls_client_cert else None
     client_key = Path(args.tls_client_key).read_bytes() if args.tls_client_key else None
@@ -65,6 +81,8 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 
 def probe(args: argparse.Namespace) -> tuple[int, str]:
     """(exit status, one line saying why)."""
+    args.explicit = bool(args.target)
+    args.target = args.target or _default_target()
     try:
         timeout = float(args.timeout)
         channel = _channel(args)
