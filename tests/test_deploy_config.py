@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -25,11 +26,13 @@ import torch
 import yaml
 
 import initserve
-from initserve_server import health_probe
+from initserve.v1 import initserve_pb2 as pb
+from initserve_server import costs, health_probe
 from initserve_server.cli import build_parser, config_from_args
-from initserve_server.config import CHUNK_OVERHEAD_BYTES, ServerConfig
+from initserve_server.config import CHUNK_OVERHEAD_BYTES, STREAM_BUFFER_BYTES, ServerConfig
 from initserve_server.security import UNAUTHENTICATED_MESSAGE, SecurityConfigError, server_credentials
 from initserve_server.server import SERVICE_NAME
+from initserve_server.validation import validate_request
 from tests.conftest import ServerProcess, reference, same_bytes, start_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,11 +57,10 @@ ENVOY_START_SECONDS = 30.0
 CLIENT_SECONDS = 90.0
 # The memory a replica needs beyond its two budgets (measured on this machine, torch 2.13): the idle server (RSS
 # 0.25 GiB after a first call; taken as 0.5; with CUDA's libraries and context, estimated at 3 GiB, not measured
-# here) and orthogonal_'s QR workspace, held outside both budgets while it runs: 3.24x the tensor for 4096x4096
-# float32, so at most ~3.3x the bytes in flight.
+# here) and the streams' outgoing messages (their own budget). Schemes' working memory is inside the in-flight
+# budget (the cost model admits it with the tensor).
 IDLE_BYTES = 512 << 20
 IDLE_BYTES_CUDA = 3 << 30
-ORTHOGONAL_WORKSPACE_RATIO = 3.3
 HEALTH_SERVICES = ("", SERVICE_NAME)  # what the server's health service answers for (server.serve)
 LIVENESS_SERVICE, READINESS_SERVICE = HEALTH_SERVICES  # the process answers; it serves (devices work, not draining)
 DEFAULT_GRPC_PORT = ServerConfig().port
@@ -679,20 +681,45 @@ def test_every_initserve_variable_is_a_server_flags_twin() -> None:
     assert not unknown, f"not a flag's env twin: {unknown}"
 
 
-def test_memory_limits_hold_both_budgets_and_the_workspace() -> None:
-    """The budgets are set (their defaults are fractions of the node's memory, not the container's limit) and
-    fit the limit with the idle server, orthogonal's workspace and memory-backed /dev/shm."""
+def largest_admitted_bytes(max_tensor_bytes: int, max_work_seconds: float) -> int:
+    """The most in-flight memory one request at max_tensor_bytes can be admitted with (tensor + its scheme's
+    working memory), over the shapes where working memory is largest, among those the work limit admits."""
+    largest = 0
+    for dtype, itemsize in ((pb.DTYPE_FLOAT32, 4), (pb.DTYPE_FLOAT16, 2)):
+        n = max_tensor_bytes // itemsize
+        side = math.isqrt(n)
+        candidates = [
+            ("trunc_normal", [n], {}), ("trunc_normal", [n], {"a": 0.5, "b": 0.6}),
+            ("orthogonal", [n, 1], {}), ("orthogonal", [n // 1024, 1024], {}), ("orthogonal", [side, side], {}),
+            ("sparse", [n, 1], {"sparsity": 0.1}), ("sparse", [n // 2, 2], {"sparsity": 0.1}),
+        ]  # fmt: skip
+        for scheme, shape, params in candidates:
+            request = pb.InitRequest(scheme=scheme, shape=shape, seed=1, dtype=dtype)
+            for name, value in params.items():
+                setattr(request.params, name, value)
+            spec = validate_request(request, ServerConfig(max_tensor_bytes=max_tensor_bytes), lambda: 0)
+            cost = costs.estimate(spec)
+            if cost.work_seconds <= max_work_seconds and costs.torch_error(spec) is None:
+                largest = max(largest, spec.total_bytes + cost.working_bytes)
+    return largest
+
+
+def test_memory_limits_hold_both_budgets_and_the_largest_admitted_request() -> None:
+    """The budgets are set (their defaults are fractions of the node's memory, not the container's limit); the
+    in-flight budget admits the largest request of max_tensor_bytes with its working memory; and both fit the
+    limit with the idle server, the stream buffers and memory-backed /dev/shm."""
     replicas = compose_replicas() + k8s_replicas()
     assert len(replicas) == 3
     for replica in replicas:
         assert {"INITSERVE_CACHE_BYTES", "INITSERVE_MAX_INFLIGHT_BYTES"} <= replica.env.keys(), replica.where
         config = replica.config
-        assert config.max_tensor_bytes <= config.max_inflight_bytes, replica.where  # else it could never run
-        assert replica.memory_limit > config.cache_bytes + config.max_inflight_bytes, replica.where
+        largest = largest_admitted_bytes(config.max_tensor_bytes, config.max_work_seconds)
+        assert config.max_inflight_bytes >= largest, f"{replica.where}: {config.max_inflight_bytes} < {largest}"
         needed = (
             (IDLE_BYTES_CUDA if replica.gpu else IDLE_BYTES)
             + config.cache_bytes
-            + config.max_inflight_bytes * (1 + ORTHOGONAL_WORKSPACE_RATIO)
+            + config.max_inflight_bytes
+            + STREAM_BUFFER_BYTES
             + replica.shm_bytes
         )
         assert replica.memory_limit >= needed, f"{replica.where}: {replica.memory_limit} < {needed:.0f}"
