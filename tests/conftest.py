@@ -11,13 +11,15 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 
 import initserve
+from initserve.v1 import initserve_pb2 as pb
 
 # The contract is defined under the server's torch, which runs one intra-op thread (orthogonal_'s QR gives
 # thread-count-dependent bits). The local reference runs the same way.
@@ -78,6 +80,31 @@ def run_python(
         env={**os.environ, "PYTHONPATH": path, **(env or {})},
         check=False,
     )
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """(certificate, key): a self-signed certificate for "localhost", made by openssl in ``directory``."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def settled(
+    stats: Callable[[], pb.ServerStats], condition: Callable[[pb.ServerStats], bool], what: str, seconds: float
+) -> pb.ServerStats:
+    """Poll ``stats()`` (a server's Describe stats) until ``condition`` holds, for at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        current = stats()
+        if condition(current):
+            return current
+        if time.monotonic() > deadline:
+            raise AssertionError(f"after {seconds}s, still not {what}: {current}")
+        time.sleep(0.02)
 
 
 def page_faults(pid: int) -> int:

@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import ServerProcess, self_signed_certificate, start_server
 
 PROBE = str(Path(sys.executable).parent / "initserve-health")
 PROBE_SECONDS = 30.0
@@ -91,12 +91,7 @@ def test_the_probe_never_imports_torch() -> None:
 def test_the_default_target_is_the_plaintext_health_port_when_the_server_has_one(tmp_path: Path) -> None:
     """A TLS server with --health-port: the probe, given only the server's environment (its TLS CA too), asks the
     plaintext health port, so the image's HEALTHCHECK works without certificates."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_certificate(tmp_path)
     running = start_server("--tls-cert", str(cert), "--tls-key", str(key), "--health-port", "0")
     try:
         health_port = running.announced_port("health")

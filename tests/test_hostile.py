@@ -25,7 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import initserve
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess, reference, same_bytes, start_server
+from tests.conftest import ServerProcess, reference, same_bytes, self_signed_certificate, start_server
+from tests.conftest import settled as settled_stats
 
 MIB = 1 << 20
 SETTLE_SECONDS = 15.0
@@ -54,14 +55,7 @@ def stats(target: str) -> pb.ServerStats:
 
 
 def settled(target: str, condition: Callable[[pb.ServerStats], bool], what: str, seconds: float = SETTLE_SECONDS):
-    deadline = time.monotonic() + seconds
-    while True:
-        current = stats(target)
-        if condition(current):
-            return current
-        if time.monotonic() > deadline:
-            raise AssertionError(f"after {seconds}s, still not {what}: {current}")
-        time.sleep(0.05)
+    return settled_stats(lambda: stats(target), condition, what, seconds)
 
 
 def timed(function: Callable[[], object]) -> tuple[object, float]:
@@ -441,12 +435,7 @@ def test_a_shard_index_without_a_shard_count_is_invalid(two_workers) -> None:
 
 
 def test_a_plaintext_client_on_a_tls_port_is_told_so(tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_certificate(tmp_path)
     with server("--tls-cert", str(cert), "--tls-key", str(key)) as running:
         with (
             initserve.Client(running.target, timeout=10) as client,
@@ -508,12 +497,7 @@ def test_a_required_device_that_cannot_generate_keeps_the_server_unready_but_ali
 
 
 def test_the_health_port_serves_health_alone_in_plaintext_beside_a_tls_port(tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_certificate(tmp_path)
     tokens = tmp_path / "tokens"
     tokens.write_text("t0ken\n")
     with server("--tls-cert", str(cert), "--tls-key", str(key), "--auth-token-file", str(tokens),

@@ -20,6 +20,7 @@ import initserve
 from initserve.v1 import initserve_pb2 as pb
 from initserve.v1 import initserve_pb2_grpc as pb_grpc
 from tests.conftest import ServerProcess, reference, same_bytes, start_server
+from tests.conftest import settled as settled_stats
 
 MIB = 1 << 20
 RPC_TIMEOUT_SECONDS = 30.0
@@ -84,14 +85,7 @@ def stats(stub: pb_grpc.InitServiceStub) -> pb.ServerStats:
 
 def settled(stub: pb_grpc.InitServiceStub, condition: Callable[[pb.ServerStats], bool], what: str) -> pb.ServerStats:
     """Poll Describe until ``condition(stats)`` holds, for at most SETTLE_SECONDS."""
-    deadline = time.monotonic() + SETTLE_SECONDS
-    while True:
-        current = stats(stub)
-        if condition(current):
-            return current
-        if time.monotonic() > deadline:
-            raise AssertionError(f"after {SETTLE_SECONDS}s, still not {what}: {current}")
-        time.sleep(0.02)
+    return settled_stats(lambda: stats(stub), condition, what, SETTLE_SECONDS)
 
 
 def init_request(scheme: str, shape: tuple[int, ...], seed: int, **fields) -> pb.InitRequest:
