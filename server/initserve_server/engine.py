@@ -16,6 +16,7 @@ call's thread computes the CRCs of bytes it is the first to wait for), a trailer
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -166,13 +167,8 @@ class Engine:
         """One tensor's messages: header, chunks of ``spec.chunk_bytes`` from ``spec.offset`` (serialized, see
         initserve._wire), trailer. Raises what validation could not know: torch's error, a failed generation,
         production.Abandoned once ``is_active`` turns false."""
-        with self.lease(spec) as lease:
-            production = lease.production
-            if spec.slices and not lease.shared:
-                self._cut(spec, production, is_active)
-            production.wait_started(is_active)
-            yield pb.InitResponse(header=header(spec, lease.shared))
-            assert production.tensor is not None
+        with self._accepted(spec, is_active) as (production, shared):
+            yield pb.InitResponse(header=header(spec, shared))
             payload = tensor_bytes(production.tensor)
             total = spec.total_bytes
             for start in range(spec.offset, total, spec.chunk_bytes):
@@ -185,19 +181,26 @@ class Engine:
     def write_region(self, spec: InitSpec, region: RegionLease, is_active: IsActive) -> list[pb.InitResponse]:
         """The shared-memory answer: ``spec``'s bytes written into the client's region as they become final, then
         its header and trailer (the messages InitUnary answers with)."""
+        with self._accepted(spec, is_active) as (production, shared):
+            region.write(
+                production.tensor, spec.offset, spec.total_bytes, lambda end: production.wait_for(end, is_active)
+            )
+            return [
+                pb.InitResponse(header=header(spec, shared)),
+                pb.InitResponse(trailer=pb.Trailer(checksum=production.final_checksum())),
+            ]
+
+    @contextlib.contextmanager
+    def _accepted(self, spec: InitSpec, is_active: IsActive) -> Iterator[tuple[Production, bool]]:
+        """Hold ``spec``'s production once torch has accepted the request (its first bytes are final, its tensor
+        attached), and say whether it was shared (cached or joined); a slice's first holder cuts it first."""
         with self.lease(spec) as lease:
             production = lease.production
             if spec.slices and not lease.shared:
                 self._cut(spec, production, is_active)
             production.wait_started(is_active)
             assert production.tensor is not None
-            region.write(
-                production.tensor, spec.offset, spec.total_bytes, lambda end: production.wait_for(end, is_active)
-            )
-            return [
-                pb.InitResponse(header=header(spec, lease.shared)),
-                pb.InitResponse(trailer=pb.Trailer(checksum=production.final_checksum())),
-            ]
+            yield production, lease.shared
 
     # --- generation ---
 

@@ -275,16 +275,17 @@ class InitServicer:
             spec = self._spec(request, call)
             if request.shared_memory or request.shared_memory_region:
                 raise InvalidRequest("shared_memory is answered by InitUnary, not by the Init stream")
-            header: list[bool] = []
+            cache_hit = False
 
             def messages() -> Iterator[bytes]:
+                nonlocal cache_hit
                 for message in self.engine.answer(spec, call.is_active):
                     if isinstance(message, pb.InitResponse) and message.HasField("header"):
-                        header.append(message.header.cache_hit)
+                        cache_hit = message.header.cache_hit
                     yield serialize_response(message)
 
             yield from self._stream(context, call, spec.chunk_bytes, messages())
-            call.answered(spec.total_bytes, spec.offset, header[0])
+            call.answered(spec.total_bytes, spec.offset, cache_hit)
 
     def InitUnary(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         """The stream's messages in one serialized InitUnaryResponse (see initserve._wire.encode_unary).
