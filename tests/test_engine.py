@@ -58,6 +58,7 @@ def fetch(engine: Engine, message: pb.InitRequest) -> torch.Tensor:
         ("orthogonal", (96, 64), {}),
         ("sparse", (64, 32), {"sparsity": 0.25}),
         ("dirac", (8, 4, 3, 3), {"groups": 2}),
+        ("sparse", (8, 2500), {"sparsity": 0.5}),  # more columns than one call of the compiled loop zeroes
     ],
 )
 def test_answers_are_the_contract_bytes(engine: Engine, scheme: str, shape: tuple[int, ...], params: dict) -> None:
@@ -119,9 +120,8 @@ def run_until_cancelled(scheme: str, shape: tuple[int, ...], **params: object) -
 @pytest.mark.parametrize(
     "scheme, shape, params",
     [
-        ("sparse", (16, 400_000), {"sparsity": 0.1}),  # ~6 s of columns: stops between two
-        ("dirac", (400_000, 1, 1), {"groups": 400_000}),  # ~5 s of diagonal writes: stops between two torch calls
-        ("trunc_normal", (1 << 22,), {"a": 2.5, "b": 2.6}),  # many rejection rounds: stops between two
+        ("sparse", (16, 1_000_000), {"sparsity": 0.1}),  # ~5 s of columns: stops between two batches of them
+        ("trunc_normal", (1024,), {"a": 4.0, "b": 4000.0}),  # ~3 s of rejection rounds: stops between torch calls
         ("normal", (64 << 20,), {}),  # 256 MiB in 4 MiB pieces: stops at the next piece
     ],
 )

@@ -303,3 +303,35 @@ def test_the_first_orthogonal_request_on_a_fresh_server_is_exact() -> None:
     finally:
         fresh.stop()
     assert same_bytes(first, reference("orthogonal", (96, 40), seed=123))
+
+
+DIRAC_CASES = [  # (shape, groups): every dims count, groups that do and do not divide, empty sizes, wide and tall
+    (shape, groups)
+    for shape in [(6, 4, 3), (6, 4, 3, 3), (6, 4, 3, 3, 3), (8, 2, 5, 5), (4, 8, 1, 1), (2, 3, 0, 3), (4, 0, 3),
+                  (8, 4, 2, 4), (5, 4, 3), (3, 5, 7), (12, 3, 2, 1, 4), (7,), (3, 3), (1, 1, 1, 1, 1, 1)]
+    for groups in (1, 2, 3, 4, 0, -2)
+] + [((4096, 1, 1), 4096), ((2 * 4096, 2, 3), 4096), ((3 * (1 << 20) // 1024, 1024, 1), 3)]  # fmt: skip
+
+
+def test_the_servers_dirac_is_torchs_dirac_byte_for_byte_and_error_for_error() -> None:
+    """initserve_server.initializers.dirac_ sets the diagonal by indexed assignments (in batches), where torch
+    makes one Python call per element: the same bytes from any prior contents, and torch's own exception and
+    message wherever torch raises."""
+    from initserve_server.initializers import dirac_
+
+    compared = raised = 0
+    for shape, groups in DIRAC_CASES:
+        for dtype in (torch.float32, torch.float16):
+            theirs, mine = torch.full(shape, 7.0, dtype=dtype), torch.full(shape, 7.0, dtype=dtype)
+            outcomes = []
+            for function, tensor in ((torch.nn.init.dirac_, theirs), (dirac_, mine)):
+                try:
+                    function(tensor, groups)
+                    outcomes.append(None)
+                except Exception as error:  # noqa: BLE001 - compared below
+                    outcomes.append((type(error), str(error)))
+            assert outcomes[0] == outcomes[1], (shape, groups, outcomes)
+            assert same_bytes(mine, theirs), (shape, groups, dtype)
+            compared += outcomes[0] is None
+            raised += outcomes[0] is not None
+    assert compared >= 80 and raised >= 90  # 174 cases: most shapes and groups both succeed and raise

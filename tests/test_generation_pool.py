@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 import torch
 
-from initserve_server.generation_pool import GenerationPool, PoolClosed
+from initserve_server.generation_pool import HEAVY_NICENESS, GenerationPool, PoolClosed
 from initserve_server.initializers import TORCH_THREADS
 
 WAIT_SECONDS = 10.0
@@ -107,4 +108,24 @@ def test_an_error_reaches_the_future_and_the_thread_goes_on() -> None:
         deadline = time.monotonic() + WAIT_SECONDS
         assert pool.submit(lambda: 42).result(max(0.0, deadline - time.monotonic())) == 42
     finally:
+        pool.close()
+
+
+def test_heavy_threads_run_at_a_lower_priority_and_the_light_lane_at_the_processs() -> None:
+    pool = GenerationPool(workers=1, light_workers=1)
+    release = threading.Event()
+    try:
+        started = threading.Event()
+        pool.submit(blocker, started, release)  # occupies the heavy thread, so the next runs in the light lane
+        assert started.wait(WAIT_SECONDS)
+
+        def niceness() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        assert pool.submit(niceness, light=True).result(WAIT_SECONDS) == own
+        release.set()
+        assert pool.submit(niceness).result(WAIT_SECONDS) == min(19, own + HEAVY_NICENESS)
+    finally:
+        release.set()
         pool.close()

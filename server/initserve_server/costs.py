@@ -10,13 +10,14 @@ in: that cost is part of the coefficients). Per scheme, with ``n`` elements and 
 
 - uniform, normal, constant, ones, zeros, eye, xavier_*, kaiming_*: ``n x`` the fill's seconds per element
   (:data:`FILL_SECONDS_PER_ELEMENT`: uniform_, normal_ or fill_, per dtype); working memory 0.
-- dirac: the zero fill plus ``groups x min(out_channels // groups, in_channels)`` Python-level diagonal writes
-  (:data:`DIRAC_SECONDS_PER_WRITE`); working memory 0.
+- dirac: the zero fill plus ``groups x min(out_channels // groups, in_channels)`` diagonal elements, set by
+  indexed assignments of at most DIRAC_WRITES_PER_CALL (``initializers.dirac_``; torch's loop set them one Python
+  call each, 200x slower) (:data:`DIRAC_SECONDS_PER_WRITE`); working memory: the index tensors of one assignment.
 - sparse (``rows x cols``, ``z`` rows zeroed per column): the normal fill plus, per column,
   :data:`SPARSE_SECONDS_PER_COLUMN` ``+ rows x`` :data:`SPARSE_SECONDS_PER_ROW` (``randperm(rows)``; less while
   the permutation fits in cache) ``+ z x`` :data:`SPARSE_SECONDS_PER_ZERO`. A zero-element ``[0, cols]`` still
-  pays its ``cols`` iterations. Working memory: two int64 permutations alive at once (the loop makes the next
-  while the last is still referenced), ``min(cols, 2) x rows x 8`` bytes.
+  pays its ``cols`` iterations. Working memory: one int64 permutation (the compiled loop frees each before
+  making the next), ``min(cols, 1) x rows x 8`` bytes.
 - orthogonal (``rows x cols`` flattened, QR of ``m x k``, ``m >= k``, transposed when rows < cols):
   ``2mk^2 - 2k^3/3`` flops x :data:`QR_SECONDS_PER_FLOP` ``+ mk x`` :data:`ORTHOGONAL_SECONDS_PER_ELEMENT`
   (the normal fill, QR's memory-bound passes, the sign fix, the copy and the gain). Working memory: the
@@ -51,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from initserve_server.initializers import INITIALIZERS
+from initserve_server.initializers import DIRAC_WRITES_PER_CALL, INITIALIZERS
 from initserve_server.spec import InitSpec
 from initserve_server.validation import InvalidRequest
 
@@ -103,14 +104,16 @@ ORTHOGONAL_SECONDS_PER_ELEMENT: dict[str, float] = {
     "float16": 32e-9,
     "bfloat16": 32e-9,
 }
-SPARSE_SECONDS_PER_COLUMN = 16e-6  # one iteration of sparse_'s Python loop: randperm, slice, index_put
+SPARSE_SECONDS_PER_COLUMN = 8e-6  # randperm and index_put of one column in the compiled loop (5.4 us measured)
 # randperm(rows), per row, per column: Fisher-Yates swaps at random, so the cost per row is the latency of the
 # memory the permutation lives in: a cache-resident one (up to SPARSE_CACHED_PERMUTATION_BYTES) or DRAM.
 SPARSE_SECONDS_PER_ROW_CACHED = 12e-9
 SPARSE_SECONDS_PER_ROW = 60e-9
 SPARSE_CACHED_PERMUTATION_BYTES = 1 << 20  # a core's L2 on the reference machine
 SPARSE_SECONDS_PER_ZERO = 60e-9  # one zeroed element, per column: a scattered write into the tensor
-DIRAC_SECONDS_PER_WRITE = 12e-6  # one ``tensor[i, j, k...] = 1`` from Python, 3 to 5 dims
+DIRAC_SECONDS_PER_WRITE = 30e-9  # one diagonal element of initializers.dirac_'s indexed assignments (20 ns measured)
+# dirac's index tensors per assignment (int64 rows, columns and their sum), at most DIRAC_WRITES_PER_CALL writes
+DIRAC_INDEX_BYTES_PER_WRITE = 32
 
 # --- working memory --------------------------------------------------------------------------------------------
 
@@ -249,7 +252,7 @@ def _dirac(spec: InitSpec) -> Cost:
     zero_fill = FILL_SECONDS_PER_ELEMENT[("fill", spec.dtype.name)]
     return Cost(
         CALL_SECONDS + elements * zero_fill + writes * DIRAC_SECONDS_PER_WRITE,
-        0,
+        min(writes, DIRAC_WRITES_PER_CALL) * DIRAC_INDEX_BYTES_PER_WRITE,
         f"dirac: {writes} diagonal writes x {_seconds(DIRAC_SECONDS_PER_WRITE)} "
         f"+ {elements} elements x {_seconds(zero_fill)}",
     )
@@ -271,7 +274,7 @@ def _sparse(spec: InitSpec) -> Cost:
     per_column = SPARSE_SECONDS_PER_COLUMN + rows * per_row + zeros * SPARSE_SECONDS_PER_ZERO
     return Cost(
         CALL_SECONDS + rows * cols * fill + cols * per_column,
-        min(cols, 2) * rows * RANDPERM_ITEMSIZE,
+        min(cols, 1) * rows * RANDPERM_ITEMSIZE,
         f"sparse: {cols} columns x ({_seconds(SPARSE_SECONDS_PER_COLUMN)} + {rows} rows x "
         f"{_seconds(per_row)} + {zeros} zeros x {_seconds(SPARSE_SECONDS_PER_ZERO)}) "
         f"+ {rows * cols} elements x {_seconds(fill)}",

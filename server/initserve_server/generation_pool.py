@@ -7,6 +7,10 @@ estimated to take a few milliseconds; light generations may run on any idle thre
 threads run nothing else, so one always starts within about one light generation's time, however many heavy
 ones are running or queued.
 
+Heavy generations are background work: their threads run HEAVY_NICENESS steps below the process's priority
+(Linux keeps a nice value per thread), so on a busy machine the threads that send cached bytes, answer health
+checks and run light generations get the cores first; an idle core still runs a heavy generation at full speed.
+
 The threads are daemons and carry no state a process exit must wait for: ``close()`` drops what is queued
 (each task's future is cancelled) and a server stopping under SIGTERM exits without joining generations still
 running (see ``cli.main``). Each thread puts torch in the contract's state (``initializers.configure_torch``)
@@ -15,6 +19,8 @@ once, before its first generation.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -24,6 +30,20 @@ from typing import Any
 from initserve_server.initializers import configure_torch
 
 DEFAULT_LIGHT_WORKERS = 1
+HEAVY_NICENESS = 10  # CFS weight 110 against 1024: a tenth of a core where a normal thread wants it
+log = logging.getLogger("initserve.server")
+
+
+def lower_this_threads_priority(steps: int) -> bool:
+    """Raise the calling thread's nice value by ``steps`` (never lowering it: that needs privileges); False where
+    the platform has no per-thread nice value."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + steps))
+    except (AttributeError, OSError) as error:
+        log.debug("generation threads keep their priority: %s", error)
+        return False
+    return True
 
 
 class PoolClosed(RuntimeError):
@@ -75,6 +95,8 @@ class GenerationPool:
 
     def _work(self, light_only: bool) -> None:
         configure_torch()
+        if not light_only:
+            lower_this_threads_priority(HEAVY_NICENESS)
         while True:
             with self._lock:
                 while (task := self._next(light_only)) is None:
