@@ -453,13 +453,13 @@ def shared_memory_checks(same_host: soak_shared_memory.SharedMemoryStats) -> lis
     made, refused = same_host.attempts
     return [
         Check(
-            "same-host victim: verified, live tensors changed (foreign writes)",
+            "same-host: the victim's verified, live tensors changed (foreign writes)",
             f"{victim.foreign_writes} in {victim.checks:,} comparisons, {victim.fetches:,} fetches",
             "0",
             victim.foreign_writes == 0 and victim.checks > 0,
         ),
         Check(
-            "same-host victim: fetches through shared memory, exact",
+            "same-host: the victim's fetches through shared memory, exact",
             f"{victim.transports['shared_memory']:,} of {victim.fetches:,}, {victim.exact:,} exact; errors: "
             f"{'; '.join(victim.errors[:3]) or 'none'}",
             "all, all exact, no error",
@@ -468,14 +468,14 @@ def shared_memory_checks(same_host: soak_shared_memory.SharedMemoryStats) -> lis
             and not victim.errors,
         ),
         Check(
-            "attacker: attempts refused",
+            "same-host: the attacker's attempts refused",
             f"{refused:,} of {made:,} over {same_host.attack.get('rounds', 0)} rounds; otherwise: "
             f"{'; '.join(same_host.attack_unexpected[:3]) or 'none'}",
             "all",
             same_host.attack.get("rounds", 0) > 0 and refused == made and not same_host.attack_unexpected,
         ),
         Check(
-            "the shared-memory server process",
+            "same-host: the server process",
             f"alive to the end: {same_host.server_alive}; SIGTERM: exit {same_host.server_exit}",
             "alive; exit 0",
             same_host.server_alive and same_host.server_exit == 0,

@@ -116,8 +116,9 @@ def _ms(seconds: float) -> str:
 # --- the hostile phase ----------------------------------------------------------------------------------------------
 
 STALL_SECONDS = 20.0
+WORKERS = 2  # generation threads: the reference machine's cores (the default there), stated for other machines
 HOSTILE_FLAGS: tuple[str, ...] = (
-    "--workers", "2",  # this machine's cores (the default)
+    "--workers", str(WORKERS),
     "--cache-bytes", "512M",
     "--max-inflight-bytes", "6G",  # 64 readers x 24 MiB and 16 heavy requests (with their working memory) fit
     "--stall-seconds", f"{STALL_SECONDS:g}",
@@ -147,13 +148,12 @@ HEAVY_TEMPLATES: tuple[Callable[[int], Request], ...] = (
     lambda n: Request("orthogonal", (n, n), seed=15),
     lambda n: Request("orthogonal", (n, n), seed=16, dtype=torch.float64),
 )
-RUNNING_HEAVY = 2  # = --workers
 CACHED = Request("normal", (64 * 1024, 1024), seed=7)  # 256 MiB
 SPEED_SAMPLES = 5  # cached fetches on the idle server, and under each control load
 # Controls for the cached fetch's speed, on the idle server before the phase: the cores taken by other processes
 # (CPU alone), and the generation threads busy with QRs, which release the GIL (CPU within the server's process).
 BURNER = "while True: pass"
-QR_CONTROL = (Request("orthogonal", (5120, 5120), seed=101), Request("orthogonal", (5120, 5120), seed=102))
+QR_CONTROL = tuple(Request("orthogonal", (5120, 5120), seed=101 + index) for index in range(WORKERS))
 MEASURE_MARGIN_SECONDS = 2.0  # the measurements end this long before the first reader can be cancelled
 HEALTH_SECONDS = 1.0
 SMALL_SECONDS = 2.0
@@ -192,7 +192,7 @@ class HostileFigures:
     held_while_measuring: str = ""  # Describe after the last measurement: everything still held?
     held_ok: bool = False
     readers_held_bytes: int = 0
-    stall_cancel_seconds: float = 0.0  # from the readers' first message to the last of them cancelled
+    stall_cancel_seconds: float = 0.0  # from the readers' opening to the last of them cancelled
     readers_cancelled: int = 0  # readers whose calls ended CANCELLED
     after_stall: pb.ServerStats | None = None
     heavy_release_seconds: float = 0.0
@@ -215,31 +215,31 @@ class HostileFigures:
         final = self.final
         return [
             Check(
-                "Health/Check SERVING, main port and health port",
+                "hostile: Health/Check SERVING, main port and health port",
                 f"{len(health)} checks, {len(self.health_not_serving)} not SERVING; max {_ms(max(health, default=0))}",
                 f"every check SERVING, < {HEALTH_SECONDS:g} s",
                 bool(health) and not self.health_not_serving and max(health) < HEALTH_SECONDS,
             ),
             Check(
-                "uncached `normal` [4, 4] from a new client",
+                "hostile: uncached `normal` [4, 4] from a new client",
                 f"{len(self.small)} fetches; max {_ms(max(self.small, default=0))}",
                 f"every fetch exact, < {SMALL_SECONDS:g} s",
                 bool(self.small) and max(self.small) < SMALL_SECONDS and self.wrong_bytes == 0,
             ),
             Check(
-                "cached 256 MiB fetch, loaded / idle speed (medians)",
+                "hostile: cached 256 MiB fetch, loaded / idle speed (medians)",
                 f"{ratio:.2f} ({loaded / 1e9:.2f} / {idle / 1e9:.2f} GB/s)",
                 f">= {CACHED_SPEED_RATIO:g}",
                 ratio >= CACHED_SPEED_RATIO,
             ),
             Check(
-                "every reader and heavy request still held after the measurements",
+                "hostile: every reader and heavy request still held after the measurements",
                 self.held_while_measuring,
                 f"{STALLED_READERS + len(self.heavy)} in flight, 0 stalls",
                 self.held_ok,
             ),
             Check(
-                "readers cancelled by the stall watch, their bytes released",
+                "hostile: readers cancelled by the stall watch, their bytes released",
                 (
                     f"{after.stalled_streams} stalled, {self.readers_cancelled} CANCELLED; then "
                     f"{after.inflight_requests} in flight holding {after.inflight_bytes:,} bytes"
@@ -255,7 +255,7 @@ class HostileFigures:
                 and after.inflight_bytes == self.heavy_admitted_bytes,
             ),
             Check(
-                "heavy requests cancelled by their callers: everything released",
+                "hostile: heavy requests cancelled by their callers: everything released",
                 (
                     f"{final.inflight_requests} in flight, {final.inflight_bytes} bytes, "
                     f"{final.running_generations} running, {final.queued_generations} queued, "
@@ -271,12 +271,12 @@ class HostileFigures:
                 and final.queued_generations == 0,
             ),
             Check(
-                "the server process",
+                "hostile: the server process",
                 f"alive to the end: {self.server_alive}; SIGTERM: exit {self.server_exit} in {self.stop_seconds:.1f} s",
                 "alive; exit 0",
                 self.server_alive and self.server_exit == 0,
             ),
-            Check("errors", "; ".join(self.errors[:5]) or "none", "none", not self.errors),
+            Check("hostile: errors", "; ".join(self.errors[:5]) or "none", "none", not self.errors),
         ]
 
     def markdown(self) -> str:
@@ -311,7 +311,7 @@ really stops a stream nobody reads):
   {_mib(self.readers_held_bytes)} in flight), opened and never read;
 - **{len(self.heavy)} heavy requests** from other clients, each the largest of its kind whose estimated work is
   within {HEAVY_WORK_FRACTION:.0%} of `max_work_seconds` (the server's cost model, `initserve_server.costs`),
-  {_mib(self.heavy_admitted_bytes)} admitted in flight; the first {RUNNING_HEAVY} run on the {RUNNING_HEAVY}
+  {_mib(self.heavy_admitted_bytes)} admitted in flight; the first {WORKERS} run on the {WORKERS}
   generation threads during the measurements, the others wait in the queue:
 
 | # | request | estimated work | tensor + working memory |
@@ -329,8 +329,8 @@ Measured meanwhile, in rounds until {MEASURE_MARGIN_SECONDS:g} s before the firs
 
 The cached fetch, {describe(CACHED)} ({_mib(CACHED.nbytes)}) over gRPC by one client on this machine (which
 receives it and verifies every chunk's CRC and the checksum), on the idle server, under the phase's load, and,
-as controls measured before the phase, beside {RUNNING_HEAVY} processes burning the cores (`{BURNER}`) and
-while the {RUNNING_HEAVY} generation threads run QRs ({qr}: torch releases the GIL during them; still running
+as controls measured before the phase, beside {WORKERS} processes burning the cores (`{BURNER}`) and
+while the {WORKERS} generation threads run QRs ({qr}: torch releases the GIL during them; still running
 after the last fetch: {self.qr_control_held}):
 
 | cached fetch | GB/s, each fetch | median / idle median |
@@ -346,9 +346,9 @@ client's, receiving and verifying) share the cores with whatever else runs, so t
 it about half its idle speed: in other processes, or in the server's generation threads while torch runs a QR
 without the GIL. The phase's running generations, `sparse_` and `dirac_`, are loops in Python over short
 torch calls: they hold the server's GIL most of the time, and the thread sending the cached tensor, in the
-same process, must take the GIL for every 1 MiB chunk it hands to gRPC. The cores are as busy in the QR
-control as in the phase; what differs is who holds the GIL, and the speed lost beyond the controls is that
-wait.
+same process, needs the GIL for every 1 MiB chunk (its message is built in Python, then handed to gRPC). The
+cores are as busy in the QR control as in the phase; what differs is who holds the GIL, and the speed lost
+beyond the controls is lost there.
 
 The stall watch cancelled the readers {self.stall_cancel_seconds:.1f} s after the first of them was opened
 (`--stall-seconds {STALL_SECONDS:g}`, checked twice a second); the heavy requests' callers then cancelled them,
@@ -411,7 +411,7 @@ def _hostile(
     with initserve.Client(server.target, timeout=120) as client:
         cached_fetch(client)  # generated, and cached from now on
         figures.idle_seconds = [cached_fetch(client) for _ in range(SPEED_SAMPLES)]
-        burners = [subprocess.Popen([sys.executable, "-c", BURNER]) for _ in range(RUNNING_HEAVY)]
+        burners = [subprocess.Popen([sys.executable, "-c", BURNER]) for _ in range(WORKERS)]
         try:
             figures.burner_seconds = [cached_fetch(client) for _ in range(SPEED_SAMPLES)]
         finally:
@@ -440,9 +440,9 @@ def _hostile(
         heavy = []
         for index, (request, _) in enumerate(figures.heavy):
             heavy.append(stream(message(request)))
-            queued = max(0, index + 1 - RUNNING_HEAVY)
+            queued = max(0, index + 1 - WORKERS)
             settled(server.target, lambda s, queued=queued: s.queued_generations == queued, "heavy requests queued")
-        settled(server.target, lambda s: s.running_generations == RUNNING_HEAVY, "the heavy generations running")
+        settled(server.target, lambda s: s.running_generations == WORKERS, "the heavy generations running")
         log(f"hostile: {STALLED_READERS} readers and {len(heavy)} heavy requests held")
 
         deadline = readers_opened + STALL_SECONDS - MEASURE_MARGIN_SECONDS
@@ -507,7 +507,7 @@ def _hostile(
 
 # --- the memory phase -----------------------------------------------------------------------------------------------
 
-MEMORY_FLAGS: tuple[str, ...] = ("--workers", "2", "--cache-bytes", "1G", "--max-inflight-bytes", "1G")
+MEMORY_FLAGS: tuple[str, ...] = ("--workers", str(WORKERS), "--cache-bytes", "1G", "--max-inflight-bytes", "1G")
 MEMORY_CLIENTS = 4
 MEMORY_SECONDS = 90.0
 RSS_FACTOR = 1.1
@@ -571,25 +571,25 @@ class MemoryFigures:
         covered = {request.scheme for request, _ in self.plan if self.by_request[describe(request)]}
         return [
             Check(
-                "peak RSS over idle, every scheme at its largest admitted size",
+                "memory: peak RSS over idle, every scheme at its largest admitted size",
                 f"{_mib(self.peak)} (VmHWM {_mib(self.peak_hwm)}, sampled VmRSS {_mib(self.peak_sampled)})",
                 f"<= {RSS_FACTOR:g} x {_mib(self.budgets)} + {_mib(RSS_OVERHEAD_BYTES)} = {_mib(self.bound)}",
                 self.peak_hwm > 0 and self.peak <= self.bound,
             ),
             Check(
-                "answers",
+                "memory: answers",
                 ", ".join(f"{count} {kind}" for kind, count in sorted(self.outcomes.items())) or "none",
                 "exact or RESOURCE_EXHAUSTED retry later; no other",
                 self.outcomes["exact"] > 0 and not self.failures,
             ),
             Check(
-                "schemes served exactly at least once",
+                "memory: schemes served exactly at least once",
                 f"{len(covered)} of 14",
                 "14 of 14",
                 len(covered) == 14,
             ),
             Check(
-                "the server process",
+                "memory: the server process",
                 f"alive to the end: {self.server_alive}; SIGTERM: exit {self.server_exit}",
                 "alive; exit 0",
                 self.server_alive and self.server_exit == 0,
