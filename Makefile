@@ -37,7 +37,8 @@ test: install
 test-all: install
 	$(PY) -m pytest -q
 
-# The long fault-and-load run; writes its figures to docs/reliability.md.
+# The long run (about 10 min): hostile clients (stalled readers, the heaviest admitted requests), peak memory
+# under every scheme at its largest, then the fault soak with a same-host attacker; writes docs/reliability.md.
 soak: install
 	$(PY) -m tests.soak --duration 300 --report docs/reliability.md
 

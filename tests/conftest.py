@@ -128,6 +128,13 @@ def start_server(*flags: str, env: dict[str, str] | None = None) -> ServerProces
     return start_command(command, {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
+def start_installed_server(*flags: str) -> ServerProcess:
+    """Start the installed ``initserve-server`` command, as operators do, with ``flags`` on a free loopback port."""
+    script = os.path.join(os.path.dirname(sys.executable), "initserve-server")
+    command = [script, "--host", "127.0.0.1", "--port", "0", *flags]
+    return start_command(command, {**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
 def start_command(command: list[str], env: dict[str, str], cwd: str | os.PathLike[str] | None = None) -> ServerProcess:
     """Run a server command line exactly as given, in exactly ``env``, until it prints its listening line."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)

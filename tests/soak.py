@@ -10,10 +10,16 @@ same port (a new one if that port cannot be bound; the clients then rebuild thei
 target list), one replica at a time. Half of the client threads reach replica 0 only through a proxy that cuts
 its connections or flips bytes in them at random points.
 
-Exit status: 0 when no result had a wrong byte and no unexpected error occurred. Expected: none at all on the
-direct routes (a killed replica must be invisible: the stream resumes on another); on the proxied routes, an
-InitServeError is an allowed outcome of a damaged stream (the contract: exact bytes or an error), anything else
-is not.
+With ``--phases`` (all by default, as ``make soak`` runs it) the same run also holds issue 17's hostile phases
+(tests/soak_hostile.py: stalled readers and the heaviest admitted requests against one server, then peak memory
+under every scheme at its largest admitted size) before the fault soak, and, during the fault soak, a same-host
+client fetching through shared memory while an attacker process tries to write into it
+(tests/soak_shared_memory.py). The report gets a section and verdict lines for each.
+
+Exit status: 0 when no result had a wrong byte and no unexpected error occurred, and every phase held its
+thresholds. Expected of the fault soak: no error at all on the direct routes (a killed replica must be
+invisible: the stream resumes on another); on the proxied routes, an InitServeError is an allowed outcome of a
+damaged stream (the contract: exact bytes or an error), anything else is not.
 """
 
 from __future__ import annotations
@@ -33,13 +39,18 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
 import initserve
+from tests import soak_shared_memory
 from tests.conftest import SERVER_STOP_SECONDS, ServerProcess, reference, same_bytes, start_server
 from tests.test_faults import Fault, FaultProxy
+
+if TYPE_CHECKING:
+    from tests import soak_hostile
 
 REPLICA_FLAGS: tuple[tuple[str, ...], ...] = (
     (),  # the default cache (1/8 of memory)
@@ -72,6 +83,16 @@ class Request:
         return reference(self.scheme, self.shape, dtype=self.dtype, seed=seed, **dict(self.params))
 
 
+@dataclass(frozen=True)
+class Check:
+    """One line of the report's verdict: what was measured, against what, and whether it held."""
+
+    what: str
+    measured: str
+    threshold: str
+    passed: bool
+
+
 SMALL: tuple[Request, ...] = (
     *(Request("normal", (64, 64), seed=seed) for seed in range(4)),
     Request("kaiming_normal", (256, 128), seed=1, params=(("mode", "fan_out"), ("nonlinearity", "relu"))),
@@ -93,6 +114,7 @@ LARGE: tuple[Request, ...] = (
     Request("trunc_normal", (4096, 1024), seed=4, params=(("a", -1.0), ("b", 1.0))),  # 16 MiB
 )
 LARGE_SHARE = 0.3
+PHASES = ("hostile", "memory", "fault")  # in the order they run
 
 
 @dataclass
@@ -115,14 +137,21 @@ class SoakStats:
     restarts: int = 0
     port_changes: int = 0
     restart_seconds: list[float] = field(default_factory=list)
+    crashes: list[str] = field(default_factory=list)  # a replica that exited without being killed
     corruptions: Counter[str] = field(default_factory=Counter)  # proxy faults that fired, by kind
     proxied_connections: int = 0
     latencies: dict[str, list[float]] = field(default_factory=lambda: {"small": [], "large": []})
+    shared_memory: soak_shared_memory.SharedMemoryStats | None = None  # the same-host victim and attacker
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def passed(self) -> bool:
-        return self.wrong_bytes == 0 and not self.unexpected
+        return (
+            self.wrong_bytes == 0
+            and not self.unexpected
+            and not self.crashes
+            and (self.shared_memory is None or self.shared_memory.passed)
+        )
 
 
 class References:
@@ -169,6 +198,9 @@ class Cluster:
 
     def kill_and_restart(self, index: int, stats: SoakStats) -> None:
         victim = self.replicas[index]
+        if not victim.alive():  # it went on its own: a crash (it is restarted like a killed one)
+            with stats.lock:
+                stats.crashes.append(f"replica {index} exited with {victim.process.returncode} on its own")
         victim.process.kill()
         victim.process.wait(SERVER_STOP_SECONDS)
         with stats.lock:
@@ -197,6 +229,15 @@ class Cluster:
             stats.restarts += 1
             stats.port_changes += replacement.port != victim.port
             stats.restart_seconds.append(time.monotonic() - started)
+
+    def crashed(self) -> list[str]:
+        """Replicas that exited without being killed (the fault loop restarts only those it kills)."""
+        with self._lock:
+            return [
+                f"replica {index} exited with {replica.process.returncode} on its own"
+                for index, replica in enumerate(self.replicas)
+                if not replica.alive()
+            ]
 
     def stop(self) -> None:
         with self._lock:
@@ -315,15 +356,25 @@ def run_soak(
     kill_every: float = 5.0,
     seed: int = 0,
     corrupt: bool = True,
+    shared_memory: bool = False,
     log: Callable[[str], None] = lambda line: None,
 ) -> SoakStats:
-    """Run the soak for ``duration`` seconds of load (plus start-up and drain) and return its figures."""
+    """Run the soak for ``duration`` seconds of load (plus start-up and drain) and return its figures; with
+    ``shared_memory``, the same-host victim and attacker run meanwhile against a server of their own."""
     stats = SoakStats(clients=clients)
     cluster = Cluster()
     proxy: FaultProxy | None = None
-    stop_faults, stop_clients = threading.Event(), threading.Event()
+    stop_faults, stop_clients, stop_shared = threading.Event(), threading.Event(), threading.Event()
     threads: list[threading.Thread] = []
+    same_host: threading.Thread | None = None
     try:
+        if shared_memory:
+
+            def run_same_host() -> None:
+                stats.shared_memory = soak_shared_memory.run_alongside(duration, stop_shared, seed)
+
+            same_host = threading.Thread(target=run_same_host, name="same-host", daemon=True)
+            same_host.start()
         cluster.start()
         if corrupt:
             proxy = FaultProxy(lambda: cluster.port(0), proxy_faults(seed))
@@ -362,9 +413,15 @@ def run_soak(
             if thread.is_alive():
                 stats.unexpected.append(f"{thread.name} did not finish within {JOIN_SECONDS}s of the stop")
         stats.duration = time.monotonic() - started
+        stats.crashes.extend(cluster.crashed())
+        if same_host is not None:
+            same_host.join(JOIN_SECONDS + soak_shared_memory.JOIN_SECONDS)
+            if stats.shared_memory is None:
+                stats.unexpected.append("the same-host victim and attacker did not report")
     finally:
         stop_faults.set()
         stop_clients.set()
+        stop_shared.set()
         if proxy is not None:
             with stats.lock:
                 stats.corruptions.update(proxy.fired_kinds())
@@ -391,9 +448,171 @@ def summary(stats: SoakStats) -> str:
     )
 
 
-def report(stats: SoakStats, command: str) -> str:
-    """docs/reliability.md: the figures, how they were made, and what they show."""
+def shared_memory_checks(same_host: soak_shared_memory.SharedMemoryStats) -> list[Check]:
+    victim = same_host.victim
+    made, refused = same_host.attempts
+    return [
+        Check(
+            "same-host: the victim's verified, live tensors changed (foreign writes)",
+            f"{victim.foreign_writes} in {victim.checks:,} comparisons, {victim.fetches:,} fetches",
+            "0",
+            victim.foreign_writes == 0 and victim.checks > 0,
+        ),
+        Check(
+            "same-host: the victim's fetches through shared memory, exact",
+            f"{victim.transports['shared_memory']:,} of {victim.fetches:,}, {victim.exact:,} exact; errors: "
+            f"{'; '.join(victim.errors[:3]) or 'none'}",
+            "all, all exact, no error",
+            victim.fetches > 0
+            and victim.transports["shared_memory"] == victim.fetches == victim.exact
+            and not victim.errors,
+        ),
+        Check(
+            "same-host: the attacker's attempts refused",
+            f"{refused:,} of {made:,} over {same_host.attack.get('rounds', 0)} rounds; otherwise: "
+            f"{'; '.join(same_host.attack_unexpected[:3]) or 'none'}",
+            "all",
+            same_host.attack.get("rounds", 0) > 0 and refused == made and not same_host.attack_unexpected,
+        ),
+        Check(
+            "same-host: the server process",
+            f"alive to the end: {same_host.server_alive}; SIGTERM: exit {same_host.server_exit}",
+            "alive; exit 0",
+            same_host.server_alive and same_host.server_exit == 0,
+        ),
+    ]
+
+
+def shared_memory_section(same_host: soak_shared_memory.SharedMemoryStats) -> str:
+    victim = same_host.victim
+    attempts = "\n".join(f"| {what} | {made:,} | {refused:,} |" for what, (made, refused) in same_host.refusals.items())
+    others = ", ".join(f"{what}: {count:,}" for what, count in same_host.attack.items() if what != "rounds")
+    keys = ", ".join(f"`{scheme}` {list(shape)}" for scheme, shape, _ in soak_shared_memory.VICTIM_KEYS)
+    return f"""## Same-host transport under attack
+
+During the fault soak, `initserve-server {" ".join(same_host.server_flags)}` (never killed) served a victim
+client (`Client(shared_memory=True)`) fetching {keys} at random, comparing each with the local reference,
+keeping the last {soak_shared_memory.HELD} alive and comparing those again after every fetch, for
+{same_host.seconds:.0f} s: {victim.fetches:,} fetches ({dict(victim.transports)}), {victim.checks:,} comparisons
+of live tensors, **{victim.foreign_writes} foreign writes**. Meanwhile an attacker process of the same UID
+(`python -m tests.soak_shared_memory attack`) ran {same_host.attack.get("rounds", 0)} rounds of:
+
+| attempt | made | refused |
+|---|---|---|
+{attempts}
+
+Refused means: a write answered FAILED_PRECONDITION (no such region; by name, never), a registration answered
+with an error, a shrink, grow or hole punch failing with EPERM. Also: {others}. Releases of the victim's
+tokens on the attacker's connection must be ignored: had one taken effect, the victim's next fetch with that
+region would have gone over gRPC. Not tried, being outside the threat model (docs/shared-memory.md): writing
+through a victim's *live* token, which only the victim's registration connection receives; a leaked token is a
+bearer capability (a one-off check of the victim's comparison: such a write changes a held tensor, and is seen).
+"""
+
+
+def report(
+    stats: SoakStats | None,
+    command: str,
+    hostile: soak_hostile.HostileFigures | None = None,
+    memory: soak_hostile.MemoryFigures | None = None,
+) -> str:
+    """docs/reliability.md: the verdict, the figures of each phase, how they were made, and what they show."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    checks = verdict(stats, hostile, memory)
+    passed = all(check.passed for check in checks)
+    lines = "\n".join(
+        f"| {check.what} | {check.measured} | {check.threshold} | {'PASS' if check.passed else '**FAIL**'} |"
+        for check in checks
+    )
+    phases = ", ".join(
+        name for name, ran in (("hostile", hostile), ("memory", memory), ("fault soak", stats)) if ran is not None
+    )
+    sections = [
+        hostile.markdown() if hostile else "",
+        memory.markdown() if memory else "",
+        fault_section(stats) if stats else "",
+        shared_memory_section(stats.shared_memory) if stats and stats.shared_memory else "",
+    ]
+    body = "\n".join(section for section in sections if section)
+    return f"""# Reliability: the soak
+
+Generated by `{command}` on {now}: **{"PASSED" if passed else "FAILED"}**.
+
+| | |
+|---|---|
+| Machine | {os.cpu_count()} cores, {_memory_gib():.0f} GiB, {platform.system()} {platform.release()} \
+{platform.machine()}, Python {platform.python_version()} |
+| Versions | torch {torch.__version__}, grpcio {grpc.__version__}, initserve {initserve.__version__} |
+| Phases | {phases}, one after the other |
+
+## Verdict
+
+| Check | Measured | Threshold | Result |
+|---|---|---|---|
+{lines}
+
+{body}"""
+
+
+def _memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+
+
+def verdict(
+    stats: SoakStats | None,
+    hostile: soak_hostile.HostileFigures | None,
+    memory: soak_hostile.MemoryFigures | None,
+) -> list[Check]:
+    """Every threshold of every phase that ran, and the run's three counts: crashes, wrong bytes, foreign writes."""
+    same_host = stats.shared_memory if stats else None
+    crashes = list(stats.crashes) if stats else []
+    for name, alive in (("hostile", hostile and hostile.server_alive), ("memory", memory and memory.server_alive),
+                        ("shared-memory", same_host and same_host.server_alive)):  # fmt: skip
+        ran = {"hostile": hostile, "memory": memory, "shared-memory": same_host}[name]
+        if ran is not None and not alive:
+            crashes.append(f"the {name} phase's server exited before the end")
+    wrong = {
+        "fault soak": stats.wrong_bytes if stats else 0,
+        "hostile": hostile.wrong_bytes if hostile else 0,
+        "memory": memory.outcomes["wrong"] if memory else 0,
+        "same-host": same_host.victim.wrong_bytes if same_host else 0,
+    }
+    checks = [
+        Check("crashes", "; ".join(crashes) or "0", "0", not crashes),
+        Check(
+            "wrong bytes",
+            f"{sum(wrong.values())} results ({', '.join(f'{name} {count}' for name, count in wrong.items())})",
+            "0",
+            sum(wrong.values()) == 0,
+        ),
+        Check(
+            "foreign writes",
+            str(same_host.foreign_writes) if same_host else "not run",
+            "0",
+            same_host is not None and same_host.foreign_writes == 0,
+        ),
+    ]
+    if hostile:
+        checks += hostile.checks()
+    if memory:
+        checks += memory.checks()
+    if stats:
+        checks.append(
+            Check(
+                "fault soak: unexpected errors",
+                f"{len(stats.unexpected)} in {stats.requests:,} requests",
+                "0",
+                not stats.unexpected,
+            )
+        )
+    if same_host:
+        checks += shared_memory_checks(same_host)
+    return checks
+
+
+def fault_section(stats: SoakStats) -> str:
+    """The fault soak's figures: three replicas, SIGKILLs and a corrupting proxy."""
+    errors = "\n".join(f"| {name} | {count} |" for name, count in sorted(stats.errors.items())) or "| none | 0 |"
     errors = "\n".join(f"| {name} | {count} |" for name, count in sorted(stats.errors.items())) or "| none | 0 |"
     restart = (
         f"{sum(stats.restart_seconds) / len(stats.restart_seconds):.1f} s mean, "
@@ -406,22 +625,18 @@ def report(stats: SoakStats, command: str) -> str:
         values = stats.latencies[kind]
         return f"{_percentile(values, 0.5) * 1000:.0f} ms / {_percentile(values, 0.99) * 1000:.0f} ms"
 
-    verdict = "PASSED" if stats.passed else "FAILED"
     unexpected = "".join(f"\n- {line}" for line in stats.unexpected[:20]) or " none."
     failures = "".join(f"\n- {line}" for line in stats.failures[:20]) or " none."
-    return f"""# Reliability: the soak
-
-Generated by `{command}` on {now}: **{verdict}**.
+    crashes = "".join(f"\n- {line}" for line in stats.crashes[:20]) or " none."
+    return f"""## The fault soak: replicas killed, streams corrupted
 
 | | |
 |---|---|
-| Machine | {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()} |
-| Versions | torch {torch.__version__}, grpcio {grpc.__version__}, initserve {initserve.__version__} |
 | Replicas | 3 processes on 127.0.0.1: default cache, `--cache-bytes 24M`, `--cache-bytes 0` |
 | Load | {stats.clients} client threads for {stats.duration:.0f} s; half reach replica 0 through a corrupting proxy |
 | Requests | {len(SMALL)} small and {len(LARGE)} large (1 to 16 MiB) keys, {LARGE_SHARE:.0%} large, some unseeded |
 
-## Figures
+### Figures
 
 | | |
 |---|---|
@@ -447,7 +662,9 @@ Unexpected errors:{unexpected}
 
 Wrong results:{failures}
 
-## What this shows
+Replicas that exited without being killed:{crashes}
+
+### What this shows
 
 - **No wrong bytes.** Every tensor the client returned was compared with the contract's local reference
   (`torch.nn.init.<scheme>_` with a seeded generator). The client verifies each chunk's CRC-32 where it lands
@@ -474,29 +691,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds the workload, the kills and the proxy's faults")
     parser.add_argument("--no-corrupt", action="store_true", help="no corrupting proxy: kills only")
     parser.add_argument("--report", type=Path, help="write the Markdown report here (e.g. docs/reliability.md)")
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated phases to run, in this order: {', '.join(PHASES)} (fault includes the same-host "
+        "attacker)",
+    )
+    parser.add_argument("--memory-seconds", type=float, default=90.0, help="seconds of load in the memory phase")
     args = parser.parse_args(argv)
+    phases = [phase.strip() for phase in args.phases.split(",") if phase.strip()]
+    if unknown := set(phases) - set(PHASES):
+        parser.error(f"unknown phases {sorted(unknown)}; use {', '.join(PHASES)}")
     command = "python -m tests.soak " + shlex.join(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM stops the replicas on the way out
 
     def log(line: str) -> None:
         print(line, flush=True)
 
-    stats = run_soak(
-        args.duration,
-        clients=args.clients,
-        kill_every=args.kill_every,
-        seed=args.seed,
-        corrupt=not args.no_corrupt,
-        log=log,
-    )
-    print(summary(stats))
-    for line in stats.unexpected + stats.failures:
-        print("  " + line)
+    from tests import soak_hostile  # it builds on this module's Request and Check
+
+    hostile = soak_hostile.run_hostile(log) if "hostile" in phases else None
+    memory = soak_hostile.run_memory(args.memory_seconds, log=log) if "memory" in phases else None
+    stats = None
+    if "fault" in phases:
+        stats = run_soak(
+            args.duration,
+            clients=args.clients,
+            kill_every=args.kill_every,
+            seed=args.seed,
+            corrupt=not args.no_corrupt,
+            shared_memory=True,
+            log=log,
+        )
+        print(summary(stats))
+        for line in stats.unexpected + stats.failures + stats.crashes:
+            print("  " + line)
+    checks = verdict(stats, hostile, memory)
+    for check in checks:
+        print(f"{'PASS' if check.passed else 'FAIL'}: {check.what}: {check.measured} (threshold {check.threshold})")
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(report(stats, command))
+        args.report.write_text(report(stats, command, hostile, memory))
         print(f"report written to {args.report}")
-    return 0 if stats.passed else 1
+    return 0 if all(check.passed for check in checks) else 1
 
 
 if __name__ == "__main__":

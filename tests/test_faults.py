@@ -684,17 +684,26 @@ def test_a_signal_stops_new_work_and_lets_the_stream_in_flight_finish(sig: int) 
 def check_soak(stats) -> None:
     assert stats.wrong_bytes == 0, stats.failures
     assert stats.unexpected == [], stats.unexpected
+    assert stats.crashes == [], stats.crashes
     assert stats.kills >= 1 and stats.restarts == stats.kills
     assert stats.ok >= 20 and stats.bytes_verified > 0
     assert stats.resumes >= 1
 
 
 def test_soak_short() -> None:
+    """The fault soak, with the same-host victim and attacker beside it, and its report (make soak's, minus the
+    hostile phases, whose reproductions are in test_hostile.py)."""
     from tests import soak
 
-    stats = soak.run_soak(duration=8.0, clients=16, kill_every=1.5, seed=1)
+    stats = soak.run_soak(duration=8.0, clients=16, kill_every=1.5, seed=1, shared_memory=True)
     print(soak.summary(stats))
     check_soak(stats)
+    same_host = stats.shared_memory
+    assert same_host is not None and same_host.passed, same_host
+    made, refused = same_host.attempts
+    assert same_host.victim.checks > 0 and made == refused > 0
+    text = soak.report(stats, "test_soak_short")
+    assert "**PASSED**" in text and "## Same-host transport under attack" in text and "**FAIL**" not in text
 
 
 @pytest.mark.slow
@@ -702,7 +711,8 @@ def test_soak_short() -> None:
 def test_soak_long() -> None:
     from tests import soak
 
-    stats = soak.run_soak(duration=240.0, clients=16, kill_every=4.0, seed=2)
+    stats = soak.run_soak(duration=240.0, clients=16, kill_every=4.0, seed=2, shared_memory=True)
     print(soak.summary(stats))
     check_soak(stats)
+    assert stats.shared_memory is not None and stats.shared_memory.passed, stats.shared_memory
     assert stats.corruptions["flip"] >= 1 and stats.corruptions["cut"] >= 1
