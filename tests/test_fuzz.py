@@ -21,6 +21,10 @@
 (d) The same-host fields: names (``shared_memory``, field 10) are never opened, whatever they look like;
     region tokens malformed, well formed but unknown, registered with the wrong size, or registered and right
     (then the region holds the exact bytes from the offset on, and nothing before it is touched).
+(e) Concurrency and cancellation: batches of fuzzed calls from several threads at once, some cancelled
+    mid-stream or given tiny deadlines; every answer or prefix of one that arrives is exact, a call ends CANCELLED
+    or DEADLINE_EXCEEDED only when its client asked for it, and the server settles: nothing in flight, no
+    generation left running, within a bounded wait.
 After each test the server is healthy, logged no traceback, and still returns exact bytes.
 
 The server's limits make every request cheap and every limit reachable: tensors of at most 16 KiB, messages of
@@ -42,9 +46,11 @@ import operator
 import os
 import re
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -52,7 +58,7 @@ import pytest
 import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 import initserve
@@ -85,6 +91,8 @@ REFUSALS = {
     grpc.StatusCode.OUT_OF_RANGE,  # a resume offset past the end
     grpc.StatusCode.FAILED_PRECONDITION,  # a CUDA device or fingerprint this server lacks; shared memory by name
 }
+# Under concurrent load a budget may refuse too (in-flight bytes, stream buffers, max_concurrent_calls).
+LOADED_REFUSALS = REFUSALS | {grpc.StatusCode.RESOURCE_EXHAUSTED}
 DTYPES = {
     pb.DTYPE_UNSPECIFIED: torch.float32,
     pb.DTYPE_FLOAT32: torch.float32,
@@ -132,8 +140,10 @@ FUZZ_SETTINGS = fuzz_settings(150)
 
 
 def note(what: str) -> None:
-    """Count ``what`` in hypothesis' statistics."""
-    event(what)
+    """Count ``what`` in hypothesis' statistics: only the test's own thread may (concurrent calls' checks run in
+    others, uncounted)."""
+    if threading.current_thread() is threading.main_thread():
+        event(what)
 
 
 def mostly(usual: st.SearchStrategy, unusual: st.SearchStrategy, weight: int = 5) -> st.SearchStrategy:
@@ -1164,6 +1174,151 @@ def test_fuzzed_same_host_fields_write_only_a_registered_region_of_the_right_siz
             return
         check_refused_as(outcome.error, refusal)
         assert region is None or bytes(region.map[:]) == REGION_FILL * region.nbytes, "a refused call wrote"
+
+
+# --- (e) concurrency and cancellation -------------------------------------------------------------------------------
+
+CONCURRENT_THREADS = 8
+STREAM_METHODS = ("Init", "InitMany")
+
+
+@dataclass
+class Plan:
+    """One call of a concurrent batch and how its client ends it: "none" (reads it all), "cancel" (after
+    ``after`` messages of a stream, or ``after`` seconds of a unary call), "cancel later" (another thread
+    cancels it ``after`` seconds in) or "deadline" (of ``after`` seconds)."""
+
+    method: str
+    request: pb.InitRequest | pb.InitManyRequest | pb.DescribeRequest
+    stop: str = "none"
+    after: float = 0.0
+    valid: bool = True  # valid by construction: refused only for load (or InitUnary: as too large for it)
+
+
+# Work without bytes: a sparse [0, N] loops over N columns (about 10 us each) and is 0 bytes, admitted below
+# max_work_seconds. Such generations are what a cancelled call must stop.
+heavy_requests = st.builds(
+    lambda columns, seed: pb.InitRequest(
+        scheme="sparse", shape=[0, columns], params=pb.InitParams(sparsity=0.1), seed=seed
+    ),
+    st.integers(20_000, 120_000),
+    st.integers(0, 3),
+)
+
+
+@st.composite
+def call_plans(draw: st.DrawFn, pool: list[pb.InitRequest]) -> Plan:
+    """A call on a request of ``pool`` (so concurrent calls share generations and cache entries), an arbitrary
+    one, or a heavy one; heavy calls are always ended early."""
+    method = draw(st.sampled_from(["Init", "Init", "InitUnary", "InitMany", "Describe"]))
+    stop = draw(st.sampled_from(["none", "none", "cancel", "cancel later", "deadline"]))
+    valid = True
+    if method == "Describe":
+        request = pb.DescribeRequest()
+    elif method == "InitMany":
+        request = pb.InitManyRequest(tensors=draw(st.lists(st.sampled_from(pool), min_size=1, max_size=4)))
+    else:
+        kind = draw(st.sampled_from(["pool", "pool", "arbitrary", "heavy"]))
+        request = draw({"pool": st.sampled_from(pool), "arbitrary": init_requests(), "heavy": heavy_requests}[kind])
+        valid = kind != "arbitrary"
+        if kind == "heavy" and stop == "none":
+            stop = "deadline"
+    if stop == "cancel" and method in STREAM_METHODS:
+        after = draw(st.integers(0, 8))
+    elif stop == "deadline":
+        after = draw(st.sampled_from([0.0005, 0.001, 0.003, 0.01, 0.05, 0.3]))
+    else:
+        after = draw(st.sampled_from([0.0, 0.0005, 0.002, 0.01, 0.05]))
+    return Plan(method, request, stop, after, valid)
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> list[Plan]:
+    pool = draw(st.lists(valid_requests(), min_size=1, max_size=4))
+    return draw(st.lists(call_plans(pool), min_size=CONCURRENT_THREADS, max_size=3 * CONCURRENT_THREADS))
+
+
+def run_plan(channel: grpc.Channel, plan: Plan) -> str:
+    """Make ``plan``'s call, end it as planned, and check what arrived: exact as far as it came, and an end the
+    client asked for or a clean refusal."""
+    payload = plan.request.SerializeToString()
+    timeout = plan.after if plan.stop == "deadline" else RPC_TIMEOUT_SECONDS
+    messages: list = []
+    error: grpc.RpcError | None = None
+    if plan.method in STREAM_METHODS:
+        call = channel.unary_stream(SERVICE + plan.method, request_serializer=None, response_deserializer=None)
+        stream = call(payload, timeout=timeout)
+        timer = threading.Timer(plan.after, stream.cancel) if plan.stop == "cancel later" else None
+        if timer is not None:
+            timer.start()
+        try:
+            if plan.stop == "cancel" and plan.after == 0:
+                stream.cancel()
+            for raw in stream:
+                messages.append(PARSERS[plan.method](raw))
+                if plan.stop == "cancel" and len(messages) >= plan.after:
+                    stream.cancel()
+        except grpc.RpcError as raised:
+            error = raised
+        finally:
+            if timer is not None:
+                timer.cancel()
+    else:
+        call = channel.unary_unary(SERVICE + plan.method, request_serializer=None, response_deserializer=None)
+        future = call.future(payload, timeout=timeout)
+        if plan.stop in ("cancel", "cancel later"):
+            time.sleep(plan.after)
+            future.cancel()
+        try:
+            messages.append(future.result())
+        except grpc.FutureCancelledError:
+            return f"{plan.method}, {plan.stop}: cancelled before an answer"
+        except grpc.RpcError as raised:
+            error = raised
+    ended_early = {
+        "none": set(),
+        "cancel": {grpc.StatusCode.CANCELLED},
+        "cancel later": {grpc.StatusCode.CANCELLED},
+        # The server may notice the expiry first, and end the call as cancelled before the client's deadline.
+        "deadline": {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED},
+    }[plan.stop]
+    if error is not None:
+        assert error.code() in LOADED_REFUSALS | ended_early, (error.code(), error.details(), plan)
+    # Whatever arrived is exact, however the call ended.
+    if plan.method == "Init":
+        answer = stream_answer(messages)
+        assert error is not None or answer.trailer is not None
+        check_answer(plan.request, answer)
+    elif plan.method == "InitMany":
+        answers = many_answers(messages)
+        assert error is not None or len(answers) == len(plan.request.tensors)
+        for request, answer in zip(plan.request.tensors, answers, strict=False):  # those that came
+            check_answer(request, answer)
+        assert error is not None or all(answer.trailer is not None for answer in answers)
+    elif plan.method == "InitUnary" and messages:
+        check_answer(plan.request, unary_answer(messages[0]), "unary")
+    elif messages:
+        check_info(pb.ServerInfo.FromString(messages[0]))
+    if error is not None and error.code() in REFUSALS:
+        if plan.valid:
+            too_large = dict(error.trailing_metadata() or ()).get(REFUSAL_KEY) == UNARY_TOO_LARGE
+            assert plan.method == "InitUnary" and too_large, (error.code(), error.details(), plan)
+        if plan.method in ("Init", "InitUnary"):
+            check_refusal(plan.request, error, plan.method)
+    return f"{plan.method}, {plan.stop}: {error.code().name if error is not None else 'OK'}"
+
+
+# Not shrunk: each try of a failing batch waits SETTLE_SECONDS, and a smaller batch rarely races the same way.
+@settings(fuzz_settings(20), phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(plans=batches())
+def test_fuzzed_concurrent_calls_some_cancelled_stay_exact_and_leave_nothing_in_flight(
+    fuzz_server: ServerProcess, channel: grpc.Channel, plans: list[Plan]
+) -> None:
+    with grpc.insecure_channel(fuzz_server.target) as second, ThreadPoolExecutor(CONCURRENT_THREADS) as threads:
+        calls = [threads.submit(run_plan, (channel, second)[number % 2], plan) for number, plan in enumerate(plans)]
+        for call in calls:
+            note(call.result())  # re-raises a failed check
+    check_settled(channel)
 
 
 # --- afterwards -----------------------------------------------------------------------------------------------------
