@@ -999,6 +999,44 @@ def test_fuzzed_requests_with_one_defect_are_refused_with_its_status(
     check_refused_as(outcome.error, refusal)
 
 
+# Found by this fuzz: the largest header (a name of 1024 four-byte characters is 4 KiB of it) is counted nowhere.
+LONGEST_NAME = "\U0001f600" * MAX_NAME_CHARS
+
+
+def test_an_init_unary_answer_with_the_longest_name_fits_the_message_limit(channel: grpc.Channel) -> None:
+    """InitUnary answers at most max_message_bytes - 4 KiB of tensor; the header with the longest name is 4.3 KiB.
+    A tensor of max_unary_bytes with that name must still be answered, or refused as too large for InitUnary (the
+    client then streams it): the server answers RESOURCE_EXHAUSTED "Sent message larger than max (12504 vs.
+    12288)", which no retry mends (the SDK's fetch raises ResourceExhausted; so with --max-message-bytes 1M)."""
+    request = pb.InitRequest(scheme="normal", shape=[MAX_UNARY_BYTES // 4], seed=1, name=LONGEST_NAME)
+    outcome = outcome_of(channel, request, "InitUnary")
+    if outcome.error is not None:
+        assert outcome.error.code() == INVALID, (outcome.error.code(), outcome.error.details())
+        assert dict(outcome.error.trailing_metadata() or ()).get(REFUSAL_KEY) == UNARY_TOO_LARGE
+        return
+    check_outcome(request, outcome, "InitUnary")
+
+
+def test_every_message_limit_the_server_accepts_fits_the_longest_header() -> None:
+    """The server starts with --max-message-bytes 2K (it only requires more than a chunk's 64 bytes of framing),
+    and then no Init stream of a request with the longest name can be sent: its header alone is 4.2 KiB
+    (RESOURCE_EXHAUSTED "Sent message larger than max (4262 vs. 2048)"). Either the limit is refused at start,
+    or every header fits it."""
+    try:
+        small = start_server("--max-message-bytes", "2K", "--chunk-bytes", "1K", "--max-tensor-bytes", "16K")
+    except RuntimeError as refused:
+        assert "max_message_bytes" in str(refused) or "--max-message-bytes" in str(refused)
+        return
+    try:
+        request = pb.InitRequest(scheme="normal", shape=[4], seed=1, name=LONGEST_NAME)
+        with grpc.insecure_channel(small.target) as opened:
+            outcome = outcome_of(opened, request)
+        assert outcome.error is None, (outcome.error.code(), outcome.error.details())
+        check_outcome(request, outcome)
+    finally:
+        small.stop()
+
+
 # --- (b) raw bytes --------------------------------------------------------------------------------------------------
 
 
