@@ -28,9 +28,9 @@
 After each test the server is healthy, logged no traceback, and still returns exact bytes.
 
 The server's limits make every request cheap and every limit reachable: tensors of at most 16 KiB, messages of
-at most 12 KiB (so InitUnary answers at most 8 KiB and refuses larger tensors as too large for it), 4 KiB
-chunks by default, a cache of 1 MiB (repeated keys must return the exact bytes too), generations estimated above
-2 s of work refused, and the same-host socket on.
+at most 8 KiB more than the largest header (so InitUnary answers at most 8 KiB and refuses larger tensors as too
+large for it), 4 KiB chunks by default, a cache of 1 MiB (repeated keys must return the exact bytes too),
+generations estimated above 2 s of work refused, and the same-host socket on.
 
 `make test` replays a fixed set of examples (derandomized, the same every run). INITSERVE_FUZZ=soak (`make soak`)
 draws fresh examples, SOAK_EXAMPLES_FACTOR times as many, and prints what reproduces a failure.
@@ -60,6 +60,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 
 import initserve
 from initserve._codec import header_crc32
@@ -69,14 +70,15 @@ from initserve._schemes import PARAM_NAMES, SCHEMES
 from initserve._shared import Connection
 from initserve._wire import decode_unary
 from initserve.v1 import initserve_pb2 as pb
+from initserve_server.config import header_room_bytes
 from tests.conftest import ServerProcess, reference, same_bytes, start_server
 
 SERVICE = "/initserve.v1.InitService/"
 RPC_TIMEOUT_SECONDS = 60.0
 SETTLE_SECONDS = 10.0  # a cancelled call's lease and generation are released well within this
 MAX_TENSOR_BYTES = 16 << 10
-MAX_MESSAGE_BYTES = 12 << 10
-MAX_UNARY_BYTES = 8 << 10  # max_message_bytes less the room the server keeps for the header and trailer
+MAX_UNARY_BYTES = 8 << 10
+MAX_MESSAGE_BYTES = MAX_UNARY_BYTES + header_room_bytes(16)  # the room the server keeps for the header and trailer
 DEFAULT_CHUNK_BYTES = 4 << 10
 MAX_WORK_SECONDS = 2.0
 MAX_NAME_CHARS = 1024
@@ -141,8 +143,8 @@ FUZZ_SETTINGS = fuzz_settings(150)
 
 def note(what: str) -> None:
     """Count ``what`` in hypothesis' statistics: only the test's own thread may (concurrent calls' checks run in
-    others, uncounted)."""
-    if threading.current_thread() is threading.main_thread():
+    others, uncounted), and only inside a fuzzed test (the regression tests share the checks)."""
+    if threading.current_thread() is threading.main_thread() and currently_in_test_context():
         event(what)
 
 
@@ -792,7 +794,8 @@ def many_label(position: int, name: str) -> str:
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     socket_dir = tmp_path_factory.mktemp("fuzz-shm")
     running = start_server(
-        "--max-tensor-bytes", "16K", "--max-message-bytes", "12K", "--chunk-bytes", "4K", "--cache-bytes", "1M",
+        "--max-tensor-bytes", "16K", "--max-message-bytes", str(MAX_MESSAGE_BYTES), "--chunk-bytes", "4K",
+        "--cache-bytes", "1M",
         "--workers", "4", "--max-work-seconds", str(MAX_WORK_SECONDS),
         "--shared-memory-socket", str(socket_dir / "shm.sock"),
     )  # fmt: skip
@@ -999,15 +1002,15 @@ def test_fuzzed_requests_with_one_defect_are_refused_with_its_status(
     check_refused_as(outcome.error, refusal)
 
 
-# Found by this fuzz: the largest header (a name of 1024 four-byte characters is 4 KiB of it) is counted nowhere.
+# Found by this fuzz: the largest header (a name of 1024 four-byte characters is 4 KiB of it) was counted nowhere.
 LONGEST_NAME = "\U0001f600" * MAX_NAME_CHARS
 
 
 def test_an_init_unary_answer_with_the_longest_name_fits_the_message_limit(channel: grpc.Channel) -> None:
-    """InitUnary answers at most max_message_bytes - 4 KiB of tensor; the header with the longest name is 4.3 KiB.
-    A tensor of max_unary_bytes with that name must still be answered, or refused as too large for InitUnary (the
-    client then streams it): the server answers RESOURCE_EXHAUSTED "Sent message larger than max (12504 vs.
-    12288)", which no retry mends (the SDK's fetch raises ResourceExhausted; so with --max-message-bytes 1M)."""
+    """A tensor of max_unary_bytes named with the longest name (a 4.3 KiB header) must still be answered, or
+    refused as too large for InitUnary (the client then streams it). When the server kept a fixed 4 KiB, it answered
+    RESOURCE_EXHAUSTED "Sent message larger than max (12504 vs. 12288)", which no retry mends (the SDK's fetch
+    raised ResourceExhausted; so with --max-message-bytes 1M)."""
     request = pb.InitRequest(scheme="normal", shape=[MAX_UNARY_BYTES // 4], seed=1, name=LONGEST_NAME)
     outcome = outcome_of(channel, request, "InitUnary")
     if outcome.error is not None:
@@ -1018,23 +1021,25 @@ def test_an_init_unary_answer_with_the_longest_name_fits_the_message_limit(chann
 
 
 def test_every_message_limit_the_server_accepts_fits_the_longest_header() -> None:
-    """The server starts with --max-message-bytes 2K (it only requires more than a chunk's 64 bytes of framing),
-    and then no Init stream of a request with the longest name can be sent: its header alone is 4.2 KiB
-    (RESOURCE_EXHAUSTED "Sent message larger than max (4262 vs. 2048)"). Either the limit is refused at start,
-    or every header fits it."""
-    try:
-        small = start_server("--max-message-bytes", "2K", "--chunk-bytes", "1K", "--max-tensor-bytes", "16K")
-    except RuntimeError as refused:
-        assert "max_message_bytes" in str(refused) or "--max-message-bytes" in str(refused)
-        return
+    """With --max-message-bytes 2K (once accepted: it only required more than a chunk's 64 bytes of framing), no
+    Init stream of a request with the longest name could be sent: its header alone is 4.2 KiB (RESOURCE_EXHAUSTED
+    "Sent message larger than max (4262 vs. 2048)"). Such a limit is refused at start, naming the least it takes."""
+    with pytest.raises(RuntimeError) as refused:
+        start_server("--max-message-bytes", "2K", "--chunk-bytes", "1K", "--max-tensor-bytes", "16K")
+    assert (
+        f"initserve-server: max_message_bytes must be at least {header_room_bytes(16)} (the largest header, trailer "
+        "and chunk framing with max_dims=16), got 2048"
+    ) in str(refused.value)
+    least = start_server("--max-message-bytes", str(header_room_bytes(16)), "--max-tensor-bytes", "16K",
+                         "--chunk-bytes", str(DEFAULT_CHUNK_BYTES))  # fmt: skip
     try:
         request = pb.InitRequest(scheme="normal", shape=[4], seed=1, name=LONGEST_NAME)
-        with grpc.insecure_channel(small.target) as opened:
+        with grpc.insecure_channel(least.target) as opened:
             outcome = outcome_of(opened, request)
         assert outcome.error is None, (outcome.error.code(), outcome.error.details())
         check_outcome(request, outcome)
     finally:
-        small.stop()
+        least.stop()
 
 
 # --- (b) raw bytes --------------------------------------------------------------------------------------------------

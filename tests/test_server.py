@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 import initserve
 from initserve.v1 import initserve_pb2 as pb
+from initserve_server.config import DEFAULT_MAX_DIMS, header_room_bytes
 from tests.conftest import ServerProcess, reference, same_bytes, start_server
 
 SERVICE = "initserve.v1.InitService"
@@ -202,7 +203,7 @@ def test_the_client_streams_when_a_servers_messages_are_too_small_for_unary() ->
     small_messages = start_server("--max-message-bytes", "256K", "--chunk-bytes", "64K")
     try:
         with small_messages.client() as client:
-            assert client.describe().limits.max_unary_bytes == (256 - 4) << 10
+            assert client.describe().limits.max_unary_bytes == (256 << 10) - header_room_bytes(DEFAULT_MAX_DIMS)
             shape = (200, 1000)  # 800,000 bytes: under the client's 1 MiB, over this server's unary limit
             result = client.fetch(shape, "normal", seed=4)
             assert same_bytes(result.tensor, reference("normal", shape, seed=4))

@@ -17,7 +17,7 @@ from initserve_server.validation import InvalidRequest, check_finite, validate_r
 
 DEFAULT_CONFIG = ServerConfig()
 # Small limits, each distinct, so a message that quotes the wrong one cannot pass.
-SMALL_CONFIG = ServerConfig(max_dims=3, max_tensor_bytes=64, chunk_bytes=16, max_message_bytes=1024)
+SMALL_CONFIG = ServerConfig(max_dims=3, max_tensor_bytes=64, chunk_bytes=16, max_message_bytes=8192)
 SCHEME_LIST = ", ".join(SCHEMES)
 DTYPE_LIST = "float32, float64, float16, bfloat16"
 DEVICE_FORMS = "is not one of 'cpu', 'cuda', 'cuda:N'"
@@ -128,7 +128,7 @@ def test_cpu_device_spellings(text: str) -> None:
 def test_a_requested_chunk_size_is_kept_and_zero_takes_the_config_default() -> None:
     assert validate(request(chunk_bytes=7), SMALL_CONFIG).chunk_bytes == 7
     assert validate(request(chunk_bytes=0), SMALL_CONFIG).chunk_bytes == 16
-    assert validate(request(chunk_bytes=960), SMALL_CONFIG).chunk_bytes == SMALL_CONFIG.max_chunk_bytes
+    assert validate(request(chunk_bytes=8128), SMALL_CONFIG).chunk_bytes == SMALL_CONFIG.max_chunk_bytes
 
 
 @pytest.mark.parametrize(
@@ -298,13 +298,13 @@ INVALID_REQUESTS: list[Any] = [
     pytest.param(request(device="cpu:0"), f"device 'cpu:0' {DEVICE_FORMS}", id="device-cpu-0"),
     pytest.param(request(device="d" * 1000), f"device '{'d' * 32}...' {DEVICE_FORMS}", id="device-1000-chars"),
     pytest.param(
-        request(chunk_bytes=961),
-        "chunk_bytes 961 exceeds the limit 960 (max_message_bytes 1024 less framing)",
+        request(chunk_bytes=8129),
+        "chunk_bytes 8129 exceeds the limit 8128 (max_message_bytes 8192 less framing)",
         id="chunk-bytes",
     ),
     pytest.param(
         request(chunk_bytes=(1 << 64) - 1),
-        f"chunk_bytes {(1 << 64) - 1} exceeds the limit 960 (max_message_bytes 1024 less framing)",
+        f"chunk_bytes {(1 << 64) - 1} exceeds the limit 8128 (max_message_bytes 8192 less framing)",
         id="chunk-bytes-uint64-max",
     ),
 ]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
+from initserve._seeds import MAX_NAME_CHARS
+from initserve.v1 import initserve_pb2 as pb
 from initserve_server.cpu_limit import usable_cpus
 from initserve_server.memory_limit import usable_memory_bytes
 
@@ -41,9 +44,14 @@ MAX_CHUNKS_PER_STREAM = 1 << 20
 MAX_REQUEST_BYTES = 4 << 20
 MAX_TENSORS_PER_CALL = 16384  # tensors of one InitMany call
 MAX_STRING_PARAM_CHARS = 64
-# InitUnary answers a tensor of at most this many bytes in one message; room is left for its header and trailer.
+# InitUnary answers a tensor of at most this many bytes in one message; room is left for its header and trailer
+# (header_room_bytes).
 MAX_UNARY_BYTES = 1 << 20
-UNARY_OVERHEAD_BYTES = 4 << 10
+# The strings the server itself puts in a header take less than this: a device name (CUDA's is at most 256 bytes)
+# twice, with the fingerprint, a hostname (at most 64) in server_id, two torch versions, the checksum algorithm,
+# the scheme and the server's version; tests/test_config.py checks this server's own.
+SERVER_STRINGS_BYTES = 1 << 10
+SERVER_STRING_FIELDS = ("torch_version", "device", "checksum_algorithm", "scheme", "server_version", "server_id")
 # Serialized InitUnary answers to repeated cached requests (initserve_server.answers), apart from cache_bytes.
 MAX_ANSWER_MEMO_BYTES = 64 << 20
 MAX_CONNECTION_AGE_SECONDS = 2**31 / 1000
@@ -52,6 +60,31 @@ MAX_CONNECTION_AGE_SECONDS = 2**31 / 1000
 # (RESOURCE_EXHAUSTED past it): 128 stalled default-chunk streams at once, released after stall_seconds.
 STREAM_BUFFER_BYTES = 256 << 20
 MESSAGE_COPIES = 2  # gRPC takes it in int32 milliseconds
+
+
+def header_bytes_bound(max_dims: int, server_strings: pb.Header | None = None) -> int:
+    """The most bytes one header message can take, framing included: a name of MAX_NAME_CHARS four-byte characters,
+    max_dims dims in shape, full_shape and slices, every number at its widest, and the server's own strings (the
+    given ones, else SERVER_STRINGS_BYTES for them). A client controls the name and the dims, so every message limit
+    must leave this much room (a name of 1024 emoji is 4 KiB of it)."""
+    widest = 2**64 - 1
+    header = pb.Header(
+        shape=[-1] * max_dims, full_shape=[-1] * max_dims,  # a negative int64 is its widest varint, 10 bytes
+        slices=[pb.Slice(dim=2**32 - 1, start=widest, length=widest)] * max_dims,
+        dtype=max(pb.DType.values()), total_bytes=widest, seed_used=widest, seeded=True, chunk_bytes=widest,
+        offset=widest, cache_hit=True, crc32=2**32 - 1, name="\U0010ffff" * MAX_NAME_CHARS, base_seed=widest,
+        device=pb.DeviceInfo(multiprocessor_count=-1),
+    )  # fmt: skip
+    strings = SERVER_STRINGS_BYTES if server_strings is None else server_strings.ByteSize()
+    # InitMany's framing: the header as field 1 and the tensor's index as field 4.
+    return pb.InitManyResponse(header=header, tensor=2**32 - 1).ByteSize() + strings
+
+
+@functools.cache  # on InitUnary's path
+def header_room_bytes(max_dims: int) -> int:
+    """What InitUnary keeps of max_message_bytes for its header, trailer and the chunk's framing."""
+    trailer = pb.InitResponse(trailer=pb.Trailer(checksum=bytes(64))).ByteSize()
+    return header_bytes_bound(max_dims) + trailer + CHUNK_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -106,7 +139,7 @@ class ServerConfig:
 
     @property
     def max_unary_bytes(self) -> int:
-        return max(0, min(MAX_UNARY_BYTES, self.max_message_bytes - UNARY_OVERHEAD_BYTES))
+        return max(0, min(MAX_UNARY_BYTES, self.max_message_bytes - header_room_bytes(self.max_dims)))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -120,15 +153,21 @@ class ServerConfig:
             )
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
-        if self.max_message_bytes <= CHUNK_OVERHEAD_BYTES:
-            raise ValueError(f"max_message_bytes must exceed {CHUNK_OVERHEAD_BYTES}, got {self.max_message_bytes}")
+        if self.max_dims < 0:
+            raise ValueError(f"max_dims must be >= 0, got {self.max_dims}")
+        least = header_room_bytes(self.max_dims)
+        if self.max_message_bytes < least:
+            raise ValueError(
+                f"max_message_bytes must be at least {least} (the largest header, trailer and chunk framing with "
+                f"max_dims={self.max_dims}), got {self.max_message_bytes}"
+            )
         if not 1 <= self.chunk_bytes <= self.max_chunk_bytes:
             raise ValueError(
                 f"chunk_bytes must be in 1..{self.max_chunk_bytes} (max_message_bytes - {CHUNK_OVERHEAD_BYTES}), "
                 f"got {self.chunk_bytes}"
             )
-        if self.max_tensor_bytes < 0 or self.max_dims < 0:
-            raise ValueError("max_tensor_bytes and max_dims must be >= 0")
+        if self.max_tensor_bytes < 0:
+            raise ValueError(f"max_tensor_bytes must be >= 0, got {self.max_tensor_bytes}")
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if self.health_port is not None and not 0 <= self.health_port <= 65535:
