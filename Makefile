@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 50051
 PROTO := proto/initserve/v1/initserve.proto
-STUBS := client/initserve/v1/initserve_pb2.py client/initserve/v1/initserve_pb2_grpc.py client/initserve/v1/initserve_pb2.pyi
+STUBS := $(addprefix proto/initserve_protocol/v1/,initserve_pb2.py initserve_pb2_grpc.py initserve_pb2.pyi)
 INSTALLED := $(VENV)/.installed
 
 .PHONY: install proto serve demo test test-all soak bench lint docker container-test clean
@@ -14,16 +14,16 @@ INSTALLED := $(VENV)/.installed
 install: $(INSTALLED) $(STUBS)
 
 # torch goes in first and alone, pinned, so no later resolution can pull the multi-GB CUDA build.
-$(INSTALLED): constraints.txt requirements-dev.txt client/pyproject.toml server/pyproject.toml
+$(INSTALLED): constraints.txt requirements-dev.txt proto/pyproject.toml client/pyproject.toml server/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -r requirements-dev.txt -e client -e server
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -r requirements-dev.txt -e proto -e client -e server
 	touch $@
 
 proto: $(STUBS)
 
-$(STUBS) &: $(PROTO) $(INSTALLED)
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=client --pyi_out=client --grpc_python_out=client $(PROTO)
+$(STUBS) &: $(PROTO) proto/generate.py $(INSTALLED)
+	$(PY) proto/generate.py
 
 serve: install
 	$(VENV)/bin/initserve-server --host $(HOST) --port $(PORT)
@@ -50,8 +50,8 @@ bench: install
 	$(PY) bench/run.py --json docs/bench/bench.json --plot docs/bench/bench.png
 
 lint: install
-	$(VENV)/bin/ruff check client server tests examples bench
-	$(VENV)/bin/ruff format --check client server tests examples bench
+	$(VENV)/bin/ruff check proto client server tests examples bench
+	$(VENV)/bin/ruff format --check proto client server tests examples bench
 
 # Container images from docker/Dockerfile, tagged like the compose and Kubernetes files expect: $(IMAGE):VERSION
 # (CPU, torch from the CPU index) and $(IMAGE):VERSION-cuda (CUDA 13.0 base, torch 2.13's CUDA build from PyPI).

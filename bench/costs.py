@@ -42,11 +42,11 @@ def make_spec(scheme: str, shape: list[int], dtype: str = "float32", params: dic
     """The InitSpec the server would build for this request (seed 1, no slices)."""
     import torch
 
-    from initserve import _dtypes
-    from initserve._schemes import SCHEMES
+    from initserve_protocol import dtypes
+    from initserve_protocol.schemes import SCHEMES
     from initserve_server.spec import InitSpec
 
-    entry = next(entry for entry in _dtypes.DTYPES if entry.name == dtype)
+    entry = next(entry for entry in dtypes.DTYPES if entry.name == dtype)
     return InitSpec(
         scheme=SCHEMES[scheme],
         shape=tuple(shape),

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 import initserve
-from initserve.v1.initserve_pb2 import ServerInfo
+from initserve_protocol.v1.initserve_pb2 import ServerInfo
 
 torch.set_num_threads(1)  # the service's torch runs one intra-op thread (see README: orthogonal)
 

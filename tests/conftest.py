@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import initserve
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
 
 # The contract is defined under the server's torch, which runs one intra-op thread (orthogonal_'s QR gives
 # thread-count-dependent bits). The local reference runs the same way.

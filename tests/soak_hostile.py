@@ -38,8 +38,8 @@ from grpc_health.v1 import health_pb2
 
 import initserve
 from initserve._requests import prepare
-from initserve.v1 import initserve_pb2 as pb
-from initserve.v1 import initserve_pb2_grpc as pb_grpc
+from initserve_protocol.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2_grpc as pb_grpc
 from initserve_server import costs
 from initserve_server.cli import build_parser, config_from_args
 from initserve_server.config import ServerConfig

@@ -41,7 +41,7 @@ import grpc
 import torch
 
 import initserve
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
 from tests.conftest import ServerProcess, reference, same_bytes, start_installed_server
 from tests.test_shared_memory import (
     FALLOC_FL_KEEP_SIZE,

@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 import initserve
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server.answers import AnswerMemo
 from initserve_server.config import MAX_ANSWER_MEMO_BYTES, ServerConfig
 from tests.conftest import reference, start_server

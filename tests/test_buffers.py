@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import initserve
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server.buffers import MIN_POOLED_BYTES, BufferPool
 from tests.conftest import page_faults, preallocated, reference, same_bytes, start_server
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from google.protobuf.message import DecodeError
 
-from initserve import _codec, _wire
-from initserve._checksum import BLOCK_BYTES, CHECKSUM_ALGORITHM, TensorChecksum, tensor_checksum
+from initserve import _codec
 from initserve._errors import IntegrityError
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol import codec, wire
+from initserve_protocol.checksum import BLOCK_BYTES, CHECKSUM_ALGORITHM, TensorChecksum, tensor_checksum
+from initserve_protocol.v1 import initserve_pb2 as pb
 
 
 def independent_checksum(data: bytes) -> bytes:
@@ -84,13 +85,13 @@ def header_for(tensor: torch.Tensor, **overrides) -> pb.Header:
             header.shape.extend(value)
         else:
             setattr(header, name, value)
-    return _codec.seal_header(header)
+    return codec.seal_header(header)
 
 
 def encoded(tensor: torch.Tensor, chunk_bytes: int = 5, **header_overrides) -> list[pb.InitResponse]:
     source = tensor.contiguous()
-    messages = _codec.encode_stream(header_for(source, **header_overrides), _codec.tensor_bytes(source), chunk_bytes)
-    # chunks come serialized by hand (initserve._wire): protobuf itself must parse them
+    messages = codec.encode_stream(header_for(source, **header_overrides), codec.tensor_bytes(source), chunk_bytes)
+    # chunks come serialized by hand (initserve_protocol.wire): protobuf itself must parse them
     return [pb.InitResponse.FromString(m) if isinstance(m, bytes) else m for m in messages]
 
 
@@ -138,7 +139,7 @@ def resealed(mutate):
 
     def apply(message: pb.InitResponse) -> None:
         mutate(message.header)
-        _codec.seal_header(message.header)
+        codec.seal_header(message.header)
 
     return apply
 
@@ -227,7 +228,7 @@ def test_every_header_field_is_under_its_crc() -> None:
         header = pb.Header()
         header.CopyFrom(sealed)
         change(header)
-        assert _codec.header_crc32(header) != header.crc32, name
+        assert codec.header_crc32(header) != header.crc32, name
 
 
 def assemble(messages: list[pb.InitResponse], **expected) -> torch.Tensor:
@@ -248,19 +249,19 @@ def test_an_intact_header_must_answer_the_requested_scheme_and_seed() -> None:
 
 def test_byte_views_refuse_what_they_cannot_view() -> None:
     with pytest.raises(ValueError, match="contiguous CPU tensor"):
-        _codec.tensor_bytes(torch.empty(4, 6).t())
-    view = _codec.tensor_bytes(torch.ones(2))
+        codec.tensor_bytes(torch.empty(4, 6).t())
+    view = codec.tensor_bytes(torch.ones(2))
     assert view.readonly and len(view) == 8
     with pytest.raises(ValueError, match="chunk_bytes must be positive"):
-        list(_codec.encode_stream(header_for(SOURCE), _codec.tensor_bytes(SOURCE), 0))
+        list(codec.encode_stream(header_for(SOURCE), codec.tensor_bytes(SOURCE), 0))
 
 
-# --- the hand-written Chunk wire format (initserve._wire) ----------------------------------------------------------
+# --- the hand-written Chunk wire format (initserve_protocol.wire) -----------------------------------------------------
 
 
 def test_a_hand_encoded_chunk_is_the_message_protobuf_reads() -> None:
     data = bytes(range(256)) * 5
-    encoded = _wire.encode_chunk(300, memoryview(data), 0xDEADBEEF)
+    encoded = wire.encode_chunk(300, memoryview(data), 0xDEADBEEF)
     parsed = pb.InitResponse.FromString(encoded)
     assert parsed.WhichOneof("part") == "chunk"
     assert (parsed.chunk.offset, parsed.chunk.data, parsed.chunk.crc32) == (300, data, 0xDEADBEEF)
@@ -276,8 +277,8 @@ def test_a_hand_encoded_chunk_is_the_message_protobuf_reads() -> None:
     ],
 )
 def test_the_chunk_decoder_reads_what_protobuf_writes(message: pb.InitResponse) -> None:
-    view = _wire.decode_response(message.SerializeToString())
-    assert isinstance(view, _wire.ChunkView)
+    view = wire.decode_response(message.SerializeToString())
+    assert isinstance(view, wire.ChunkView)
     assert (view.offset, bytes(view.data), view.crc32) == (
         message.chunk.offset,
         message.chunk.data,
@@ -289,17 +290,17 @@ def test_the_chunk_decoder_takes_fields_in_any_order_and_skips_unknown_ones() ->
     inner = (
         b"\x1d\x04\x03\x02\x01" + b"\x12\x02hi" + b"\x08\x05" + b"\x20\x63" + b"\x2a\x01z"
     )  # crc, data, offset, 2 unknown
-    view = _wire.decode_response(b"\x12" + bytes([len(inner)]) + inner)
-    assert isinstance(view, _wire.ChunkView)
+    view = wire.decode_response(b"\x12" + bytes([len(inner)]) + inner)
+    assert isinstance(view, wire.ChunkView)
     assert (view.offset, bytes(view.data), view.crc32) == (5, b"hi", 0x01020304)
 
 
 def test_other_messages_and_malformed_bytes_go_to_protobuf() -> None:
     header = pb.InitResponse(header=pb.Header(shape=[2], total_bytes=8))
-    assert _wire.decode_response(header.SerializeToString()) == header
+    assert wire.decode_response(header.SerializeToString()) == header
     for malformed in (b"\x12\x05\x08", b"\x12\x03\x12\x09ab", b"\x12\x02\x0f\x00"):  # short, overrun, bad wire type
         with pytest.raises(DecodeError):
-            _wire.decode_response(malformed)
+            wire.decode_response(malformed)
 
 
 @pytest.mark.parametrize("size", [0, 5, BLOCK_BYTES * 4, BLOCK_BYTES * 5 + 17])
@@ -310,30 +311,30 @@ def test_the_checksum_in_threads_equals_the_serial_one(size: int) -> None:
 
 def test_the_unary_response_is_the_stream_messages_joined() -> None:
     header = pb.InitResponse(header=pb.Header(shape=[3], total_bytes=3, scheme="normal"))
-    chunk = _wire.encode_chunk(0, memoryview(b"abc"), 7)
+    chunk = wire.encode_chunk(0, memoryview(b"abc"), 7)
     trailer = pb.InitResponse(trailer=pb.Trailer(checksum=b"\x01" * 32))
-    encoded = _wire.encode_unary([header, chunk, trailer])
+    encoded = wire.encode_unary([header, chunk, trailer])
     parsed = pb.InitUnaryResponse.FromString(encoded)  # what any protobuf reader sees
     assert parsed.header == header.header and parsed.trailer == trailer.trailer
     assert (parsed.chunk.offset, parsed.chunk.data, parsed.chunk.crc32) == (0, b"abc", 7)
-    decoded = _wire.decode_unary(parsed.SerializeToString())
+    decoded = wire.decode_unary(parsed.SerializeToString())
     assert decoded[0] == header.header and decoded[2] == trailer.trailer  # unwrapped: Header, ChunkView, Trailer
-    assert isinstance(decoded[1], _wire.ChunkView) and bytes(decoded[1].data) == b"abc"
-    no_chunk = _wire.decode_unary(_wire.encode_unary([header, trailer]))
+    assert isinstance(decoded[1], wire.ChunkView) and bytes(decoded[1].data) == b"abc"
+    no_chunk = wire.decode_unary(wire.encode_unary([header, trailer]))
     assert no_chunk == [header.header, trailer.trailer]
-    reordered = _wire.decode_unary(trailer.SerializeToString() + header.SerializeToString())  # protobuf's way
+    reordered = wire.decode_unary(trailer.SerializeToString() + header.SerializeToString())  # protobuf's way
     assert reordered == [header.header, trailer.trailer]
     with pytest.raises(DecodeError):
-        _wire.decode_unary(b"\x0a\x05\x08")
+        wire.decode_unary(b"\x0a\x05\x08")
 
 
 def test_a_large_unary_answer_is_split_by_hand_with_its_payload_a_view() -> None:
-    payload = random.Random(3).randbytes(_wire.SMALL_UNARY_BYTES + 5)
+    payload = random.Random(3).randbytes(wire.SMALL_UNARY_BYTES + 5)
     header = pb.InitResponse(header=pb.Header(shape=[len(payload)], total_bytes=len(payload), scheme="normal"))
     trailer = pb.InitResponse(trailer=pb.Trailer(checksum=b"\x02" * 32))
-    data = _wire.encode_unary([header, _wire.encode_chunk(0, memoryview(payload), 9), trailer])
-    decoded = _wire.decode_unary(data)
+    data = wire.encode_unary([header, wire.encode_chunk(0, memoryview(payload), 9), trailer])
+    decoded = wire.decode_unary(data)
     assert decoded[0] == header.header and decoded[2] == trailer.trailer
     chunk = decoded[1]
-    assert isinstance(chunk, _wire.ChunkView) and (chunk.offset, chunk.crc32) == (0, 9)
+    assert isinstance(chunk, wire.ChunkView) and (chunk.offset, chunk.crc32) == (0, 9)
     assert chunk.data.obj is data and bytes(chunk.data) == payload  # a view into the received bytes

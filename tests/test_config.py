@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from initserve._seeds import MAX_NAME_CHARS
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.seeds import MAX_NAME_CHARS
+from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server import engine
 from initserve_server.config import (
     SERVER_STRING_FIELDS,

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from initserve._schemes import SCHEMES
+from initserve_protocol.schemes import SCHEMES
 from initserve_server import costs
 from initserve_server.config import DEFAULT_MAX_TENSOR_BYTES, DEFAULT_MAX_WORK_SECONDS
 from initserve_server.initializers import generate

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 import initserve
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server import costs, health_probe
 from initserve_server.cli import build_parser, config_from_args
 from initserve_server.config import CHUNK_OVERHEAD_BYTES, STREAM_BUFFER_BYTES, ServerConfig

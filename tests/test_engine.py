@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from initserve._codec import StreamAssembler
-from initserve._wire import decode_response
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
+from initserve_protocol.wire import decode_response
 from initserve_server import costs
 from initserve_server.cache import Overloaded
 from initserve_server.config import ServerConfig

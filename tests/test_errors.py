@@ -14,8 +14,8 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import initserve
-from initserve.v1 import initserve_pb2 as pb
-from initserve.v1 import initserve_pb2_grpc as pb_grpc
+from initserve_protocol.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2_grpc as pb_grpc
 from tests.conftest import ServerProcess, reference, same_bytes
 
 SEED = 20240917

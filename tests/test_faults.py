@@ -27,10 +27,10 @@ from google.protobuf.internal.encoder import _VarintBytes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import initserve
-from initserve._checksum import tensor_checksum
-from initserve._codec import tensor_bytes
-from initserve.v1 import initserve_pb2 as pb
-from initserve.v1 import initserve_pb2_grpc as pb_grpc
+from initserve_protocol.checksum import tensor_checksum
+from initserve_protocol.codec import tensor_bytes
+from initserve_protocol.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2_grpc as pb_grpc
 from tests.conftest import SERVER_STOP_SECONDS, ServerProcess, reference, same_bytes, start_server
 
 BIG_SHAPE = (4096, 4096)  # float32: 64 MiB, 64 chunks of the default 1 MiB

@@ -63,13 +63,13 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 import initserve
-from initserve._codec import header_crc32
-from initserve._errors import REFUSAL_KEY, TORCH_EXCEPTION_TYPES, UNARY_TOO_LARGE
 from initserve._regions import SharedRegion
-from initserve._schemes import PARAM_NAMES, SCHEMES
 from initserve._shared import Connection
-from initserve._wire import decode_unary
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.codec import header_crc32
+from initserve_protocol.errors import REFUSAL_KEY, TORCH_EXCEPTION_TYPES, UNARY_TOO_LARGE
+from initserve_protocol.schemes import PARAM_NAMES, SCHEMES
+from initserve_protocol.v1 import initserve_pb2 as pb
+from initserve_protocol.wire import decode_unary
 from initserve_server.config import header_room_bytes
 from tests.conftest import ServerProcess, reference, same_bytes, start_server
 
@@ -654,7 +654,7 @@ def stream_answer(messages: list[pb.InitResponse]) -> Answer:
 
 
 def unary_answer(data: bytes) -> Answer:
-    """InitUnary's one message, read as clients read it (initserve._wire.decode_unary)."""
+    """InitUnary's one message, read as clients read it (initserve_protocol.wire.decode_unary)."""
     header, *middle, trailer = decode_unary(data)
     assert isinstance(header, pb.Header) and isinstance(trailer, pb.Trailer) and len(middle) <= 1
     return Answer(header, [(chunk.offset, bytes(chunk.data), chunk.crc32) for chunk in middle], trailer)

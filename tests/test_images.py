@@ -255,8 +255,8 @@ def test_the_build_context_is_only_what_the_image_is_built_from(dockerfile: Dock
         "build/container-test/bookworm-minbase.tar",
         "tests/conftest.py",
         "docs/deploy.md",
-        "client/initserve/v1/initserve_pb2.py",  # the build generates its own stubs
-        "client/initserve/v1/initserve_pb2_grpc.py",
+        "proto/initserve_protocol/v1/initserve_pb2.py",  # the build generates its own stubs
+        "proto/initserve_protocol/v1/initserve_pb2_grpc.py",
         "server/initserve_server/__pycache__/cli.cpython-311.pyc",
         "server/initserve_server.egg-info/PKG-INFO",
     ):

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import initserve
-from initserve.v1 import initserve_pb2 as pb
-from initserve.v1 import initserve_pb2_grpc as pb_grpc
+from initserve_protocol.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2_grpc as pb_grpc
 from tests.conftest import ServerProcess, reference, same_bytes, start_server
 from tests.conftest import settled as settled_stats
 

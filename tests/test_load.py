@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import initserve
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server import costs
 from initserve_server.config import ServerConfig
 from initserve_server.validation import validate_request

@@ -8,8 +8,8 @@ import torch
 
 import initserve
 from initserve import Shard, TensorSpec
-from initserve._wire import decode_many_response, encode_chunk, tensor_tag
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
+from initserve_protocol.wire import decode_many_response, encode_chunk, tensor_tag
 from tests.conftest import reference, same_bytes
 
 BASE_SEED = 168058

@@ -15,8 +15,8 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from initserve.v1 import initserve_pb2 as pb
-from initserve.v1 import initserve_pb2_grpc as pb_grpc
+from initserve_protocol.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2_grpc as pb_grpc
 from tests.conftest import ServerProcess, reference, same_bytes, start_server
 
 SCRAPE_SECONDS = 10.0

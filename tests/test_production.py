@@ -12,9 +12,9 @@ import threading
 import pytest
 import torch
 
-from initserve._checksum import BLOCK_BYTES, BlockCrcs, tensor_checksum
-from initserve._codec import tensor_bytes
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.checksum import BLOCK_BYTES, BlockCrcs, tensor_checksum
+from initserve_protocol.codec import tensor_bytes
+from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server.config import ServerConfig
 from initserve_server.engine import produce
 from initserve_server.initializers import PIECEWISE_SCHEMES, generate, piece_bounds

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import initserve
-from initserve._codec import StreamAssembler, encode_stream, seal_header, tensor_bytes
+from initserve._codec import StreamAssembler
 from initserve._retry import RetryPolicy, fetch_resuming
 from initserve._transport import channel_target
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.codec import encode_stream, seal_header, tensor_bytes
+from initserve_protocol.v1 import initserve_pb2 as pb
 from tests.conftest import same_bytes
 
 SOURCE = torch.arange(1000, dtype=torch.float32)  # 4000 bytes

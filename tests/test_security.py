@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import initserve
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server.security import NO_TOKEN_MESSAGE
 from tests.conftest import ServerProcess, reference, same_bytes, start_server
 

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 import initserve
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
 from tests.conftest import reference, same_bytes
 
 BASE_SEED = 20261123

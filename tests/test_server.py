@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 import initserve
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server.config import DEFAULT_MAX_DIMS, header_room_bytes
 from tests.conftest import ServerProcess, reference, same_bytes, start_server
 

@@ -30,7 +30,7 @@ import initserve
 from initserve import _regions, _shared
 from initserve._codec import StreamAssembler
 from initserve._errors import IntegrityError
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server import shared_memory
 from tests.conftest import ServerProcess, reference, run_python, same_bytes, start_server
 

@@ -8,8 +8,8 @@ import torch
 
 import initserve
 from initserve import Range, Shard
-from initserve._slices import index, resolve
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.slices import index, resolve
+from initserve_protocol.v1 import initserve_pb2 as pb
 from tests.conftest import reference, same_bytes
 
 SEED = 5840

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from initserve._schemes import PARAM_NAMES, SCHEMES
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.schemes import PARAM_NAMES, SCHEMES
+from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server import devices
 from initserve_server.config import MAX_CHUNKS_PER_STREAM, MAX_STRING_PARAM_CHARS, ServerConfig
 from initserve_server.spec import InitSpec

@@ -10,7 +10,6 @@ Every tensor returned equals, bit for bit, ``torch.nn.init.<scheme>_`` run with
 
 from torch.nn.init import calculate_gain
 
-from initserve._checksum import CHECKSUM_ALGORITHM, tensor_checksum
 from initserve._client import Client, InitResult, draw_seed
 from initserve._errors import (
     Cancelled,
@@ -31,9 +30,10 @@ from initserve._errors import (
 from initserve._many import TensorSpec
 from initserve._modules import Rule, Sharding
 from initserve._retry import RetryPolicy
-from initserve._schemes import SCHEMES
-from initserve._seeds import derive_seed
-from initserve._slices import Range, Shard, shard_bounds
+from initserve_protocol.checksum import CHECKSUM_ALGORITHM, tensor_checksum
+from initserve_protocol.schemes import SCHEMES
+from initserve_protocol.seeds import derive_seed
+from initserve_protocol.slices import Range, Shard, shard_bounds
 
 __version__ = "0.1.0"
 

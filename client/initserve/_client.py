@@ -13,16 +13,18 @@ import grpc
 import torch
 from torch import nn
 
-from initserve import _buffers, _dtypes, _malloc, _modules, _regions, _shared
+from initserve import _buffers, _malloc, _modules, _regions, _shared
 from initserve._codec import Allocate
 from initserve._many import TensorSpec, fetch_many_resuming
 from initserve._modules import Rule, Sharding
 from initserve._requests import ShapeLike, prepare
 from initserve._retry import RetryPolicy, fetch_resuming
-from initserve._schemes import SCHEMES, ParamValue, Scheme
-from initserve._slices import Slice
-from initserve._transport import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, UNARY_MAX_BYTES, Transport
-from initserve.v1 import initserve_pb2 as pb
+from initserve._transport import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, Transport
+from initserve_protocol import dtypes
+from initserve_protocol.limits import MAX_UNARY_BYTES
+from initserve_protocol.schemes import SCHEMES, ParamValue, Scheme
+from initserve_protocol.slices import Slice
+from initserve_protocol.v1 import initserve_pb2 as pb
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_SECONDS = 300.0
@@ -136,7 +138,7 @@ class Client:
         chunk_bytes: int = 0,
         require_device_fingerprint: str | None = None,
         retry: RetryPolicy | None = None,
-        unary_max_bytes: int = UNARY_MAX_BYTES,
+        unary_max_bytes: int = MAX_UNARY_BYTES,
         shared_memory: bool | str | os.PathLike = False,
         shared_memory_pool_bytes: int = _regions.DEFAULT_POOL_BYTES,
         buffer_pool_bytes: int = _buffers.DEFAULT_POOL_BYTES,
@@ -148,8 +150,8 @@ class Client:
         self._buffers = (
             _buffers.BufferPool(lambda: buffer_pool_bytes, make_room_on_miss=True) if buffer_pool_bytes else None
         )
-        if not 0 <= unary_max_bytes <= UNARY_MAX_BYTES:
-            raise ValueError(f"unary_max_bytes must be in 0..{UNARY_MAX_BYTES}, got {unary_max_bytes}")
+        if not 0 <= unary_max_bytes <= MAX_UNARY_BYTES:
+            raise ValueError(f"unary_max_bytes must be in 0..{MAX_UNARY_BYTES}, got {unary_max_bytes}")
         self.unary_max_bytes = unary_max_bytes
         self.target = target
         self.retry = retry or RetryPolicy()
@@ -458,7 +460,7 @@ class Client:
         """
         if tensor.is_meta:  # torch's initializers leave meta tensors alone: there is no storage
             return tensor
-        dtype = _dtypes.from_torch(tensor.dtype).torch_dtype  # refuse before touching any RNG, as torch does
+        dtype = dtypes.from_torch(tensor.dtype).torch_dtype  # refuse before touching any RNG, as torch does
         if seed is None and SCHEMES[scheme].seeded:
             seed = draw_seed(generator)
         direct = tensor.device.type == "cpu" and tensor.is_contiguous()

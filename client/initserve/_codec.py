@@ -1,32 +1,25 @@
-"""The stream codec: a tensor's bytes to Header/Chunk*/Trailer messages and back, verified, without a second copy.
+"""Decoding a stream into a tensor, verified, without a second copy.
 
-Used by the server to encode and by the client to decode; it never imports grpc. Decoding writes each chunk
-straight into one preallocated destination tensor and raises IntegrityError before returning anything that
-is short, out of order, oversized, damaged (per-chunk CRC-32) or fails the whole-tensor checksum. A stream that
-breaks can be resumed: :class:`StreamAssembler` takes a second stream starting at the bytes it already holds,
-checks that its header describes the same tensor, and verifies the whole tensor at the end.
+Decoding writes each chunk straight into one preallocated destination tensor and raises IntegrityError before
+returning anything that is short, out of order, oversized, damaged (per-chunk CRC-32) or fails the whole-tensor
+checksum. A stream that breaks can be resumed: :class:`StreamAssembler` takes a second stream starting at the
+bytes it already holds, checks that its header describes the same tensor, and verifies the whole tensor at the
+end. The encoding side, and the header's CRC, are the contract's (:mod:`initserve_protocol.codec`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
-import math
-import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from initserve import _dtypes
-from initserve._checksum import BLOCK_BYTES, CHECKSUM_ALGORITHM, TensorChecksum, crc32, tensor_checksum
 from initserve._errors import IntegrityError
 from initserve._prefault import prefault_async
-from initserve._wire import ChunkView, decode_response, encode_chunk
-from initserve.v1 import initserve_pb2 as pb
-
-if sys.byteorder != "little":  # the wire carries little-endian storage; a big-endian host would need a swap
-    raise ImportError("initserve supports little-endian hosts only")
-
+from initserve_protocol import dtypes
+from initserve_protocol.checksum import CHECKSUM_ALGORITHM, TensorChecksum, crc32
+from initserve_protocol.codec import expected_bytes, header_crc32, writable_bytes
+from initserve_protocol.v1 import initserve_pb2 as pb
+from initserve_protocol.wire import ChunkView, decode_response
 
 Response = pb.InitResponse | ChunkView | bytes | pb.Header | pb.Trailer  # see StreamAssembler.consume
 Allocate = Callable[[tuple[int, ...], torch.dtype], tuple[torch.Tensor, bool]]  # see StreamAssembler
@@ -36,127 +29,14 @@ def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tenso
     return torch.empty(shape, dtype=dtype), False  # fresh pages: not resident until written
 
 
-def _byte_view(tensor: torch.Tensor) -> memoryview:
-    if tensor.device.type != "cpu" or not tensor.is_contiguous():
-        raise ValueError("a byte view needs a contiguous CPU tensor")
-    nbytes = tensor.numel() * tensor.element_size()
-    if nbytes == 0:
-        return memoryview(bytearray())
-    # A ctypes array over the tensor's storage exposes it through the buffer protocol with no copy;
-    # the caller keeps the tensor alive for as long as it uses the view.
-    storage = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
-    return memoryview(storage).cast("B")
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """A read-only view of a contiguous CPU tensor's bytes (valid while the tensor lives)."""
-    return _byte_view(tensor).toreadonly()
-
-
-def writable_bytes(tensor: torch.Tensor) -> memoryview:
-    """A writable view of a contiguous CPU tensor's bytes (valid while the tensor lives)."""
-    return _byte_view(tensor)
-
-
-def expected_bytes(shape: Sequence[int], itemsize: int) -> int:
-    return math.prod(shape) * itemsize
-
-
-def _chunk_crc(piece: memoryview, start: int, total: int, block_crcs: Sequence[int] | None) -> int:
-    """A chunk's CRC-32: its block's, when the chunk is exactly one block (or the tensor's last, shorter one)."""
-    if block_crcs is not None and start % BLOCK_BYTES == 0 and len(piece) == min(BLOCK_BYTES, total - start):
-        return block_crcs[start // BLOCK_BYTES]
-    return crc32(piece)
-
-
-def encode_chunk_at(payload: memoryview, start: int, end: int, block_crcs: Sequence[int] | None = None) -> bytes:
-    """The serialized chunk of ``payload[start:end]``, its CRC reused from ``block_crcs`` when it is one block."""
-    piece = payload[start:end]
-    return encode_chunk(start, piece, _chunk_crc(piece, start, len(payload), block_crcs))
-
-
-def encode_stream(
-    header: pb.Header,
-    payload: memoryview,
-    chunk_bytes: int,
-    *,
-    offset: int = 0,
-    checksum: bytes | Callable[[], bytes] | None = None,
-    block_crcs: Sequence[int] | None = None,
-    ready: Callable[[int], None] | None = None,
-) -> Iterator[pb.InitResponse | bytes]:
-    """Header, chunks of ``chunk_bytes`` from ``offset`` (the last may be shorter), then the trailer.
-
-    Chunks come already serialized (``bytes``, see :mod:`initserve._wire`); header and trailer as messages.
-    ``checksum`` is the whole payload's, or a function that gives it once every chunk was sent (computed
-    here when None); the trailer always carries it, so a stream resumed at ``offset`` verifies the whole
-    tensor. ``block_crcs``, the payload's per-block CRC-32s (:class:`~initserve._checksum.BlockCrcs`), spare
-    recomputing the CRC of a chunk that is one block. ``ready(end)``, for a payload still being generated,
-    returns once bytes ``[0, end)`` are final (and their block CRCs known).
-    """
-    if chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    total = len(payload)
-    if not 0 <= offset <= total:
-        raise ValueError(f"offset {offset} is outside the payload's {total} bytes")
-    yield pb.InitResponse(header=header)
-    for start in range(offset, total, chunk_bytes):
-        end = min(start + chunk_bytes, total)
-        if ready is not None:
-            ready(end)
-        yield encode_chunk_at(payload, start, end, block_crcs)
-    if ready is not None:
-        ready(total)
-    if checksum is None:
-        checksum = tensor_checksum(payload)
-    elif callable(checksum):
-        checksum = checksum()
-    yield pb.InitResponse(trailer=pb.Trailer(checksum=checksum))
-
-
-_CANONICAL_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)  # one encoder: building one costs
-
-
-def header_crc32(header: pb.Header) -> int:
-    """CRC-32 of the header's fields 1-14 and 16-19 in the canonical form the proto documents (Header.crc32)."""
-    device = header.device
-    fields = [
-        list(header.shape),
-        header.dtype,
-        header.total_bytes,
-        header.seed_used,
-        header.seeded,
-        header.torch_version,
-        [device.device, device.name, device.multiprocessor_count, device.capability, device.fingerprint],
-        header.checksum_algorithm,
-        header.chunk_bytes,
-        header.scheme,
-        header.server_version,
-        header.server_id,
-        header.offset,
-        header.cache_hit,
-        header.name,
-        header.base_seed if header.HasField("base_seed") else None,
-        list(header.full_shape),
-        [[part.dim, part.start, part.length] for part in header.slices],
-    ]
-    return crc32(_CANONICAL_JSON.encode(fields).encode("ascii"))
-
-
-def seal_header(header: pb.Header) -> pb.Header:
-    """Set ``header.crc32`` (the server calls this once the header is complete); returns the header."""
-    header.crc32 = header_crc32(header)
-    return header
-
-
 # Header fields that decide the bytes: a resumed stream must agree on all of them with the first.
 _SAME_TENSOR_FIELDS = ("shape", "dtype", "total_bytes", "seed_used", "seeded", "torch_version", "checksum_algorithm")
 
 
 def _check_header(
     header: pb.Header, expected_shape: Sequence[int] | None, expected_dtype: torch.dtype | None
-) -> _dtypes.DTypeEntry:
-    entry = _dtypes.from_wire(header.dtype)
+) -> dtypes.DTypeEntry:
+    entry = dtypes.from_wire(header.dtype)
     if entry is None:
         raise IntegrityError(f"header names dtype {header.dtype}, which this client does not know")
     shape = list(header.shape)
@@ -233,7 +113,7 @@ class StreamAssembler:
 
         Messages may be ``InitResponse`` messages, :class:`ChunkView` (as the client's deserializer makes them),
         serialized bytes (as :func:`encode_stream` yields chunks), or a unary answer's unwrapped parts
-        (``Header``, ``ChunkView``, ``Trailer``: :func:`initserve._wire.decode_unary`).
+        (``Header``, ``ChunkView``, ``Trailer``: :func:`initserve_protocol.wire.decode_unary`).
 
         Errors of the stream's transport propagate unchanged; the bytes before :attr:`received` stay
         verified, so the caller may resume there.
@@ -242,7 +122,7 @@ class StreamAssembler:
         first = next(iterator, None)
         if type(first) is bytes:
             first = decode_response(first)
-        if type(first) is pb.Header:  # a unary answer's parts come unwrapped (initserve._wire.decode_unary)
+        if type(first) is pb.Header:  # a unary answer's parts come unwrapped (initserve_protocol.wire.decode_unary)
             header = first
         elif first is None or type(first) is not pb.InitResponse or first.WhichOneof("part") != "header":
             raise self._broken("stream did not start with a header")
@@ -254,7 +134,7 @@ class StreamAssembler:
         for message in iterator:
             if type(message) is bytes:
                 message = decode_response(message)
-            if type(message) is ChunkView:  # the hot path: decoded by initserve._wire without a copy
+            if type(message) is ChunkView:  # the hot path: decoded by initserve_protocol.wire without a copy
                 self._chunk(message, total)
                 continue
             if type(message) is pb.Trailer:
@@ -300,7 +180,7 @@ class StreamAssembler:
     def _broken(self, message: str) -> IntegrityError:
         return IntegrityError(message, received=self.received, recovery="resume")
 
-    def check_header(self, header: pb.Header) -> _dtypes.DTypeEntry:
+    def check_header(self, header: pb.Header) -> dtypes.DTypeEntry:
         """Raise unless ``header`` is intact (its CRC) and describes the tensor asked for; its dtype entry."""
         crc = header_crc32(header)
         if crc != header.crc32:

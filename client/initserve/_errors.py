@@ -10,24 +10,7 @@ from __future__ import annotations
 import builtins
 from typing import Any
 
-# Trailing-metadata key in which the server names the exception torch raised.
-TORCH_EXCEPTION_KEY = "initserve-torch-exception"
-# Trailing-metadata key in which the server says why it refused, where the status code alone does not:
-# UNARY_TOO_LARGE on INVALID_ARGUMENT means "this tensor is larger than InitUnary answers: use the Init stream".
-REFUSAL_KEY = "initserve-refusal"
-UNARY_TOO_LARGE = "unary-too-large"
-# The only exception types the client re-creates from that key.
-TORCH_EXCEPTION_TYPES: frozenset[str] = frozenset(
-    {
-        "ValueError",
-        "TypeError",
-        "RuntimeError",
-        "NotImplementedError",
-        "ZeroDivisionError",
-        "IndexError",
-        "OverflowError",
-    }
-)
+from initserve_protocol.errors import TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES
 
 
 class InitServeError(Exception):

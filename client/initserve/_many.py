@@ -13,10 +13,10 @@ from initserve._codec import StreamAssembler
 from initserve._errors import InitServeError, IntegrityError
 from initserve._requests import ShapeLike
 from initserve._retry import Attempts, RetryPolicy
-from initserve._schemes import ParamValue
-from initserve._slices import Slice
-from initserve._wire import ChunkView
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.schemes import ParamValue
+from initserve_protocol.slices import Slice
+from initserve_protocol.v1 import initserve_pb2 as pb
+from initserve_protocol.wire import ChunkView
 
 
 @dataclass(frozen=True)

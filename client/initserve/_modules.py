@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from initserve._many import TensorSpec
-from initserve._schemes import SCHEMES, ParamValue
-from initserve._slices import Shard, resolve, shard_bounds, sliced_shape
+from initserve_protocol.schemes import SCHEMES, ParamValue
+from initserve_protocol.slices import Shard, resolve, shard_bounds, sliced_shape
 
 if TYPE_CHECKING:
     from initserve._client import Client

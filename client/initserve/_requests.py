@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from initserve import _dtypes
 from initserve._codec import Allocate, StreamAssembler
-from initserve._schemes import SCHEMES, Scheme
-from initserve._seeds import check_name, check_seed, derive_seed
-from initserve._slices import Slice, resolve, sliced_shape
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol import dtypes
+from initserve_protocol.schemes import SCHEMES, Scheme
+from initserve_protocol.seeds import check_name, check_seed, derive_seed
+from initserve_protocol.slices import Slice, resolve, sliced_shape
+from initserve_protocol.v1 import initserve_pb2 as pb
 
 ShapeLike = int | Sequence[int] | torch.Size
 
@@ -66,7 +66,7 @@ def prepare(
     """The request for one tensor, refused here (as torch would refuse the call) when it cannot be valid."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; use one of: {', '.join(SCHEMES)}")
-    entry = _dtypes.from_torch(dtype)
+    entry = dtypes.from_torch(dtype)
     sizes = _shape(shape)
     request = pb.InitRequest(scheme=scheme, shape=sizes, dtype=entry.wire)  # the rest only where not default
     if params:

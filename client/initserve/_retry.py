@@ -16,7 +16,7 @@ import torch
 
 from initserve._codec import StreamAssembler
 from initserve._errors import DeadlineExceeded, InitServeError, IntegrityError
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
 
 # Status codes after which a new stream may succeed: the server or the connection went away (UNAVAILABLE),
 # the transport broke or a damaged message failed to parse (INTERNAL, UNKNOWN "stream removed"), or a

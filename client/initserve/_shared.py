@@ -28,13 +28,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from initserve._checksum import tensor_checksum
 from initserve._codec import StreamAssembler
 from initserve._errors import FailedPrecondition, InitServeError, IntegrityError
 from initserve._regions import RegionPool, SharedRegion
 from initserve._retry import Attempts, RetryPolicy
-from initserve._wire import UnaryPart
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.checksum import tensor_checksum
+from initserve_protocol.v1 import initserve_pb2 as pb
+from initserve_protocol.wire import UnaryPart
 
 VERIFY_THREADS = 2  # the region's block CRCs are computed in this many threads
 REGISTRATION_TIMEOUT_SECONDS = 10.0  # one registration's round trip, at most (and never past the fetch's deadline)

@@ -11,16 +11,16 @@ from typing import Any
 
 import grpc
 
-from initserve._errors import REFUSAL_KEY, UNARY_TOO_LARGE, FailedPrecondition, from_grpc_error
-from initserve._wire import ChunkView, UnaryPart, decode_many_response, decode_response, decode_unary
-from initserve.v1 import initserve_pb2 as pb
-from initserve.v1 import initserve_pb2_grpc as pb_grpc
+from initserve._errors import FailedPrecondition, from_grpc_error
+from initserve_protocol.errors import REFUSAL_KEY, UNARY_TOO_LARGE
+from initserve_protocol.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2_grpc as pb_grpc
+from initserve_protocol.wire import ChunkView, UnaryPart, decode_many_response, decode_response, decode_unary
 
-# Tensors of at most this many bytes (from the request's offset) are fetched by one InitUnary call: a stream's
+# Tensors of at most MAX_UNARY_BYTES (from the request's offset) are fetched by one InitUnary call: a stream's
 # per-message costs are most of a small tensor's latency. A server whose messages are too small for it says so
 # (INVALID_ARGUMENT marked UNARY_TOO_LARGE; servers before 0.2 said FAILED_PRECONDITION "InitUnary answers at
 # most ...") and the client streams instead.
-UNARY_MAX_BYTES = 1 << 20
 Message = pb.InitResponse | ChunkView | pb.Header | pb.Trailer  # a stream's messages, a unary answer's parts
 _UNARY_REFUSAL = "InitUnary answers at most"
 
@@ -158,7 +158,7 @@ class Transport:
         else:
             self._channel = grpc.secure_channel(self.target, credentials, options=channel_options)
         self._stub = pb_grpc.InitServiceStub(self._channel)
-        # Init's chunks are decoded by hand, without copying their payloads (initserve._wire).
+        # Init's chunks are decoded by hand, without copying their payloads (initserve_protocol.wire).
         self._init = self._channel.unary_stream(
             f"/{SERVICE}/Init",
             request_serializer=pb.InitRequest.SerializeToString,

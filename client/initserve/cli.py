@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from initserve import _dtypes
 from initserve._client import DEFAULT_TARGET, Client, InitResult
 from initserve._errors import InitServeError
 from initserve._many import TensorSpec
-from initserve._slices import Range, Shard, Slice
+from initserve_protocol import dtypes
+from initserve_protocol.slices import Range, Shard, Slice
 
 PROGRESS_MIN_BYTES = 64 << 20  # a progress bar (on stderr) for calls of at least this many bytes
 
@@ -49,10 +49,10 @@ def _value(text: str) -> float | int | str:
 
 
 def _dtype(name: str, where: str) -> torch.dtype:
-    for entry in _dtypes.DTYPES:
+    for entry in dtypes.DTYPES:
         if entry.name == name:
             return entry.torch_dtype
-    raise SpecError(f"{where}: dtype {name!r} is not one of {_dtypes.SUPPORTED_NAMES}")
+    raise SpecError(f"{where}: dtype {name!r} is not one of {dtypes.SUPPORTED_NAMES}")
 
 
 def _slices(items: Sequence[Any], where: str) -> list[Slice]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from initserve._seeds import MAX_NAME_CHARS
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.limits import MAX_UNARY_BYTES
+from initserve_protocol.seeds import MAX_NAME_CHARS
+from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server.cpu_limit import usable_cpus
 from initserve_server.memory_limit import usable_memory_bytes
 
@@ -44,9 +45,8 @@ MAX_CHUNKS_PER_STREAM = 1 << 20
 MAX_REQUEST_BYTES = 4 << 20
 MAX_TENSORS_PER_CALL = 16384  # tensors of one InitMany call
 MAX_STRING_PARAM_CHARS = 64
-# InitUnary answers a tensor of at most this many bytes in one message; room is left for its header and trailer
-# (header_room_bytes).
-MAX_UNARY_BYTES = 1 << 20
+# InitUnary answers a tensor of at most MAX_UNARY_BYTES in one message, less where the room left for its header
+# and trailer (header_room_bytes) needs it.
 # The strings the server itself puts in a header take less than this: a device name (CUDA's is at most 256 bytes)
 # twice, with the fingerprint, a hostname (at most 64) in server_id, two torch versions, the checksum algorithm,
 # the scheme and the server's version; tests/test_config.py checks this server's own.

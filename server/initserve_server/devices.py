@@ -15,8 +15,8 @@ import re
 
 import torch
 
-from initserve._codec import tensor_bytes
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.codec import tensor_bytes
+from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server.initializers import configure_torch
 
 _DEVICE_PATTERN = re.compile(r"cpu|cuda(?::(\d{1,4}))?")

@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from initserve._checksum import CHECKSUM_ALGORITHM
-from initserve._codec import encode_chunk_at, seal_header, tensor_bytes
-from initserve._slices import index
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.checksum import CHECKSUM_ALGORITHM
+from initserve_protocol.codec import encode_chunk_at, seal_header, tensor_bytes
+from initserve_protocol.slices import index
+from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server import __version__, costs, devices
 from initserve_server.answers import AnswerMemo
 from initserve_server.budget import ByteBudget
@@ -165,7 +165,7 @@ class Engine:
 
     def answer(self, spec: InitSpec, is_active: IsActive) -> Iterator[pb.InitResponse | bytes]:
         """One tensor's messages: header, chunks of ``spec.chunk_bytes`` from ``spec.offset`` (serialized, see
-        initserve._wire), trailer. Raises what validation could not know: torch's error, a failed generation,
+        initserve_protocol.wire), trailer. Raises what validation could not know: torch's error, a failed generation,
         production.Abandoned once ``is_active`` turns false."""
         with self._accepted(spec, is_active) as (production, shared):
             yield pb.InitResponse(header=header(spec, shared))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.overrides import TorchFunctionMode
 
-from initserve._schemes import SCHEMES
+from initserve_protocol.schemes import SCHEMES
 from initserve_server.spec import InitSpec
 
 # One intra-op thread: MKL's blocked QR (orthogonal_) gives different bits with different thread counts, and

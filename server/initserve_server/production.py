@@ -23,8 +23,8 @@ from collections.abc import Callable
 
 import torch
 
-from initserve._checksum import BLOCK_BYTES, TensorChecksum
-from initserve._codec import tensor_bytes
+from initserve_protocol.checksum import BLOCK_BYTES, TensorChecksum
+from initserve_protocol.codec import tensor_bytes
 
 WAIT_POLL_SECONDS = 0.1  # how often a waiting stream checks whether its call is still active
 

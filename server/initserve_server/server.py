@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server.allocator import return_large_blocks_to_the_os
 from initserve_server.config import MAX_REQUEST_BYTES, ServerConfig
 from initserve_server.devices import cpu_qr_probe

@@ -22,12 +22,13 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from initserve import _dtypes
-from initserve._checksum import CHECKSUM_ALGORITHM
-from initserve._errors import REFUSAL_KEY, TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES, UNARY_TOO_LARGE
-from initserve._schemes import SCHEMES
-from initserve._wire import encode_unary, serialize_response, tensor_tag
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol import API_VERSION as PROTOCOL_API_VERSION
+from initserve_protocol import dtypes
+from initserve_protocol.checksum import CHECKSUM_ALGORITHM
+from initserve_protocol.errors import REFUSAL_KEY, TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES, UNARY_TOO_LARGE
+from initserve_protocol.schemes import SCHEMES
+from initserve_protocol.v1 import initserve_pb2 as pb
+from initserve_protocol.wire import encode_unary, serialize_response, tensor_tag
 from initserve_server import __version__, devices
 from initserve_server.budget import OverBudget
 from initserve_server.cache import Overloaded
@@ -53,7 +54,7 @@ from initserve_server.shared_memory import (
 from initserve_server.stalls import StallWatch
 from initserve_server.validation import InvalidRequest, OffsetOutOfRange
 
-API_VERSION = "initserve.v1"
+API_VERSION = PROTOCOL_API_VERSION
 MAX_DETAILS_CHARS = 2048  # an error's message: gRPC refuses trailers past its metadata limit (8 KiB by default)
 MAX_LABEL_NAME_CHARS = 64  # how much of a tensor's name an InitMany error repeats
 log = logging.getLogger("initserve.server")
@@ -288,7 +289,7 @@ class InitServicer:
             call.answered(spec.total_bytes, spec.offset, cache_hit)
 
     def InitUnary(self, data: bytes, context: grpc.ServicerContext) -> bytes:
-        """The stream's messages in one serialized InitUnaryResponse (see initserve._wire.encode_unary).
+        """The stream's messages in one serialized InitUnaryResponse (see initserve_protocol.wire.encode_unary).
 
         ``data`` is the request's bytes: a repeat of a request the cache served is answered from the memo."""
         kept = self.engine.answers.get(data)
@@ -404,7 +405,7 @@ def add_to_server(servicer: InitServicer, server: grpc.Server) -> None:
         "Init": grpc.unary_stream_rpc_method_handler(
             servicer.Init,
             request_deserializer=_parser(pb.InitRequest),
-            response_serializer=None,  # Init yields serialized messages (chunks encoded by initserve._wire)
+            response_serializer=None,  # Init yields serialized messages (chunks encoded by initserve_protocol.wire)
         ),
         "InitUnary": grpc.unary_unary_rpc_method_handler(
             servicer.InitUnary,
@@ -414,7 +415,7 @@ def add_to_server(servicer: InitServicer, server: grpc.Server) -> None:
         "InitMany": grpc.unary_stream_rpc_method_handler(
             servicer.InitMany,
             request_deserializer=_parser(pb.InitManyRequest),
-            response_serializer=None,  # InitMany yields serialized messages (initserve._wire.tensor_tag)
+            response_serializer=None,  # InitMany yields serialized messages (initserve_protocol.wire.tensor_tag)
         ),
         "Describe": grpc.unary_unary_rpc_method_handler(
             servicer.Describe,
@@ -453,7 +454,7 @@ def describe(config: ServerConfig) -> pb.ServerInfo:
         torch_version=torch.__version__,
         devices=[devices.device_info(device) for device in devices.available_devices()],
         schemes=schemes,
-        dtypes=[entry.wire for entry in _dtypes.DTYPES],
+        dtypes=[entry.wire for entry in dtypes.DTYPES],
         limits=pb.Limits(
             max_tensor_bytes=config.max_tensor_bytes,
             max_dims=config.max_dims,

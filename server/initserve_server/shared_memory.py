@@ -45,7 +45,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from initserve import _libc
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
 
 log = logging.getLogger("initserve.server.shared_memory")
 

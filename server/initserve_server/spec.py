@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from initserve._dtypes import DTypeEntry
-from initserve._schemes import ParamValue, Scheme
-from initserve._slices import Resolved, sliced_shape
+from initserve_protocol.dtypes import DTypeEntry
+from initserve_protocol.schemes import ParamValue, Scheme
+from initserve_protocol.slices import Resolved, sliced_shape
 
 
 @dataclass(frozen=True)

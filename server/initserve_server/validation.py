@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from initserve import _dtypes
-from initserve._schemes import INFINITE_ALLOWED, PARAM_NAMES, SCHEMES, ParamValue
-from initserve._seeds import MAX_NAME_CHARS, derive_seed
-from initserve._slices import MAX_SLICES, Range, Resolved, Shard, resolve, sliced_shape
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol import dtypes
+from initserve_protocol.schemes import INFINITE_ALLOWED, PARAM_NAMES, SCHEMES, ParamValue
+from initserve_protocol.seeds import MAX_NAME_CHARS, derive_seed
+from initserve_protocol.slices import MAX_SLICES, Range, Resolved, Shard, resolve, sliced_shape
+from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server import devices
 from initserve_server.config import MAX_CHUNKS_PER_STREAM, MAX_STRING_PARAM_CHARS, ServerConfig
 from initserve_server.spec import InitSpec
@@ -29,7 +29,7 @@ def _shown(text: str, limit: int = 64) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def _check_shape(shape: list[int], dtype: _dtypes.DTypeEntry, config: ServerConfig) -> tuple[int, ...]:
+def _check_shape(shape: list[int], dtype: dtypes.DTypeEntry, config: ServerConfig) -> tuple[int, ...]:
     if len(shape) > config.max_dims:
         raise InvalidRequest(f"shape has {len(shape)} dims; the limit is {config.max_dims} (max_dims)")
     for index, size in enumerate(shape):
@@ -116,9 +116,9 @@ def validate_request(request: pb.InitRequest, config: ServerConfig, draw_seed: C
     if request.scheme not in SCHEMES:
         raise InvalidRequest(f"unknown scheme {_shown(request.scheme)}; use one of: {_SCHEME_LIST}")
     scheme = SCHEMES[request.scheme]
-    dtype = _dtypes.from_wire(request.dtype)
+    dtype = dtypes.from_wire(request.dtype)
     if dtype is None:
-        raise InvalidRequest(f"dtype {request.dtype} is not served; use one of: {_dtypes.SUPPORTED_NAMES}")
+        raise InvalidRequest(f"dtype {request.dtype} is not served; use one of: {dtypes.SUPPORTED_NAMES}")
     shape = _check_shape(list(request.shape), dtype, config)
     params = _check_params(scheme.name, request.params)
     try:

@@ -10,7 +10,7 @@ protobuf either way: any protobuf reader parses what this writes, and this parse
 
 from __future__ import annotations
 
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
 
 _CHUNK_TAG = b"\x12"  # InitResponse.chunk: field 2, length-delimited
 _OFFSET_TAG = b"\x08"  # Chunk.offset: field 1, varint

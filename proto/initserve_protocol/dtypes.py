@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from initserve.v1 import initserve_pb2 as pb
+from initserve_protocol.v1 import initserve_pb2 as pb
 
 
 @dataclass(frozen=True)
