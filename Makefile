@@ -48,6 +48,7 @@ soak: install
 # writes docs/bench/bench.json and docs/bench/bench.png. A wrong byte fails it; a missed target does not.
 bench: install
 	$(PY) bench/run.py --json docs/bench/bench.json --plot docs/bench/bench.png
+	$(PY) bench/memory_policy.py --json docs/bench/memory_policy.json
 
 lint: install
 	$(VENV)/bin/ruff check proto client server tests examples bench

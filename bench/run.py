@@ -58,7 +58,10 @@ KAIMING_PARAMS = {"mode": "fan_in", "nonlinearity": "relu"}
 DEFAULT = "default"  # the client variant with no options
 SHARED = "shared_memory"  # Client(shared_memory=True): regions reused through the client's pool
 SHARED_FRESH = "shared_memory_fresh"  # shared_memory_pool_bytes=0: a fresh memfd, registered, for every fetch
-NO_BUFFER_POOL = "buffer_pool_bytes=0"  # every fetch writes a new destination tensor's fresh pages
+NO_BUFFER_POOL = "memory=MemoryPolicy()"  # the default: every fetch writes a new destination tensor's fresh pages
+# The client's memory tricks on (reuse pool, prefault, glibc thresholds), as v1 clients had them by default: the
+# variant every "cached" and "uncached" row measures unless it says otherwise.
+FAST_MEMORY = initserve.MemoryPolicy.fast()
 REUSED = "server_memory_reused"  # uncached fetches from a server whose cache evicts one tensor per generation
 FRESH_SERVER = "fresh_server_memory"  # uncached fetches from a server without --preallocate-bytes: fresh pages
 THROUGHPUT_KINDS = ("ceiling-grpc", "ceiling-grpc-raw", "ceiling-tcp", "cached", "uncached", "local-1", "local-all")
@@ -647,7 +650,9 @@ def run_main_server(report: Report, plan: Plan, seeds: SeedSource, env: dict[str
         client = probe = parallel = unpooled = None
         if needs_service:
             server = stack.enter_context(initserve_server(*plan.serving_flags))
-            client = probe = stack.enter_context(initserve.Client(server.target, timeout=CLIENT_TIMEOUT_SECONDS))
+            client = probe = stack.enter_context(
+                initserve.Client(server.target, timeout=CLIENT_TIMEOUT_SECONDS, memory=FAST_MEMORY)
+            )
             env.update(environment(probe.describe()))
             if "parallel" in sections:
                 parallel = optional_client(
@@ -657,7 +662,7 @@ def run_main_server(report: Report, plan: Plan, seeds: SeedSource, env: dict[str
                 if parallel is not None:
                     stack.callback(parallel.close)
             if "fetch" in sections:
-                unpooled = optional_client(report, NO_BUFFER_POOL, server.target, buffer_pool_bytes=0)
+                unpooled = optional_client(report, NO_BUFFER_POOL, server.target)
                 if unpooled is not None:
                     stack.callback(unpooled.close)
         for size_mib in plan.all_sizes_mib:
@@ -692,7 +697,7 @@ def run_reused_memory(report: Report, plan: Plan, seeds: SeedSource) -> None:
         flags = ("--cache-bytes", f"{size_mib}M", "--max-tensor-bytes", "4G")
         with (
             initserve_server(*flags) as server,
-            initserve.Client(server.target, timeout=CLIENT_TIMEOUT_SECONDS) as client,
+            initserve.Client(server.target, timeout=CLIENT_TIMEOUT_SECONDS, memory=FAST_MEMORY) as client,
         ):
             seed = seeds.take()
             primed = request.fetch(client, seed)
@@ -709,7 +714,7 @@ def run_fresh_server_memory(report: Report, plan: Plan, seeds: SeedSource) -> No
         request = Request("normal", (size_mib * 256, ROW))
         with (
             initserve_server(*plan.unprovisioned_flags) as server,
-            initserve.Client(server.target, timeout=CLIENT_TIMEOUT_SECONDS) as client,
+            initserve.Client(server.target, timeout=CLIENT_TIMEOUT_SECONDS, memory=FAST_MEMORY) as client,
         ):
             measure_uncached(report, plan, client, client, request, size_mib, seeds, FRESH_SERVER, False)
 
@@ -938,7 +943,7 @@ def plot(report: Report, plan: Plan, path: Path) -> None:
             [
                 *ceilings_series,
                 ("cached", "normal", DEFAULT, "initserve cached"),
-                ("cached", "normal", NO_BUFFER_POOL, "initserve cached, fresh destination (buffer_pool_bytes=0)"),
+                ("cached", "normal", NO_BUFFER_POOL, "initserve cached, fresh destination (default MemoryPolicy())"),
                 ("cached", "normal", parallel, f"initserve cached, {parallel}"),
                 ("cached", "normal", SHARED, "initserve cached, shared memory (pooled region)"),
                 ("cached", "normal", SHARED_FRESH, "initserve cached, shared memory (fresh region)"),

@@ -617,7 +617,7 @@ class MemoryFigures:
 
 `initserve-server {" ".join(self.flags)}` (and `--host 127.0.0.1 --port 0`): budgets
 {_mib(self.budgets)} (cache + in flight). {MEMORY_CLIENTS} clients at once for {self.seconds:.0f} s, each going
-through these in turn from its own starting point (`buffer_pool_bytes=0`; a "retry later" is asked again),
+through these in turn from its own starting point (the default memory policy; a "retry later" is asked again),
 each request the largest of its shape that the server admits:
 its tensor and the working memory the cost model counts for it within `--max-inflight-bytes`, its estimated
 work within `--max-work-seconds`. Every result was compared with the local reference by its SHA-256 (the
@@ -704,7 +704,7 @@ def _memory(
         # Each client goes through every request in turn, from its own starting point, and asks again for what it
         # was told to retry later (as a job needing that tensor would).
         turn = index * len(requests) // clients
-        with initserve.Client(server.target, timeout=FETCH_TIMEOUT, buffer_pool_bytes=0) as client:
+        with initserve.Client(server.target, timeout=FETCH_TIMEOUT) as client:
             while not stop.is_set():
                 request = requests[turn % len(requests)]
                 try:

@@ -1,7 +1,8 @@
 """The client's pool of freed tensor memory: a gRPC fetch's new tensor takes the pages of a freed one.
 
 What must hold: the bytes are the contract's whatever memory they land in; memory still reachable from any
-tensor or view is never handed out again; the pool keeps at most ``buffer_pool_bytes`` of free memory.
+tensor or view is never handed out again; the pool keeps at most ``MemoryPolicy.reuse_bytes`` of free memory,
+and there is no pool unless the policy asks for one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 import initserve
 from initserve import _pages
-from initserve._buffers import DEFAULT_POOL_BYTES, MIN_POOLED_BYTES, BufferPool
+from initserve._buffers import MIN_POOLED_BYTES, BufferPool
 from tests.conftest import ServerProcess, reference, same_bytes
 
 MIB = 1 << 20
@@ -115,7 +116,7 @@ def faults_of_this_thread() -> int:
 
 
 def test_a_fetch_writes_the_contract_bytes_into_a_freed_tensor_s_memory(server: ServerProcess) -> None:
-    with server.client() as client:
+    with server.client(memory=initserve.MemoryPolicy.fast()) as client:
         first = client.normal(LARGE, seed=1)
         address = first.data_ptr()
         assert same_bytes(first, reference("normal", LARGE, seed=1))
@@ -127,7 +128,7 @@ def test_a_fetch_writes_the_contract_bytes_into_a_freed_tensor_s_memory(server: 
 
 
 def test_memory_a_view_still_reaches_is_never_handed_out(server: ServerProcess) -> None:
-    with server.client() as client:
+    with server.client(memory=initserve.MemoryPolicy.fast()) as client:
         first = client.normal(LARGE, seed=3)
         expected = first.clone()
         view = first[5:7]
@@ -145,14 +146,14 @@ def test_memory_a_view_still_reaches_is_never_handed_out(server: ServerProcess) 
 def test_fetch_many_and_a_sliced_fetch_take_freed_memory_too(server: ServerProcess) -> None:
     shape = (2 * LARGE[0], 1024)
     spec = initserve.TensorSpec("w", shape, "normal", seed=8, derive=False)
-    with server.client() as client:
+    with server.client(memory=initserve.MemoryPolicy.fast()) as client:
         whole = client.normal(shape, seed=6)
         del whole
         half = client.fetch(shape, "normal", seed=7, slices=[initserve.Range(0, 0, LARGE[0])]).tensor
-        assert client._buffers.free_bytes() == MIN_POOLED_BYTES  # half of whole's pages; the rest stays free
+        assert client._memory.free_bytes() == MIN_POOLED_BYTES  # half of whole's pages; the rest stays free
         assert same_bytes(half, reference("normal", shape, seed=7)[: LARGE[0]])
         results = client.fetch_many([spec])
-        assert client._buffers.free_bytes() == 0  # the rest went into it
+        assert client._memory.free_bytes() == 0  # the rest went into it
         assert same_bytes(results["w"].tensor, reference("normal", shape, seed=8))
         address = results["w"].tensor.data_ptr()
         del results
@@ -162,19 +163,19 @@ def test_fetch_many_and_a_sliced_fetch_take_freed_memory_too(server: ServerProce
 
 
 def test_the_pool_keeps_at_most_its_bytes_and_gives_them_back(server: ServerProcess) -> None:
-    with server.client(buffer_pool_bytes=MIN_POOLED_BYTES) as client:
+    with server.client(memory=initserve.MemoryPolicy(reuse_bytes=MIN_POOLED_BYTES)) as client:
         tensors = [client.normal(LARGE, seed=seed) for seed in range(3)]
         del tensors
-        assert client._buffers.free_bytes() == MIN_POOLED_BYTES  # one of the three fits
+        assert client._memory.free_bytes() == MIN_POOLED_BYTES  # one of the three fits
         assert client.release_memory() == MIN_POOLED_BYTES
-        assert client._buffers.free_bytes() == 0
+        assert client._memory.free_bytes() == 0
 
 
-def test_no_pool_gives_torch_empty_s_tensors(server: ServerProcess) -> None:
-    assert DEFAULT_POOL_BYTES == 1 << 30
-    with pytest.raises(ValueError, match="buffer_pool_bytes must be at least 0, got -1"):
-        initserve.Client(server.target, buffer_pool_bytes=-1)
-    with server.client(buffer_pool_bytes=0) as client:
+def test_by_default_there_is_no_pool_and_fetches_give_torch_empty_s_tensors(server: ServerProcess) -> None:
+    assert initserve.MemoryPolicy.fast().reuse_bytes == 1 << 30
+    with pytest.raises(ValueError, match="reuse_bytes must be at least 0, got -1"):
+        initserve.MemoryPolicy(reuse_bytes=-1)
+    with server.client() as client:
         tensor = client.normal(LARGE, seed=9)
         assert same_bytes(tensor, reference("normal", LARGE, seed=9))
         assert tensor.untyped_storage().resizable()  # torch.empty's storage

@@ -377,7 +377,7 @@ def test_peak_rss_stays_within_the_budget_under_a_concurrent_mix_of_every_heavy_
         stop = time.monotonic() + 8.0
 
         def client_loop(offset: int) -> None:
-            with initserve.Client(running.target, timeout=120, buffer_pool_bytes=0) as client:
+            with initserve.Client(running.target, timeout=120) as client:
                 index = offset
                 while time.monotonic() < stop:
                     scheme, shape, params = MIX[index % len(MIX)]

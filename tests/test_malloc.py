@@ -1,4 +1,5 @@
-"""The client raises glibc's dynamic malloc thresholds once per process: received memory is reused, not faulted in.
+"""MemoryPolicy(malloc_thresholds=True) raises glibc's dynamic malloc thresholds once per process: received memory
+is reused, not faulted in. Off by default: a Client changes nothing process-wide unless asked.
 
 Each check runs in a fresh interpreter, so that nothing this test process did to glibc's thresholds counts.
 """
@@ -82,7 +83,8 @@ FETCH_FAULTS = textwrap.dedent(
     # BDP probing off: a window that grows also faults in new receive memory (up to ~500 a fetch, measured),
     # which is not what this measures.
     options = [("grpc.http2.bdp_probe", 0), ("grpc.use_local_subchannel_pool", 1)]
-    with initserve.Client(sys.argv[1], timeout=60, options=options) as client:
+    memory = initserve.MemoryPolicy(malloc_thresholds=sys.argv[2] == "raise")
+    with initserve.Client(sys.argv[1], timeout=60, options=options, memory=memory) as client:
         faults = []
         for _ in range(10):
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -98,7 +100,7 @@ def test_a_cached_fetch_into_resident_memory_takes_almost_no_page_faults(server:
     """Medians measured per 64 MiB fetch: 2-3 with the thresholds raised; 1,970-3,180 with them left where glibc
     put them (a full run once saw a median of 295 with BDP probing on: faults of a growing window)."""
     pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
-    raised = float(output_of(FETCH_FAULTS, server.target))
-    dynamic = float(output_of(FETCH_FAULTS, server.target, env={_malloc.ENV_SWITCH: "0"}))
+    raised = float(output_of(FETCH_FAULTS, server.target, "raise"))
+    dynamic = float(output_of(FETCH_FAULTS, server.target, "leave"))
     assert raised < pages // 100
     assert dynamic > pages // 16

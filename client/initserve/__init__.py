@@ -28,6 +28,7 @@ from initserve._errors import (
     from_grpc_error,
 )
 from initserve._many import TensorSpec
+from initserve._memory import MemoryPolicy
 from initserve._modules import Rule, Sharding
 from initserve._retry import RetryPolicy
 from initserve_protocol.checksum import CHECKSUM_ALGORITHM, tensor_checksum
@@ -49,6 +50,7 @@ __all__ = [
     "IntegrityError",
     "Internal",
     "InvalidArgument",
+    "MemoryPolicy",
     "OutOfRange",
     "PermissionDenied",
     "Range",

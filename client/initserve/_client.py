@@ -13,9 +13,10 @@ import grpc
 import torch
 from torch import nn
 
-from initserve import _buffers, _malloc, _modules, _regions, _shared
+from initserve import _modules, _regions, _shared
 from initserve._codec import Allocate
 from initserve._many import TensorSpec, fetch_many_resuming
+from initserve._memory import DEFAULT_MEMORY, HostMemory, MemoryPolicy
 from initserve._modules import Rule, Sharding
 from initserve._requests import ShapeLike, prepare
 from initserve._retry import RetryPolicy, fetch_resuming
@@ -114,12 +115,11 @@ class Client:
             fetches into ``out=``) are kept, registered, for the next fetch of the same byte size, up to this
             many bytes, least recently used evicted; a reused region has no page faults and no registration to
             pay (see docs/performance.md). 0 keeps none. They go at :meth:`close` and with the process.
-        buffer_pool_bytes: new tensors of 8 MiB or more that gRPC fetches return are made over memory that
-            freed ones left (the tensor and every view of it freed, e.g. after ``.to("cuda")``): a free buffer
-            of the same byte size, else the pages of free ones of other sizes, moved into the new tensor. Up to
-            this many bytes are kept, least recently used evicted; reused pages have no page faults to pay (see
-            docs/performance.md). Such a tensor's storage cannot be resized. 0 keeps none
-            (plain ``torch.empty``). :meth:`release_memory` gives the kept memory back.
+        memory: how the tensors gRPC fetches return get their host memory (:class:`MemoryPolicy`). The default
+            is plain ``torch.empty``, nothing kept and nothing process-wide; ``MemoryPolicy.fast()`` turns on
+            the reuse pool (freed tensors' memory kept for the next fetch, ``reuse_bytes`` of it), prefaulting
+            and glibc's malloc thresholds, which make repeated large fetches faster where page faults are dear
+            (see docs/performance.md). :meth:`release_memory` gives the kept memory back.
     """
 
     def __init__(
@@ -141,15 +141,10 @@ class Client:
         unary_max_bytes: int = MAX_UNARY_BYTES,
         shared_memory: bool | str | os.PathLike = False,
         shared_memory_pool_bytes: int = _regions.DEFAULT_POOL_BYTES,
-        buffer_pool_bytes: int = _buffers.DEFAULT_POOL_BYTES,
+        memory: MemoryPolicy = DEFAULT_MEMORY,
     ) -> None:
         if shared_memory_pool_bytes < 0:
             raise ValueError(f"shared_memory_pool_bytes must be at least 0, got {shared_memory_pool_bytes}")
-        if buffer_pool_bytes < 0:
-            raise ValueError(f"buffer_pool_bytes must be at least 0, got {buffer_pool_bytes}")
-        self._buffers = (
-            _buffers.BufferPool(lambda: buffer_pool_bytes, make_room_on_miss=True) if buffer_pool_bytes else None
-        )
         if not 0 <= unary_max_bytes <= MAX_UNARY_BYTES:
             raise ValueError(f"unary_max_bytes must be in 0..{MAX_UNARY_BYTES}, got {unary_max_bytes}")
         self.unary_max_bytes = unary_max_bytes
@@ -170,7 +165,7 @@ class Client:
             )
         if tls_server_name is not None:
             options = [*options, ("grpc.ssl_target_name_override", tls_server_name)]
-        _malloc.raise_thresholds()  # once per process: gRPC's receive memory reused, not faulted in again
+        self._memory = HostMemory(memory)
         self._transport = Transport(
             target,
             credentials=credentials,
@@ -198,22 +193,20 @@ class Client:
         self._transport.close()
         if self._shared is not None:
             self._shared.close()
-        if self._buffers is not None:
-            self._buffers.close()
+        self._memory.close()
 
     def release_memory(self) -> int:
-        """Give back the memory kept for reuse (``buffer_pool_bytes``, ``shared_memory_pool_bytes``) now, as
+        """Give back the memory kept for reuse (``memory.reuse_bytes``, ``shared_memory_pool_bytes``) now, as
         ``torch.cuda.empty_cache()`` does for CUDA's; the pools stay on. Returns the bytes released."""
         released = 0
-        if self._buffers is not None:
-            released += self._buffers.release()
+        released += self._memory.release()
         if self._shared is not None:
             released += self._shared.release_memory()
         return released
 
     @property
-    def _allocate(self) -> Allocate | None:
-        return self._buffers.allocate if self._buffers is not None else None
+    def _allocate(self) -> Allocate:
+        return self._memory.allocate
 
     def describe(self, *, timeout: float | None = None) -> pb.ServerInfo:
         """The server's versions, devices, schemes with their parameters and defaults, and limits."""

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from initserve._errors import IntegrityError
-from initserve._prefault import prefault_async
 from initserve_protocol import dtypes
 from initserve_protocol.checksum import CHECKSUM_ALGORITHM, TensorChecksum, crc32
 from initserve_protocol.codec import expected_bytes, header_crc32, writable_bytes
@@ -22,11 +21,11 @@ from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_protocol.wire import ChunkView, decode_response
 
 Response = pb.InitResponse | ChunkView | bytes | pb.Header | pb.Trailer  # see StreamAssembler.consume
-Allocate = Callable[[tuple[int, ...], torch.dtype], tuple[torch.Tensor, bool]]  # see StreamAssembler
+Allocate = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # see StreamAssembler
 
 
-def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-    return torch.empty(shape, dtype=dtype), False  # fresh pages: not resident until written
+def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
 
 
 # Header fields that decide the bytes: a resumed stream must agree on all of them with the first.
@@ -75,7 +74,7 @@ class StreamAssembler:
     when the request gave one, seed (``expected_seed``, as sent: 0 <= seed < 2**64).
     ``out``, when given, must be a contiguous CPU tensor of the header's shape and dtype; the bytes are
     written straight into it. Otherwise one tensor is allocated when the first header arrives, by
-    ``allocate(shape, dtype) -> (tensor, reused)`` when given (reused: its pages are resident already).
+    ``allocate(shape, dtype) -> tensor`` when given (the client's memory policy), else ``torch.empty``.
     ``progress(received, total)`` is called after every chunk.
     """
 
@@ -192,14 +191,11 @@ class StreamAssembler:
         entry = self.check_header(header)
         if self.header is None:
             shape = tuple(header.shape)
-            resident = False
             if self.tensor is None:
-                self.tensor, resident = self._allocate(shape, entry.torch_dtype)
+                self.tensor = self._allocate(shape, entry.torch_dtype)
             elif tuple(self.tensor.shape) != shape or self.tensor.dtype != entry.torch_dtype:
                 raise IntegrityError(f"header describes {list(shape)} {entry.name}, not the destination's layout")
             self._destination = writable_bytes(self.tensor)
-            if not resident:
-                prefault_async(self.tensor)  # its fresh pages, faulted in on another core ahead of the chunks
             self.header = header
         else:
             differs = _same_tensor(self.header, header)

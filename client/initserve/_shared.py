@@ -235,7 +235,7 @@ class SharedMemory:
         self._connection: Connection | None = None
         self._lock = threading.Lock()
         self._retry_at = 0.0
-        _TRANSPORTS.add(self)
+        _track(self)
 
     @property
     def enabled(self) -> bool:
@@ -401,14 +401,22 @@ class SharedMemory:
             self._drop_connection()
 
 
-# Every live transport, for the fork hook: os.register_at_fork cannot unregister, so the hook is registered once
-# and finds them here (as _reuse does for its pools).
+# Every live transport, for the fork hook: os.register_at_fork cannot unregister, so the hook is registered once,
+# with the first transport (never on import), and finds them here (as _reuse does for its pools).
 _TRANSPORTS: weakref.WeakSet[SharedMemory] = weakref.WeakSet()
+_hooked = False
+_hook_lock = threading.Lock()
+
+
+def _track(transport: SharedMemory) -> None:
+    global _hooked
+    with _hook_lock:
+        if not _hooked:
+            os.register_at_fork(after_in_child=_after_fork_in_child)
+            _hooked = True
+        _TRANSPORTS.add(transport)
 
 
 def _after_fork_in_child() -> None:
     for transport in list(_TRANSPORTS):
         transport._after_fork_in_child()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

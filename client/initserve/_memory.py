@@ -1,0 +1,82 @@
+"""How a client gets the host memory its fetches write: plain ``torch.empty`` unless the user asks for more.
+
+By default a fetched tensor is ``torch.empty``'s, nothing is kept after it is freed and nothing process-wide
+changes. :class:`MemoryPolicy` turns on, one by one, the Linux tricks that make repeated large fetches faster
+where page faults are dear (docs/performance.md measures what each buys, and where):
+
+- ``reuse_bytes``: large tensors (8 MiB or more) are made over mappings that, once the tensor is freed, wait
+  for the next tensor (``_buffers``); up to this many free bytes are kept per client. Such a tensor's storage
+  cannot be resized.
+- ``prefault``: a large fresh destination's pages are made resident by another thread ahead of the chunks
+  (``_prefault``).
+- ``malloc_thresholds``: glibc's dynamic malloc thresholds are raised once for the whole process, so the memory
+  gRPC receives into is reused rather than faulted in again (``_malloc``). Process-wide: it changes how every
+  later allocation of the process is served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from initserve import _buffers, _malloc
+from initserve._prefault import prefault_async
+
+FAST_REUSE_BYTES = 1 << 30  # MemoryPolicy.fast(): the pool size v1 clients had by default
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """Which host-memory tricks a :class:`~initserve.Client` uses; all off by default."""
+
+    reuse_bytes: int = 0
+    prefault: bool = False
+    malloc_thresholds: bool = False
+
+    def __post_init__(self) -> None:
+        if self.reuse_bytes < 0:
+            raise ValueError(f"reuse_bytes must be at least 0, got {self.reuse_bytes}")
+
+    @classmethod
+    def fast(cls, reuse_bytes: int = FAST_REUSE_BYTES) -> MemoryPolicy:
+        """Every trick on (what v1 clients did by default): for a process that fetches large tensors again and
+        again, on Linux with glibc, and can spare ``reuse_bytes`` of memory."""
+        return cls(reuse_bytes=reuse_bytes, prefault=True, malloc_thresholds=True)
+
+
+DEFAULT_MEMORY = MemoryPolicy()
+
+
+class HostMemory:
+    """One client's allocator under its policy: makes the tensors its fetches write."""
+
+    def __init__(self, policy: MemoryPolicy) -> None:
+        self.policy = policy
+        self._pool = (
+            _buffers.BufferPool(lambda: policy.reuse_bytes, make_room_on_miss=True) if policy.reuse_bytes else None
+        )
+        if policy.malloc_thresholds:
+            _malloc.raise_thresholds()
+
+    def allocate(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        if self._pool is not None:
+            tensor, resident = self._pool.allocate(shape, dtype)
+        else:
+            tensor, resident = torch.empty(tuple(shape), dtype=dtype), False
+        if self.policy.prefault and not resident:
+            prefault_async(tensor)  # its fresh pages, faulted in on another core ahead of the chunks
+        return tensor
+
+    def free_bytes(self) -> int:
+        """Bytes of freed tensors' memory kept for reuse."""
+        return self._pool.free_bytes() if self._pool is not None else 0
+
+    def release(self) -> int:
+        """Give back the memory kept for reuse now; returns the bytes released."""
+        return self._pool.release() if self._pool is not None else 0
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
