@@ -66,7 +66,13 @@ import initserve
 from initserve._regions import SharedRegion
 from initserve._shared import Connection
 from initserve_protocol.codec import header_crc32
-from initserve_protocol.errors import REFUSAL_KEY, TORCH_EXCEPTION_TYPES, UNARY_TOO_LARGE
+from initserve_protocol.errors import (
+    NO_SUCH_REGION,
+    REFUSAL_KEY,
+    SHARED_MEMORY_OFF,
+    TORCH_EXCEPTION_TYPES,
+    UNARY_TOO_LARGE,
+)
 from initserve_protocol.schemes import PARAM_NAMES, SCHEMES
 from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_protocol.wire import decode_unary
@@ -741,7 +747,16 @@ def check_refusal(request: pb.InitRequest, error: grpc.RpcError, method: str, al
     note(f"{method}: {code.name}")
     assert code in allowed, (code, details, request)
     assert details
-    if REFUSAL_KEY in metadata:
+    if metadata.get(REFUSAL_KEY) in (SHARED_MEMORY_OFF, NO_SUCH_REGION):
+        # The same-host refusals: FAILED_PRECONDITION on an InitUnary that asked for shared memory (below).
+        assert (method, code) == ("InitUnary", grpc.StatusCode.FAILED_PRECONDITION), (details, metadata)
+        prefix = (
+            "this server does not write shared memory by name"
+            if metadata[REFUSAL_KEY] == SHARED_MEMORY_OFF
+            else ("no shared-memory region")
+        )
+        assert details.startswith(prefix), (details, metadata)
+    elif REFUSAL_KEY in metadata:
         assert (metadata[REFUSAL_KEY], method, code) == (UNARY_TOO_LARGE, "InitUnary", INVALID), (details, metadata)
         too_large = re.fullmatch(
             rf"InitUnary answers at most {MAX_UNARY_BYTES} bytes \(max_unary_bytes\); this request is (\d+) bytes "
@@ -757,7 +772,7 @@ def check_refusal(request: pb.InitRequest, error: grpc.RpcError, method: str, al
             or (method == "InitUnary" and uses_shared_memory(request))
         ), details
         if not request.device.startswith("cuda") and not request.require_device_fingerprint:
-            assert details.startswith(("this server does not write shared memory by name", "no shared-memory region"))
+            assert metadata.get(REFUSAL_KEY) in (SHARED_MEMORY_OFF, NO_SUCH_REGION), (details, metadata)
     if code == grpc.StatusCode.OUT_OF_RANGE:
         assert request.offset > 0
         assert details.startswith(f"offset {request.offset} is past the tensor's end")

@@ -193,6 +193,8 @@ def test_init_unary_answers_the_streams_bytes_in_one_message(server) -> None:
             unary(unary_request((513, 512)), timeout=30)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert ("initserve-refusal", "unary-too-large") in raised.value.trailing_metadata()
+        mapped = initserve.from_grpc_error(raised.value)  # what the SDK raises: the reason kept, machine-readable
+        assert isinstance(mapped, initserve.InvalidArgument) and mapped.refusal == "unary-too-large"
         assert raised.value.details() == (
             f"InitUnary answers at most {limit} bytes (max_unary_bytes); this request is {513 * 512 * 4} bytes "
             "from its offset: use Init, which streams"

@@ -47,6 +47,11 @@ _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
 _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
 
 
+def refusal_of(error: grpc.RpcError) -> str | None:
+    """The server's machine-readable reason (trailing metadata initserve-refusal), as a client acts on it."""
+    return dict(error.trailing_metadata() or ()).get("initserve-refusal")
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
     """fallocate(2): 0, or the errno."""
     return 0 if _fallocate(fd, mode, offset, length) == 0 else ctypes.get_errno()
@@ -638,6 +643,7 @@ def test_names_and_planted_links_are_never_opened(shm_server, server, tmp_path) 
                 error = unary_error(target.target, request)
                 assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
                 assert error.details().startswith("this server does not write shared memory by name")
+                assert refusal_of(error) == "shared-memory-off"
         request = pb.InitRequest(scheme="constant", shape=[4, 4], params=pb.InitParams(val=1234.5))
         for malformed in (*names, victim, "../../etc/passwd", token.upper(), token + "0", "region-" + "0" * 31):
             request.shared_memory_region = malformed
@@ -648,9 +654,11 @@ def test_names_and_planted_links_are_never_opened(shm_server, server, tmp_path) 
         error = unary_error(shm_server.target, request)
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert error.details().startswith(f"no shared-memory region {token} on this server")
+        assert refusal_of(error) == "no-such-region"
         off = unary_error(server.target, request)
         assert off.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert off.details() == "this server does not write shared memory (start it with --shared-memory-socket)"
+        assert refusal_of(off) == "shared-memory-off"
         with (
             initserve.Client(shm_server.target) as client,
             pytest.raises(
@@ -715,6 +723,7 @@ def test_the_registration_socket_survives_hostile_peers(shm_server) -> None:
                 refused = reply(late)
                 assert refused is not None and refused.closed
                 assert refused.error.startswith("too many connections: the server has 64 (max_connections)")
+                assert refused.refusal == "too-many-connections"
         finally:
             for sock in flood:
                 sock.close()
@@ -744,7 +753,7 @@ def test_a_connection_s_region_limits_are_named_and_a_client_makes_room(shm_serv
         assert all(tokens) and len(set(tokens)) == limit
         refused = fresh_token(sock)
         assert refused.error == f"this connection holds {limit} regions, the most one may (max_connection_regions)"
-        assert not refused.closed
+        assert refused.refusal == "connection-limit" and not refused.closed
         release(sock, *tokens[:64])
         assert fresh_token(sock).region  # room again
         used = memfd(4096)
@@ -780,15 +789,20 @@ def test_region_limits_and_leases_in_process() -> None:
         first = table.register(1, small[0], 4096)
         with pytest.raises(
             shared_memory.RegionRefused, match=r"4096 bytes of regions; 8192 more .*\(max_connection_bytes\)$"
-        ):
+        ) as refused:
             table.register(1, big, 8192)
+        assert refused.value.refusal == "connection-limit"
         table.register(1, small[1], 4096)
-        with pytest.raises(shared_memory.RegionRefused, match=r"holds 2 regions, .*\(max_connection_regions\)$"):
+        with pytest.raises(
+            shared_memory.RegionRefused, match=r"holds 2 regions, .*\(max_connection_regions\)$"
+        ) as refused:
             table.register(1, small[2], 4096)
+        assert refused.value.refusal == "connection-limit"
         region = mmap.mmap(small[2], 4096)  # the client's mapping, made before the server's seal
         held = table.register(2, small[2], 4096)
-        with pytest.raises(shared_memory.RegionRefused, match=r"the server holds 3 regions, .*\(max_regions\)$"):
+        with pytest.raises(shared_memory.RegionRefused, match=r"the server holds 3 regions, .*\(max_regions\)$") as no:
             table.register(3, small[3], 4096)
+        assert no.value.refusal == ""  # the server's limit: nothing for this client to release
         table.release(2, first)  # not owner 2's: ignored
         table.release(1, first)
         with pytest.raises(

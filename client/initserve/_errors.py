@@ -10,19 +10,23 @@ from __future__ import annotations
 import builtins
 from typing import Any
 
-from initserve_protocol.errors import TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES
+from initserve_protocol.errors import REFUSAL_KEY, TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES
 
 
 class InitServeError(Exception):
     """Base of every error the SDK raises for a failed call; ``code`` is the gRPC status code name."""
 
     code: str | None = None
+    # Why the server refused, machine-readable (trailing metadata initserve_protocol.errors.REFUSAL_KEY), where
+    # the code alone does not decide what to do next; None when it said nothing more.
+    refusal: str | None = None
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, refusal: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        self.refusal = refusal
 
 
 class InvalidArgument(InitServeError, ValueError):
@@ -118,10 +122,10 @@ _BY_CODE: dict[str, type[InitServeError]] = {
 }
 
 
-def _torch_exception_name(rpc_error: Any) -> str | None:
+def _trailing(rpc_error: Any, wanted: str) -> str | None:
     trailing = rpc_error.trailing_metadata() if hasattr(rpc_error, "trailing_metadata") else None
     for key, value in trailing or ():
-        if key == TORCH_EXCEPTION_KEY and value in TORCH_EXCEPTION_TYPES:
+        if key == wanted and isinstance(value, str):
             return value
     return None
 
@@ -132,8 +136,8 @@ def from_grpc_error(rpc_error: Any) -> Exception:
     code_name = getattr(code, "name", str(code))
     message = rpc_error.details() or code_name
     if code_name == "INVALID_ARGUMENT":
-        torch_exception = _torch_exception_name(rpc_error)
-        if torch_exception is not None:
+        torch_exception = _trailing(rpc_error, TORCH_EXCEPTION_KEY)
+        if torch_exception in TORCH_EXCEPTION_TYPES:
             return getattr(builtins, torch_exception)(message)
     cls = _BY_CODE.get(code_name, InitServeError)
-    return cls(message, code=code_name)
+    return cls(message, code=code_name, refusal=_trailing(rpc_error, REFUSAL_KEY))

@@ -33,6 +33,7 @@ from initserve._errors import FailedPrecondition, InitServeError, IntegrityError
 from initserve._regions import RegionPool, SharedRegion
 from initserve._retry import Attempts, RetryPolicy
 from initserve_protocol.checksum import tensor_checksum
+from initserve_protocol.errors import CONNECTION_LIMIT, NO_SUCH_REGION, SHARED_MEMORY_OFF, TOO_MANY_CONNECTIONS
 from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_protocol.wire import UnaryPart
 
@@ -41,13 +42,6 @@ REGISTRATION_TIMEOUT_SECONDS = 10.0  # one registration's round trip, at most (a
 RECONNECT_SECONDS = 5.0  # after "too many connections", shared memory is tried again this much later
 MAX_REPLY_BYTES = 4096  # a RegionReply: a token, a server id, an error of at most 1024 characters
 RELEASES_PER_PACKET = 64  # tokens released in one packet (the server's limit)
-# How a server says it writes no shared memory for this client (off, or an old client's name): use gRPC from now on.
-_OFF = "this server does not write shared memory"
-# How it says it holds no region by that token (another replica, or the connection is gone): gRPC for this fetch.
-_NO_REGION = "no shared-memory region"
-_TOO_MANY_CONNECTIONS = "too many connections"
-# Registrations refused for this connection's limits: its lent regions' registrations are dropped, then one retry.
-_CONNECTION_LIMITS = ("(max_connection_regions)", "(max_connection_bytes)")
 # memfd_create or its seals refused outright (an old kernel, a seccomp filter): off for good.
 _NO_MEMFDS = (errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP)
 UNAVAILABLE, NOT_NOW = "unavailable", "not now"  # why SharedMemory.fetch gave up: for good, or for this fetch
@@ -307,7 +301,8 @@ class SharedMemory:
         """Register ``region`` on ``connection``: "" when done, else why not (UNAVAILABLE, NOT_NOW)."""
         try:
             reply = connection.register(region, timeout)
-            if reply.error and reply.error.endswith(_CONNECTION_LIMITS) and self._forget_lent(connection):
+            # This connection's limits: its lent regions' registrations are dropped, then one retry.
+            if reply.refusal == CONNECTION_LIMIT and self._forget_lent(connection):
                 reply = connection.register(region, timeout)
         except ConnectionLost:
             with self._lock:
@@ -316,7 +311,7 @@ class SharedMemory:
         if reply.closed:  # a refused UID, too many connections, a protocol error
             with self._lock:
                 self._drop_connection()
-            if reply.error.startswith(_TOO_MANY_CONNECTIONS):
+            if reply.refusal == TOO_MANY_CONNECTIONS:
                 self._retry_at = time.monotonic() + RECONNECT_SECONDS
                 return NOT_NOW
             return self._off(f"the shared-memory socket {connection.path} refused this client: {reply.error}")
@@ -372,13 +367,13 @@ class SharedMemory:
                 tensor, header = receive(self.pool, region, messages, assembler, shape, dtype)
                 return tensor, header, attempts.count
             except BaseException as error:
-                if isinstance(error, FailedPrecondition) and str(error).startswith(_NO_REGION):
+                if isinstance(error, FailedPrecondition) and error.refusal == NO_SUCH_REGION:
                     # Nothing was written. Another replica answered (the region stays good), or the server lost
                     # this connection: the next fetch finds out.
                     self.pool.give(region)
                     return NOT_NOW
                 self.pool.discard(region)  # the server may still be writing into it
-                if isinstance(error, FailedPrecondition) and str(error).startswith(_OFF):
+                if isinstance(error, FailedPrecondition) and error.refusal == SHARED_MEMORY_OFF:
                     return self._off(str(error))
                 if not isinstance(error, InitServeError):
                     raise

@@ -19,17 +19,15 @@ from initserve_protocol.wire import ChunkView, UnaryPart, decode_many_response, 
 
 # Tensors of at most MAX_UNARY_BYTES (from the request's offset) are fetched by one InitUnary call: a stream's
 # per-message costs are most of a small tensor's latency. A server whose messages are too small for it says so
-# (INVALID_ARGUMENT marked UNARY_TOO_LARGE; servers before 0.2 said FAILED_PRECONDITION "InitUnary answers at
-# most ...") and the client streams instead.
+# (INVALID_ARGUMENT with refusal UNARY_TOO_LARGE) and the client streams instead.
 Message = pb.InitResponse | ChunkView | pb.Header | pb.Trailer  # a stream's messages, a unary answer's parts
-_UNARY_REFUSAL = "InitUnary answers at most"
 
 
 def _unary_too_large(error: grpc.RpcError) -> bool:
     """Whether the server refused an InitUnary call for its size (the caller then streams)."""
-    if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-        return (REFUSAL_KEY, UNARY_TOO_LARGE) in tuple(error.trailing_metadata() or ())
-    return error.code() == grpc.StatusCode.FAILED_PRECONDITION and (error.details() or "").startswith(_UNARY_REFUSAL)
+    return error.code() == grpc.StatusCode.INVALID_ARGUMENT and (REFUSAL_KEY, UNARY_TOO_LARGE) in tuple(
+        error.trailing_metadata() or ()
+    )
 
 
 # Large enough for any chunk a server sends (its limit defaults to 4 MiB); requests themselves are tiny.

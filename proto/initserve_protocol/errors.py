@@ -8,10 +8,21 @@ from __future__ import annotations
 
 # Trailing-metadata key in which the server names the exception torch raised.
 TORCH_EXCEPTION_KEY = "initserve-torch-exception"
-# Trailing-metadata key in which the server says why it refused, where the status code alone does not:
-# UNARY_TOO_LARGE on INVALID_ARGUMENT means "this tensor is larger than InitUnary answers: use the Init stream".
+# Trailing-metadata key in which the server says why it refused, where the status code alone does not decide
+# what a client does next; RegionReply.refusal carries the same kind of value on the shared-memory socket.
 REFUSAL_KEY = "initserve-refusal"
+# INVALID_ARGUMENT on InitUnary: the tensor is larger than InitUnary answers; use the Init stream.
 UNARY_TOO_LARGE = "unary-too-large"
+# FAILED_PRECONDITION: this server writes no shared memory (no --shared-memory-socket, or asked by name); fetch
+# over gRPC from now on.
+SHARED_MEMORY_OFF = "shared-memory-off"
+# FAILED_PRECONDITION: no such region on this server (released, its connection closed, another replica's);
+# nothing was written; fetch over gRPC this time.
+NO_SUCH_REGION = "no-such-region"
+# RegionReply (closed): the socket has as many connections as it may; try again later.
+TOO_MANY_CONNECTIONS = "too-many-connections"
+# RegionReply: this connection holds as many regions or bytes as one may; release some, then register again.
+CONNECTION_LIMIT = "connection-limit"
 # The only exception types the client re-creates from that key.
 TORCH_EXCEPTION_TYPES: frozenset[str] = frozenset(
     {

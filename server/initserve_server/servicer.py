@@ -106,7 +106,9 @@ def status_of(error: BaseException) -> Status:
         return grpc.StatusCode.INVALID_ARGUMENT, str(error), ((REFUSAL_KEY, UNARY_TOO_LARGE),)
     if isinstance(error, (InvalidRequest, SharedMemoryInvalid)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error), ()
-    if isinstance(error, (devices.DeviceUnavailable, SharedMemoryUnavailable)):
+    if isinstance(error, SharedMemoryUnavailable):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(error), ((REFUSAL_KEY, error.refusal),)
+    if isinstance(error, devices.DeviceUnavailable):
         return grpc.StatusCode.FAILED_PRECONDITION, str(error), ()
     if _is_out_of_memory(error):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory generating the tensor: {error}", ()

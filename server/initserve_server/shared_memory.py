@@ -45,6 +45,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from initserve import _libc
+from initserve_protocol.errors import CONNECTION_LIMIT, NO_SUCH_REGION, SHARED_MEMORY_OFF, TOO_MANY_CONNECTIONS
 from initserve_protocol.v1 import initserve_pb2 as pb
 
 log = logging.getLogger("initserve.server.shared_memory")
@@ -87,7 +88,11 @@ _memory_view = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssi
 
 class SharedMemoryUnavailable(Exception):
     """FAILED_PRECONDITION: this server does not write shared memory (off, or asked by name), or holds no such
-    region (the client fetches over gRPC)."""
+    region (the client fetches over gRPC); ``refusal`` says which (errors.SHARED_MEMORY_OFF, NO_SUCH_REGION)."""
+
+    def __init__(self, message: str, refusal: str) -> None:
+        super().__init__(message)
+        self.refusal = refusal
 
 
 class SharedMemoryInvalid(ValueError):
@@ -95,7 +100,12 @@ class SharedMemoryInvalid(ValueError):
 
 
 class RegionRefused(Exception):
-    """A registration (or a connection) the server refuses; the message is the RegionReply's ``error``."""
+    """A registration (or a connection) the server refuses; the message is the RegionReply's ``error``, and
+    ``refusal`` its ``refusal`` where a client acts on it (errors.CONNECTION_LIMIT)."""
+
+    def __init__(self, message: str, refusal: str = "") -> None:
+        super().__init__(message)
+        self.refusal = refusal
 
 
 class ProtocolViolation(Exception):
@@ -315,12 +325,14 @@ class RegionTable:
             held = self._owners.setdefault(owner, _Owner())
             if held.regions >= limits.max_connection_regions:
                 raise RegionRefused(
-                    f"this connection holds {held.regions} regions, the most one may (max_connection_regions)"
+                    f"this connection holds {held.regions} regions, the most one may (max_connection_regions)",
+                    CONNECTION_LIMIT,
                 )
             if held.bytes + size > limits.max_connection_bytes:
                 raise RegionRefused(
                     f"this connection holds {held.bytes} bytes of regions; {size} more would pass "
-                    f"{limits.max_connection_bytes} (max_connection_bytes)"
+                    f"{limits.max_connection_bytes} (max_connection_bytes)",
+                    CONNECTION_LIMIT,
                 )
             if len(self._regions) >= limits.max_regions:
                 raise RegionRefused(f"the server holds {len(self._regions)} regions, the most it may (max_regions)")
@@ -371,7 +383,8 @@ class RegionTable:
             if region is None:
                 raise SharedMemoryUnavailable(
                     f"no shared-memory region {token} on this server: released, its connection closed, or "
-                    "registered with another server; fetch over gRPC"
+                    "registered with another server; fetch over gRPC",
+                    NO_SUCH_REGION,
                 )
             if region.nbytes != nbytes:
                 raise SharedMemoryInvalid(
@@ -421,15 +434,17 @@ class RegionTable:
 def open_lease(server: SharedMemoryServer | None, by_name: str, token: str, nbytes: int) -> RegionLease:
     """The lease an InitUnary request asks for: ``by_name`` is the deprecated InitRequest.shared_memory (never
     opened), ``token`` InitRequest.shared_memory_region. FAILED_PRECONDITION and INVALID_ARGUMENT as
-    SharedMemoryUnavailable and SharedMemoryInvalid; every message old clients fall back on starts with "this
-    server does not write shared memory"."""
+    SharedMemoryUnavailable and SharedMemoryInvalid, the former with its refusal for the client to act on."""
     if by_name:
         raise SharedMemoryUnavailable(
             "this server does not write shared memory by name (InitRequest.shared_memory is deprecated): register "
-            "a sealed memfd on its socket (ServerInfo.shared_memory_socket) and send InitRequest.shared_memory_region"
+            "a sealed memfd on its socket (ServerInfo.shared_memory_socket) and send InitRequest.shared_memory_region",
+            SHARED_MEMORY_OFF,
         )
     if server is None:
-        raise SharedMemoryUnavailable("this server does not write shared memory (start it with --shared-memory-socket)")
+        raise SharedMemoryUnavailable(
+            "this server does not write shared memory (start it with --shared-memory-socket)", SHARED_MEMORY_OFF
+        )
     return server.table.lease(token, nbytes)
 
 
@@ -479,8 +494,10 @@ def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-def _reply(region: str = "", server_id: str = "", error: str = "", closed: bool = False) -> bytes:
-    reply = pb.RegionReply(region=region, server_id=server_id, error=error[:MAX_ERROR_CHARS], closed=closed)
+def _reply(region: str = "", server_id: str = "", error: str = "", closed: bool = False, refusal: str = "") -> bytes:
+    reply = pb.RegionReply(
+        region=region, server_id=server_id, error=error[:MAX_ERROR_CHARS], closed=closed, refusal=refusal
+    )
     return reply.SerializeToString()
 
 
@@ -620,6 +637,7 @@ class SharedMemoryServer:
                     sock,
                     f"too many connections: the server has {len(self._connections)} "
                     f"(max_connections); try again later or fetch over gRPC",
+                    TOO_MANY_CONNECTIONS,
                 )
                 continue
             self._next_owner += 1
@@ -627,10 +645,11 @@ class SharedMemoryServer:
             self._connections[owner] = _Connection(sock, uid, pid)
             self._selector.register(sock, selectors.EVENT_READ, owner)
 
-    def _refuse(self, sock: socket.socket, error: str) -> None:
+    def _refuse(self, sock: socket.socket, error: str, refusal: str = "") -> None:
         with contextlib.suppress(OSError):
             sock.send(
-                _reply(server_id=self.server_id, error=error, closed=True), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+                _reply(server_id=self.server_id, error=error, closed=True, refusal=refusal),
+                socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL,
             )
         sock.close()
 
@@ -667,7 +686,7 @@ class SharedMemoryServer:
             try:
                 token = self.table.register(owner, fds[0], request.register.size)
             except RegionRefused as refused:
-                self._send(owner, _reply(server_id=self.server_id, error=str(refused)))
+                self._send(owner, _reply(server_id=self.server_id, error=str(refused), refusal=refused.refusal))
                 return
             if not self._send(owner, _reply(region=token, server_id=self.server_id)):
                 self.table.release(owner, token)
