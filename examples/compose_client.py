@@ -30,7 +30,7 @@ import torch
 import initserve
 from initserve_protocol.v1.initserve_pb2 import ServerInfo
 
-torch.set_num_threads(1)  # the service's torch runs one intra-op thread (see README: orthogonal)
+torch.set_num_threads(1)  # the service's torch runs one intra-op thread (see docs/contract.md: orthogonal)
 
 DEFAULT_TARGET = "localhost:8080"  # the balancer's listener in docker/envoy.yaml
 DEFAULT_WAIT_SECONDS = 120.0

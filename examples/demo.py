@@ -11,7 +11,7 @@ import torch
 
 import initserve
 
-torch.set_num_threads(1)  # the service's torch runs one intra-op thread (see README: orthogonal)
+torch.set_num_threads(1)  # the service's torch runs one intra-op thread (see docs/contract.md: orthogonal)
 
 REQUESTS = [
     ("kaiming_normal", (256, 128), {"mode": "fan_out", "nonlinearity": "relu"}),

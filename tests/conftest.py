@@ -212,7 +212,7 @@ def reference(
 
 
 def reference_sparse(tensor: torch.Tensor, *, seed: int, sparsity: float, std: float = 0.01) -> torch.Tensor:
-    """torch 2.13's sparse_ with ``torch.randperm(rows)`` given the request's generator (README: 'sparse')."""
+    """torch 2.13's sparse_ with ``torch.randperm(rows)`` given the request's generator (docs/contract.md: 'sparse')."""
     import math
 
     if tensor.ndimension() != 2:

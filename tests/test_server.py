@@ -221,17 +221,17 @@ def test_unary_max_bytes_is_checked() -> None:
         initserve.Client("127.0.0.1:1", unary_max_bytes=(1 << 20) + 1)
 
 
-def test_the_readme_table_names_every_flag_and_its_environment_twin() -> None:
+def test_the_manual_names_every_flag_and_its_environment_twin() -> None:
     from initserve_server.cli import build_parser
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    rows = [line for line in readme.splitlines() if line.startswith("| `--")]
+    manual = (Path(__file__).parent.parent / "docs" / "server.md").read_text()
+    rows = [line for line in manual.splitlines() if line.startswith("| `--")]
     for action in build_parser()._actions:
         flag = next((option for option in action.option_strings if option.startswith("--")), None)
         if flag in (None, "--help", "--version"):
             continue
         env = "INITSERVE_" + flag[2:].upper().replace("-", "_")
-        assert any(f"`{flag}`" in row and f"`{env}`" in row for row in rows), f"README lacks {flag} / {env}"
+        assert any(f"`{flag}`" in row and f"`{env}`" in row for row in rows), f"docs/server.md lacks {flag} / {env}"
 
 
 def test_connections_are_closed_at_their_maximum_age_and_their_streams_finish() -> None:
