@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
@@ -82,7 +82,13 @@ def _pem(value: bytes | str | os.PathLike | None) -> bytes | None:
     return Path(value).read_bytes()
 
 
-class Client:
+if TYPE_CHECKING:  # the scheme methods' signatures, for type checkers; at run time they are made below
+    from initserve._scheme_methods import SchemeMethods
+else:
+    SchemeMethods = object
+
+
+class Client(SchemeMethods):
     """A connection to an initserve server; use as a context manager or call :meth:`close`.
 
     Args:
