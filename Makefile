@@ -14,10 +14,11 @@ INSTALLED := $(VENV)/.installed
 install: $(INSTALLED) $(STUBS)
 
 # torch goes in first and alone, pinned, so no later resolution can pull the multi-GB CUDA build.
-$(INSTALLED): constraints.txt requirements-dev.txt proto/pyproject.toml client/pyproject.toml server/pyproject.toml
+$(INSTALLED): constraints.txt requirements-dev.txt proto/pyproject.toml memory/pyproject.toml client/pyproject.toml \
+		server/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -r requirements-dev.txt -e proto -e client -e server
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -r requirements-dev.txt -e proto -e memory -e client -e server
 	touch $@
 
 proto: $(STUBS)
@@ -51,8 +52,8 @@ bench: install
 	$(PY) bench/memory_policy.py --json docs/bench/memory_policy.json
 
 lint: install
-	$(VENV)/bin/ruff check proto client server tests examples bench
-	$(VENV)/bin/ruff format --check proto client server tests examples bench
+	$(VENV)/bin/ruff check proto memory client server tests examples bench
+	$(VENV)/bin/ruff format --check proto memory client server tests examples bench
 
 # Container images from docker/Dockerfile, tagged like the compose and Kubernetes files expect: $(IMAGE):VERSION
 # (CPU, torch from the CPU index) and $(IMAGE):VERSION-cuda (CUDA 13.0 base, torch 2.13's CUDA build from PyPI).

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import initserve
-from initserve import _pages
-from initserve._buffers import MIN_POOLED_BYTES, BufferPool
+from initserve_memory import page_moves
+from initserve_memory.buffer_pool import MIN_POOLED_BYTES, BufferPool
 from tests.conftest import ServerProcess, reference, same_bytes
 
 MIB = 1 << 20
@@ -85,7 +85,7 @@ def test_a_miss_takes_the_pages_of_free_buffers_of_other_sizes_without_faulting(
 
 
 def test_without_page_moving_a_miss_takes_fresh_memory_and_leaves_the_free_buffers(monkeypatch) -> None:
-    monkeypatch.setattr(_pages, "_mremap", None)  # as on another OS, or a kernel before 5.7
+    monkeypatch.setattr(page_moves, "_mremap", None)  # as on another OS, or a kernel before 5.7
     pool = BufferPool(lambda: 1 << 30, min_bytes=MIN_POOLED_BYTES)
     first, _ = pool.allocate(LARGE, torch.float32)
     del first
@@ -95,15 +95,15 @@ def test_without_page_moving_a_miss_takes_fresh_memory_and_leaves_the_free_buffe
 
 
 def test_moved_pages_keep_their_bytes_and_leave_the_source_empty() -> None:
-    if not _pages.supported():
+    if not page_moves.supported():
         pytest.skip("no mremap(MREMAP_DONTUNMAP) here")
-    page = _pages.PAGE
+    page = page_moves.PAGE
     source = mmap.mmap(-1, 4 * page, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     destination = mmap.mmap(-1, 3 * page, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     source[:] = bytes(range(256)) * (4 * page // 256)
     expected = source[page : 3 * page]
-    here, there = _pages.address(source), _pages.address(destination)
-    assert _pages.move(here + page, there + page, 2 * page)
+    here, there = page_moves.address(source), page_moves.address(destination)
+    assert page_moves.move(here + page, there + page, 2 * page)
     assert destination[page:] == expected and destination[:page] == bytes(page)
     assert source[page : 3 * page] == bytes(2 * page)  # still mapped, now empty
     assert source[:page] == expected[:page] and source[3 * page :] == expected[:page]  # the pages around stay

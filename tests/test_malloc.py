@@ -11,10 +11,10 @@ import textwrap
 
 import pytest
 
-from initserve import _malloc
+from initserve_memory import malloc_thresholds
 from tests.conftest import ServerProcess, run_python
 
-glibc_only = pytest.mark.skipif(not _malloc._is_glibc(), reason="glibc's malloc only")
+glibc_only = pytest.mark.skipif(not malloc_thresholds._is_glibc(), reason="glibc's malloc only")
 
 # In a thread of its own (an arena of its own, as gRPC's channel thread has), 8 blocks of 1 MiB are written and
 # freed, 5 times. A mapped 1 MiB block freed first sets glibc's dynamic thresholds to about 1 MiB (mmap) and
@@ -23,9 +23,9 @@ glibc_only = pytest.mark.skipif(not _malloc._is_glibc(), reason="glibc's malloc 
 ARENA_CHURN = textwrap.dedent(
     """
     import ctypes, resource, sys, threading
-    from initserve import _malloc
+    from initserve_memory import malloc_thresholds
     if sys.argv[1] == "raise":
-        assert _malloc.raise_thresholds()
+        assert malloc_thresholds.raise_thresholds()
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = (ctypes.c_size_t,)
@@ -68,11 +68,12 @@ def test_raised_thresholds_keep_a_thread_s_freed_memory_for_its_next_allocations
 
 
 def test_the_switch_turns_it_off_and_it_runs_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(_malloc.ENV_SWITCH, "0")
-    assert _malloc.raise_thresholds() is False
-    monkeypatch.delenv(_malloc.ENV_SWITCH)
-    assert _malloc.raise_thresholds() is _malloc._is_glibc()
-    assert _malloc.raise_thresholds() is _malloc._is_glibc()  # done once; later calls only report it
+    monkeypatch.setenv(malloc_thresholds.ENV_SWITCH, "0")
+    assert malloc_thresholds.raise_thresholds() is False
+    monkeypatch.delenv(malloc_thresholds.ENV_SWITCH)
+    assert malloc_thresholds.raise_thresholds() is malloc_thresholds._is_glibc()
+    # done once; later calls only report it
+    assert malloc_thresholds.raise_thresholds() is malloc_thresholds._is_glibc()
 
 
 FETCH_FAULTS = textwrap.dedent(

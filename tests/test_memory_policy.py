@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 import initserve
-from initserve import _malloc
+from initserve_memory import malloc_thresholds
 from tests.conftest import ServerProcess, reference, run_python, same_bytes
 
 FRESH_CLIENT = textwrap.dedent(
@@ -58,7 +58,7 @@ FRESH_CLIENT = textwrap.dedent(
     }))
     """
 )
-glibc_only = pytest.mark.skipif(not _malloc._is_glibc(), reason="glibc's malloc only")
+glibc_only = pytest.mark.skipif(not malloc_thresholds._is_glibc(), reason="glibc's malloc only")
 
 
 def fresh_client(policy: str) -> dict:
@@ -78,7 +78,7 @@ def test_the_fast_policy_raises_the_thresholds_and_its_pool_registers_its_fork_h
     """The control: the same checks see what the fast policy does (so the default's result means something)."""
     seen = fresh_client("fast")
     assert (seen["mapped"], seen["hooks_on_import"]) == (0, [])
-    assert [path.rsplit("/", 1)[-1] for path in seen["hooks_after_client"]] == ["_reuse.py"]
+    assert [path.rsplit("/", 1)[-1] for path in seen["hooks_after_client"]] == ["reuse_pool.py"]
 
 
 def test_a_default_clients_tensors_are_torch_empty_s_and_nothing_is_kept(server: ServerProcess) -> None:

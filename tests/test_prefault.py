@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from initserve._prefault import PREFAULT_MIN_BYTES, prefault_async
+from initserve_memory.prefault import PREFAULT_MIN_BYTES, prefault_async
 
 JOIN_SECONDS = 30.0
 

@@ -5,12 +5,12 @@ changes. :class:`MemoryPolicy` turns on, one by one, the Linux tricks that make 
 where page faults are dear (docs/performance.md measures what each buys, and where):
 
 - ``reuse_bytes``: large tensors (8 MiB or more) are made over mappings that, once the tensor is freed, wait
-  for the next tensor (``_buffers``); up to this many free bytes are kept per client. Such a tensor's storage
+  for the next tensor (``buffer_pool``); up to this many free bytes are kept per client. Such a tensor's storage
   cannot be resized.
 - ``prefault``: a large fresh destination's pages are made resident by another thread ahead of the chunks
-  (``_prefault``).
+  (``prefault``).
 - ``malloc_thresholds``: glibc's dynamic malloc thresholds are raised once for the whole process, so the memory
-  gRPC receives into is reused rather than faulted in again (``_malloc``). Process-wide: it changes how every
+  gRPC receives into is reused rather than faulted in again (``malloc_thresholds``). Process-wide: it changes how every
   later allocation of the process is served.
 """
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from initserve import _buffers, _malloc
-from initserve._prefault import prefault_async
+from initserve_memory import buffer_pool, malloc_thresholds
+from initserve_memory.prefault import prefault_async
 
 FAST_REUSE_BYTES = 1 << 30  # MemoryPolicy.fast(): the pool size v1 clients had by default
 
@@ -55,10 +55,10 @@ class HostMemory:
     def __init__(self, policy: MemoryPolicy) -> None:
         self.policy = policy
         self._pool = (
-            _buffers.BufferPool(lambda: policy.reuse_bytes, make_room_on_miss=True) if policy.reuse_bytes else None
+            buffer_pool.BufferPool(lambda: policy.reuse_bytes, make_room_on_miss=True) if policy.reuse_bytes else None
         )
         if policy.malloc_thresholds:
-            _malloc.raise_thresholds()
+            malloc_thresholds.raise_thresholds()
 
     def allocate(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         if self._pool is not None:

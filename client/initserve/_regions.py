@@ -1,4 +1,4 @@
-"""Shared-memory regions for the same-host transport, and the pool (``_reuse``) that lets a freed one be used again.
+"""Shared-memory regions for the same-host transport, and the pool (``reuse_pool``) that lets a freed one be used again.
 
 A region is a memfd of exactly one tensor's size, every page allocated (``posix_fallocate``: charged to this
 process, so the server's writes never allocate), sealed against shrinking and growing, and mapped here; the
@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from initserve._reuse import ReusePool
+from initserve_memory.reuse_pool import ReusePool
 
 DEFAULT_POOL_BYTES = 1 << 30  # free regions a client keeps for reuse; 0 turns the pool off
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW  # the client's; the server adds F_SEAL_FUTURE_WRITE | F_SEAL_SEAL

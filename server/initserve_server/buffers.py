@@ -4,11 +4,11 @@ Every uncached generation writes a new tensor, and every tensor the cache evicts
 OS (``allocator``: tensors of 8 MiB or more are mappings of their own). Writing fresh pages costs a page fault
 per 4 KiB; on the benchmark machine, a VM that hands freed guest memory back to its host, it ran at
 0.3-0.75 GB/s where pages already written take 16 GB/s. So a CPU tensor of :data:`MIN_POOLED_BYTES` or more
-is made over an anonymous mapping from a pool (``initserve._buffers``, which the client uses too), and when
+is made over an anonymous mapping from a pool (``initserve_memory.buffer_pool``, which the client uses too), and when
 the tensor and every view of it are freed (evicted and no longer streamed) the mapping waits there for the
 next tensor of the same byte size; a tensor of another size has the pages of free buffers moved into its own
-mapping (``initserve._pages``), so after evictions every generation writes pages already written. Contents are
-never relied on: ``torch.empty`` promises none either.
+mapping (``initserve_memory.page_moves``), so after evictions every generation writes pages already written.
+Contents are never relied on: ``torch.empty`` promises none either.
 
 Budget: free buffers may use only what the cache and in-flight budgets leave unused
 (:meth:`TensorCache.spare_bytes`), so cached + in flight + pooled tensor memory stays within the two budgets,
@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from initserve._buffers import BufferPool as _BufferPool
+from initserve_memory.buffer_pool import BufferPool as _BufferPool
 from initserve_server.allocator import MMAP_THRESHOLD_BYTES
 
 MIN_POOLED_BYTES = MMAP_THRESHOLD_BYTES  # smaller tensors come from glibc's heap, which keeps its pages anyway

@@ -52,7 +52,7 @@ def _options(config: ServerConfig) -> list[tuple[str, object]]:
         ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
         ("grpc.so_reuseport", 0),  # two servers must never share a port silently
         ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
-        # Clients ping idle connections every 30 s (see initserve._transport); allow it, and ping back.
+        # Clients ping idle connections every 30 s (the SDK's keepalive); allow it, and ping back.
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from google.protobuf.message import DecodeError
 
-from initserve import _libc
+from initserve_memory import c_library
 from initserve_protocol.errors import CONNECTION_LIMIT, NO_SUCH_REGION, SHARED_MEMORY_OFF, TOO_MANY_CONNECTIONS
 from initserve_protocol.v1 import initserve_pb2 as pb
 
@@ -73,11 +73,11 @@ PROT_READ_WRITE = mmap.PROT_READ | mmap.PROT_WRITE
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
-_mmap = _libc.function(
+_mmap = c_library.function(
     "mmap", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
 )
-_munmap = _libc.function("munmap", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
-_madvise = _libc.function("madvise", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_munmap = c_library.function("munmap", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+_madvise = c_library.function("madvise", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 # A memoryview over raw memory: unlike a ctypes array type per length (cached by ctypes for ever), it leaves
 # nothing behind for a client to grow by registering many sizes.
 _PyBUF_WRITE = 0x200

@@ -3,7 +3,7 @@
 Writing into memory a process has just mapped costs a page fault per 4 KiB page (on the benchmark machine,
 0.2-0.4 s per GiB, and far more when the host has reclaimed the pages); writing into pages written before
 costs none. A :class:`ReusePool` keeps buffers whose tensors are gone and hands them out again for the same
-byte size. It serves the client's shared-memory regions (``_regions``) and the tensor memory of ``_buffers`` (the
+byte size. It serves the client's shared-memory regions (``_regions``) and the tensor memory of ``buffer_pool`` (the
 client's gRPC destinations, the server's generated tensors).
 
 A buffer is anything with ``map`` (an ``mmap``), ``nbytes``, a ``poolable`` flag and ``close()``. :meth:`lend`

@@ -6,7 +6,7 @@ Measured on the benchmark machine: four 256 MiB ranges into one 1 GiB mapping in
 and more of page faults for writing 1 GiB of fresh memory. The source range stays mapped, empty (it reads as
 zeros), so its owner unmaps it as before and no other mapping can ever land at its address in between.
 
-Contents move with the pages, but the callers (``_buffers``) never rely on them: their tensors are
+Contents move with the pages, but the callers (``buffer_pool``) never rely on them: their tensors are
 ``torch.empty``'s. Where the call is missing or refused (another OS, an older kernel, a seccomp filter) the
 first failure turns moving off for the process, and callers fall back to fresh memory.
 """
@@ -16,14 +16,14 @@ from __future__ import annotations
 import ctypes
 import mmap
 
-from initserve import _libc
+from initserve_memory import c_library
 
 MREMAP_MAYMOVE = 1  # linux/mman.h
 MREMAP_FIXED = 2
 MREMAP_DONTUNMAP = 4
 PAGE = mmap.PAGESIZE
 
-_mremap = _libc.function(
+_mremap = c_library.function(
     "mremap", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p
 )
 

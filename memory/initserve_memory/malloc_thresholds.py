@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 
-from initserve import _libc
+from initserve_memory import c_library
 
 NUDGE_BYTES = 31 << 20  # glibc adjusts for freed mapped blocks of at most 32 MiB, chunk header included
 ENV_SWITCH = "INITSERVE_MALLOC_NUDGE"
@@ -46,8 +46,8 @@ def raise_thresholds() -> bool:
         return False
     with _lock:
         if not _done:
-            malloc = _libc.function("malloc", ctypes.c_void_p, ctypes.c_size_t)
-            free = _libc.function("free", None, ctypes.c_void_p)
+            malloc = c_library.function("malloc", ctypes.c_void_p, ctypes.c_size_t)
+            free = c_library.function("free", None, ctypes.c_void_p)
             block = malloc(NUDGE_BYTES) if malloc and free else None
             if block:
                 free(block)

@@ -15,13 +15,13 @@ import threading
 
 import torch
 
-from initserve import _libc
+from initserve_memory import c_library
 
 MADV_POPULATE_WRITE = 23  # linux/mman.h; Python's mmap module names it from 3.13 on only
 PREFAULT_MIN_BYTES = 16 << 20  # below this a thread's start costs more than it saves
 PIECE_BYTES = 8 << 20  # one madvise call: a stream's writes start as soon as the first piece is resident
 
-_madvise = _libc.function("madvise", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_madvise = c_library.function("madvise", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 def prefault_async(tensor: torch.Tensor) -> threading.Thread | None:

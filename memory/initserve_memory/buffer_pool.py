@@ -3,9 +3,9 @@
 Writing into memory a process has just mapped costs a page fault per 4 KiB page; on the benchmark machine that
 was 0.2-0.4 s per GiB (and far more when the VM's host had reclaimed the pages), against none for pages written
 before. A :class:`BufferPool` makes each tensor of ``min_bytes`` or more over an anonymous private mapping lent
-from a :class:`~initserve._reuse.ReusePool`; when the tensor and every view of it are freed, the mapping waits
-for the next tensor of the same byte size. A tensor that finds none of its size takes the pages of free
-buffers of other sizes instead, least recently freed first: ``_pages`` moves them into its new mapping (0.2-4.5
+from a :class:`~initserve_memory.reuse_pool.ReusePool`; when the tensor and every view of it are freed, the
+mapping waits for the next tensor of the same byte size. A tensor that finds none of its size takes the pages of free
+buffers of other sizes instead, least recently freed first: ``page_moves`` moves them into its new mapping (0.2-4.5
 ms per GiB, no page faults), and what is left of the last one stays free as a buffer of its own. Only the part
 that free buffers cannot cover is fresh memory. Contents are never relied on: ``torch.empty`` promises none
 either.
@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from initserve import _pages, _prefault
-from initserve._reuse import ReusePool
+from initserve_memory import page_moves, prefault
+from initserve_memory.reuse_pool import ReusePool
 
 DEFAULT_POOL_BYTES = 1 << 30  # the client's default: free tensor memory kept for reuse; 0 turns the pool off
 MIN_POOLED_BYTES = 8 << 20  # the client's: smaller tensors are torch.empty's (glibc's heap keeps their pages)
@@ -41,7 +41,7 @@ class AnonymousBuffer:
         self.map = mmap.mmap(-1, nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.nbytes = nbytes
         self.poolable = True
-        self.address = _pages.address(self.map)
+        self.address = page_moves.address(self.map)
 
     def close(self) -> None:
         try:
@@ -75,9 +75,9 @@ class BufferPool:
         buffer = self._pool.take(nbytes)
         reused = buffer is not None
         if buffer is None:
-            sources = self._pool.take_oldest(nbytes) if _pages.supported() else []
+            sources = self._pool.take_oldest(nbytes) if page_moves.supported() else []
             buffer = AnonymousBuffer(nbytes)
-            reused = self._move_pages(sources, buffer) == _pages.page_bytes(nbytes)
+            reused = self._move_pages(sources, buffer) == page_moves.page_bytes(nbytes)
             self._pool.trim(reserve=nbytes if self._make_room_on_miss else 0)
         return self._pool.lend(buffer, dtype, shape), reused
 
@@ -85,17 +85,17 @@ class BufferPool:
         """Move the pages of free ``sources`` (taken from the pool: no tensor reaches them) into ``buffer``, in
         order, until it is covered; returns the bytes covered. A source is unmapped once its pages are moved;
         the rest of the last one becomes a free buffer of its own (kept if it is ``min_bytes`` or more)."""
-        need, covered = _pages.page_bytes(buffer.nbytes), 0
+        need, covered = page_moves.page_bytes(buffer.nbytes), 0
         for source in sources:
-            span = _pages.page_bytes(source.nbytes)
+            span = page_moves.page_bytes(source.nbytes)
             take = min(span, need - covered)
-            if take == 0 or not _pages.move(source.address, buffer.address + covered, take):
+            if take == 0 or not page_moves.move(source.address, buffer.address + covered, take):
                 self._pool.give(source)  # untouched: free as it was
                 continue
             covered += take
             if span - take >= self.min_bytes:
                 rest = AnonymousBuffer(span - take)
-                if _pages.move(source.address + take, rest.address, rest.nbytes):
+                if page_moves.move(source.address + take, rest.address, rest.nbytes):
                     self._pool.give(rest)
                 else:
                     rest.close()
@@ -109,7 +109,7 @@ class BufferPool:
         written = 0
         while nbytes - written >= self.min_bytes and not self._pool.closed:
             buffer = AnonymousBuffer(min(PREALLOCATED_PIECE_BYTES, nbytes - written))
-            if not _prefault.populate(buffer.address, buffer.address + buffer.nbytes):
+            if not prefault.populate(buffer.address, buffer.address + buffer.nbytes):
                 ctypes.memset(buffer.address, 0, buffer.nbytes)  # what populating does, less the second write
             self._pool.give(buffer)
             written += buffer.nbytes
