@@ -204,3 +204,16 @@ def test_channel_targets(given, expected: str) -> None:
 def test_bad_target_lists_are_refused(given, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         channel_target(given)
+
+
+def test_a_resumed_request_is_a_copy_with_the_offset_and_the_drawn_seed() -> None:
+    from initserve._requests import prepare
+
+    drawn = prepare((64, 64), "normal", params={"std": 0.5})
+    original = drawn.request.SerializeToString()
+    assert drawn.resumed(0, None) is drawn.request  # the first stream: the request as prepared
+    resumed = drawn.resumed(4096, 1234)
+    assert (resumed.offset, resumed.seed, resumed.params.std) == (4096, 1234, 0.5)
+    assert drawn.request.SerializeToString() == original  # never changed: a later resume starts from it again
+    named = prepare((64, 64), "normal", seed=7)
+    assert (named.resumed(4096, 1234).offset, named.resumed(4096, 1234).seed) == (4096, 7)  # the caller's seed kept

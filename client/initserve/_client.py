@@ -259,12 +259,7 @@ class Client(SchemeMethods):
             require_device_fingerprint=require_device_fingerprint or self.require_device_fingerprint or "",
             params=params,
         )
-        request, out_shape, total_bytes, seed_given = (
-            prepared.request,
-            prepared.out_shape,
-            prepared.total_bytes,
-            prepared.seed_given,
-        )
+        request, out_shape, total_bytes = prepared.request, prepared.out_shape, prepared.total_bytes
         assembler = prepared.assembler(out=out, allocate=self._allocate, progress=progress)
         deadline = self.timeout if timeout is None else timeout
         if self._shared is not None and self._shared.enabled and total_bytes > 0:
@@ -287,14 +282,10 @@ class Client(SchemeMethods):
         transport = "stream"
 
         def open_stream(offset: int, resume_seed: int | None, remaining: float | None) -> Any:
-            if offset or resume_seed is not None:
-                request.offset = offset
-                if resume_seed is not None and not seed_given:
-                    request.seed = resume_seed  # the seed the server drew for the first stream
             nonlocal transport
             unary = request.chunk_bytes == 0 and total_bytes - offset <= self.unary_max_bytes
             transport = "unary" if unary else "stream"
-            return self._transport.init(request, remaining, unary=unary)
+            return self._transport.init(prepared.resumed(offset, resume_seed), remaining, unary=unary)
 
         outcome = fetch_resuming(open_stream, assembler, self.retry, deadline)
         if transport == "unary" and self._transport.unary_refused:
@@ -358,13 +349,8 @@ class Client(SchemeMethods):
 
         def open_many(first: int, offset: int, drawn_seed: int | None, remaining: float | None) -> Any:
             tensors = [item.request for item in prepared[first:]]
-            if tensors and (offset or drawn_seed is not None):
-                resumed = pb.InitRequest()
-                resumed.CopyFrom(tensors[0])
-                resumed.offset = offset
-                if drawn_seed is not None and not prepared[first].seed_given:
-                    resumed.seed = drawn_seed  # the seed the server drew for the first stream
-                tensors[0] = resumed
+            if tensors:
+                tensors[0] = prepared[first].resumed(offset, drawn_seed)
             return self._transport.init_many(pb.InitManyRequest(tensors=tensors), remaining)
 
         deadline = self.timeout if timeout is None else timeout

@@ -31,6 +31,18 @@ class Prepared:
     expected_seed: int | None  # the seed the header must report (derived when derive_seed), None if drawn
     seed_given: bool  # the request names its seed: a resumed stream never replaces it
 
+    def resumed(self, offset: int, drawn_seed: int | None) -> pb.InitRequest:
+        """The request for a stream that resumes at ``offset``: a copy (the prepared request is never changed),
+        asking for ``drawn_seed``, the seed the server drew for the first stream, unless the call named its own."""
+        if not offset and drawn_seed is None:
+            return self.request
+        request = pb.InitRequest()
+        request.CopyFrom(self.request)
+        request.offset = offset
+        if drawn_seed is not None and not self.seed_given:
+            request.seed = drawn_seed
+        return request
+
     def assembler(
         self,
         *,
