@@ -78,7 +78,7 @@ def test_the_fast_policy_raises_the_thresholds_and_its_pool_registers_its_fork_h
     """The control: the same checks see what the fast policy does (so the default's result means something)."""
     seen = fresh_client("fast")
     assert (seen["mapped"], seen["hooks_on_import"]) == (0, [])
-    assert [path.rsplit("/", 1)[-1] for path in seen["hooks_after_client"]] == ["reuse_pool.py"]
+    assert [path.rsplit("/", 1)[-1] for path in seen["hooks_after_client"]] == ["fork_hooks.py"]  # the pool's
 
 
 def test_a_default_clients_tensors_are_torch_empty_s_and_nothing_is_kept(server: ServerProcess) -> None:

@@ -23,7 +23,6 @@ import os
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -32,6 +31,7 @@ from initserve._codec import StreamAssembler
 from initserve._errors import FailedPrecondition, InitServeError, IntegrityError
 from initserve._regions import RegionPool, SharedRegion
 from initserve._retry import Attempts, RetryPolicy
+from initserve_memory.fork_hooks import ForkHooks
 from initserve_protocol.checksum import tensor_checksum
 from initserve_protocol.errors import CONNECTION_LIMIT, NO_SUCH_REGION, SHARED_MEMORY_OFF, TOO_MANY_CONNECTIONS
 from initserve_protocol.v1 import initserve_pb2 as pb
@@ -229,7 +229,7 @@ class SharedMemory:
         self._connection: Connection | None = None
         self._lock = threading.Lock()
         self._retry_at = 0.0
-        _track(self)
+        _FORK_HOOKS.track(self)
 
     @property
     def enabled(self) -> bool:
@@ -396,22 +396,5 @@ class SharedMemory:
             self._drop_connection()
 
 
-# Every live transport, for the fork hook: os.register_at_fork cannot unregister, so the hook is registered once,
-# with the first transport (never on import), and finds them here (as _reuse does for its pools).
-_TRANSPORTS: weakref.WeakSet[SharedMemory] = weakref.WeakSet()
-_hooked = False
-_hook_lock = threading.Lock()
-
-
-def _track(transport: SharedMemory) -> None:
-    global _hooked
-    with _hook_lock:
-        if not _hooked:
-            os.register_at_fork(after_in_child=_after_fork_in_child)
-            _hooked = True
-        _TRANSPORTS.add(transport)
-
-
-def _after_fork_in_child() -> None:
-    for transport in list(_TRANSPORTS):
-        transport._after_fork_in_child()
+# Every live transport, told in a forked child (the hook registered with the first transport, never on import).
+_FORK_HOOKS = ForkHooks(before=False)

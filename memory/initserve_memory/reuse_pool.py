@@ -24,6 +24,8 @@ from typing import Generic, Protocol, TypeVar
 
 import torch
 
+from initserve_memory.fork_hooks import ForkHooks
+
 
 class Buffer(Protocol):
     map: mmap.mmap
@@ -52,7 +54,7 @@ class ReusePool(Generic[B]):
         self._lock = threading.Lock()
         self._closed = False
         self._pid = os.getpid()
-        _track(self)
+        _FORK_HOOKS.track(self)
 
     def free_bytes(self) -> int:
         """Bytes of free buffers held for reuse."""
@@ -197,27 +199,5 @@ def _returned(pool_ref: weakref.ref[ReusePool], buffer: Buffer) -> None:
     _settle_if_free(pool)
 
 
-# Every live pool, for the fork hooks: os.register_at_fork cannot unregister, so the hooks are registered once,
-# when the first pool is made (never on import: a process that keeps no pool gets no hook), and find them here.
-_POOLS: weakref.WeakSet[ReusePool] = weakref.WeakSet()
-_hooked = False
-_hook_lock = threading.Lock()
-
-
-def _track(pool: ReusePool) -> None:
-    global _hooked
-    with _hook_lock:
-        if not _hooked:
-            os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
-            _hooked = True
-        _POOLS.add(pool)
-
-
-def _before_fork() -> None:
-    for pool in list(_POOLS):
-        pool._before_fork()
-
-
-def _after_fork_in_child() -> None:
-    for pool in list(_POOLS):
-        pool._after_fork_in_child()
+# Every live pool, told about forks (hooks registered with the first pool, never on import).
+_FORK_HOOKS = ForkHooks(before=True)
