@@ -204,8 +204,7 @@ class Client(SchemeMethods):
     def release_memory(self) -> int:
         """Give back the memory kept for reuse (``memory.reuse_bytes``, ``shared_memory_pool_bytes``) now, as
         ``torch.cuda.empty_cache()`` does for CUDA's; the pools stay on. Returns the bytes released."""
-        released = 0
-        released += self._memory.release()
+        released = self._memory.release()
         if self._shared is not None:
             released += self._shared.release_memory()
         return released

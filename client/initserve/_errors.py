@@ -122,7 +122,8 @@ _BY_CODE: dict[str, type[InitServeError]] = {
 }
 
 
-def _trailing(rpc_error: Any, wanted: str) -> str | None:
+def trailing_value(rpc_error: Any, wanted: str) -> str | None:
+    """The value of trailing-metadata key ``wanted`` on an RpcError, or None."""
     trailing = rpc_error.trailing_metadata() if hasattr(rpc_error, "trailing_metadata") else None
     for key, value in trailing or ():
         if key == wanted and isinstance(value, str):
@@ -136,8 +137,8 @@ def from_grpc_error(rpc_error: Any) -> Exception:
     code_name = getattr(code, "name", str(code))
     message = rpc_error.details() or code_name
     if code_name == "INVALID_ARGUMENT":
-        torch_exception = _trailing(rpc_error, TORCH_EXCEPTION_KEY)
+        torch_exception = trailing_value(rpc_error, TORCH_EXCEPTION_KEY)
         if torch_exception in TORCH_EXCEPTION_TYPES:
             return getattr(builtins, torch_exception)(message)
     cls = _BY_CODE.get(code_name, InitServeError)
-    return cls(message, code=code_name, refusal=_trailing(rpc_error, REFUSAL_KEY))
+    return cls(message, code=code_name, refusal=trailing_value(rpc_error, REFUSAL_KEY))

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from initserve._errors import FailedPrecondition, from_grpc_error
+from initserve._errors import FailedPrecondition, from_grpc_error, trailing_value
 from initserve_protocol.errors import REFUSAL_KEY, UNARY_TOO_LARGE
 from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_protocol.v1 import initserve_pb2_grpc as pb_grpc
@@ -25,9 +25,7 @@ Message = pb.InitResponse | ChunkView | pb.Header | pb.Trailer  # a stream's mes
 
 def _unary_too_large(error: grpc.RpcError) -> bool:
     """Whether the server refused an InitUnary call for its size (the caller then streams)."""
-    return error.code() == grpc.StatusCode.INVALID_ARGUMENT and (REFUSAL_KEY, UNARY_TOO_LARGE) in tuple(
-        error.trailing_metadata() or ()
-    )
+    return error.code() == grpc.StatusCode.INVALID_ARGUMENT and trailing_value(error, REFUSAL_KEY) == UNARY_TOO_LARGE
 
 
 # Large enough for any chunk a server sends (its limit defaults to 4 MiB); requests themselves are tiny.

@@ -10,7 +10,7 @@ ms per GiB, no page faults), and what is left of the last one stays free as a bu
 that free buffers cannot cover is fresh memory. Contents are never relied on: ``torch.empty`` promises none
 either.
 
-Used by the client for the tensors its gRPC fetches write (``Client(buffer_pool_bytes=...)``) and by the server
+Used by the client for the tensors its gRPC fetches write (``MemoryPolicy(reuse_bytes=...)``) and by the server
 for the tensors it generates (``initserve_server.buffers``, within its byte budgets).
 
 A tensor made over a mapping has a storage that cannot be resized (like ``torch.frombuffer``'s); everything
@@ -29,7 +29,6 @@ import torch
 from initserve_memory import page_moves, prefault
 from initserve_memory.reuse_pool import ReusePool
 
-DEFAULT_POOL_BYTES = 1 << 30  # the client's default: free tensor memory kept for reuse; 0 turns the pool off
 MIN_POOLED_BYTES = 8 << 20  # the client's: smaller tensors are torch.empty's (glibc's heap keeps their pages)
 PREALLOCATED_PIECE_BYTES = 64 << 20  # preallocate()'s free buffers: a smaller tensor moves one piece's pages
 

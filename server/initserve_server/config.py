@@ -51,7 +51,6 @@ MAX_STRING_PARAM_CHARS = 64
 # twice, with the fingerprint, a hostname (at most 64) in server_id, two torch versions, the checksum algorithm,
 # the scheme and the server's version; tests/test_config.py checks this server's own.
 SERVER_STRINGS_BYTES = 1 << 10
-SERVER_STRING_FIELDS = ("torch_version", "device", "checksum_algorithm", "scheme", "server_version", "server_id")
 # Serialized InitUnary answers to repeated cached requests (initserve_server.answers), apart from cache_bytes.
 MAX_ANSWER_MEMO_BYTES = 64 << 20
 MAX_CONNECTION_AGE_SECONDS = 2**31 / 1000
@@ -62,11 +61,11 @@ STREAM_BUFFER_BYTES = 256 << 20
 MESSAGE_COPIES = 2  # gRPC takes it in int32 milliseconds
 
 
-def header_bytes_bound(max_dims: int, server_strings: pb.Header | None = None) -> int:
+def header_bytes_bound(max_dims: int) -> int:
     """The most bytes one header message can take, framing included: a name of MAX_NAME_CHARS four-byte characters,
-    max_dims dims in shape, full_shape and slices, every number at its widest, and the server's own strings (the
-    given ones, else SERVER_STRINGS_BYTES for them). A client controls the name and the dims, so every message limit
-    must leave this much room (a name of 1024 emoji is 4 KiB of it)."""
+    max_dims dims in shape, full_shape and slices, every number at its widest, and SERVER_STRINGS_BYTES for the
+    server's own strings. A client controls the name and the dims, so every message limit must leave this much
+    room (a name of 1024 emoji is 4 KiB of it)."""
     widest = 2**64 - 1
     header = pb.Header(
         shape=[-1] * max_dims, full_shape=[-1] * max_dims,  # a negative int64 is its widest varint, 10 bytes
@@ -75,9 +74,8 @@ def header_bytes_bound(max_dims: int, server_strings: pb.Header | None = None) -
         offset=widest, cache_hit=True, crc32=2**32 - 1, name="\U0010ffff" * MAX_NAME_CHARS, base_seed=widest,
         device=pb.DeviceInfo(multiprocessor_count=-1),
     )  # fmt: skip
-    strings = SERVER_STRINGS_BYTES if server_strings is None else server_strings.ByteSize()
     # InitMany's framing: the header as field 1 and the tensor's index as field 4.
-    return pb.InitManyResponse(header=header, tensor=2**32 - 1).ByteSize() + strings
+    return pb.InitManyResponse(header=header, tensor=2**32 - 1).ByteSize() + SERVER_STRINGS_BYTES
 
 
 @functools.cache  # on InitUnary's path

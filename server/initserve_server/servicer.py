@@ -22,8 +22,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from initserve_protocol import API_VERSION as PROTOCOL_API_VERSION
-from initserve_protocol import dtypes
+from initserve_protocol import API_VERSION, dtypes
 from initserve_protocol.checksum import CHECKSUM_ALGORITHM
 from initserve_protocol.errors import REFUSAL_KEY, TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES, UNARY_TOO_LARGE
 from initserve_protocol.schemes import SCHEMES
@@ -54,7 +53,6 @@ from initserve_server.shared_memory import (
 from initserve_server.stalls import StallWatch
 from initserve_server.validation import InvalidRequest, OffsetOutOfRange
 
-API_VERSION = PROTOCOL_API_VERSION
 MAX_DETAILS_CHARS = 2048  # an error's message: gRPC refuses trailers past its metadata limit (8 KiB by default)
 MAX_LABEL_NAME_CHARS = 64  # how much of a tensor's name an InitMany error repeats
 log = logging.getLogger("initserve.server")
