@@ -15,6 +15,7 @@ reported, never an error.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
 import gc
@@ -43,6 +44,7 @@ from clients import Request, peak_rss_client, same_bytes, small_request_client, 
 from procs import ServerUnavailable, initserve_server, peak_rss_bytes, reset_peak_rss, rss_bytes, running
 
 import initserve
+import initserve.aio
 from initserve_server.cli import _size as size_bytes  # the server's own reading of a size flag: 1024K, 64M, 2G
 
 HERE = Path(__file__).resolve().parent
@@ -59,6 +61,7 @@ DEFAULT = "default"  # the client variant with no options
 SHARED = "shared_memory"  # Client(shared_memory=True): regions reused through the client's pool
 SHARED_FRESH = "shared_memory_fresh"  # shared_memory_pool_bytes=0: a fresh memfd, registered, for every fetch
 NO_BUFFER_POOL = "memory=MemoryPolicy()"  # the default: every fetch writes a new destination tensor's fresh pages
+ASYNCIO = "asyncio"  # initserve.aio.Client (same memory policy as DEFAULT), driven by its own event loop
 # The client's memory tricks on (reuse pool, prefault, glibc thresholds), as v1 clients had them by default: the
 # variant every "cached" and "uncached" row measures unless it says otherwise.
 FAST_MEMORY = initserve.MemoryPolicy.fast()
@@ -73,6 +76,7 @@ ORTHOGONAL_SPEEDUP = 20.0  # a cached orthogonal 4096x4096 over local orthogonal
 SMALL_P50_VS_UNARY = 1.3  # small-request p50 over a minimal grpcio unary round trip
 MEMORY_SLACK_BYTES = 64 * MIB  # peak RSS over baseline beyond the tensor's own bytes
 SHARED_MEMORY_GB_PER_S = 3.0
+ASYNCIO_VS_SYNC = 0.8  # the asyncio client's cached large fetch over the sync client's (same pipeline, other I/O)
 LARGE_MIB = 256  # "large" fetches: this size and up
 THREAD_DEPENDENT = frozenset({"orthogonal"})  # schemes whose local bytes change with torch's thread count
 
@@ -619,6 +623,21 @@ def measure_gpu(plan: Plan) -> dict[str, Any]:
 # -- the run -----------------------------------------------------------------------------------------------------
 
 
+class AsyncioClient:
+    """initserve.aio.Client behind the sync ``fetch`` the measurements call: each fetch one run of its own loop."""
+
+    def __init__(self, target: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = initserve.aio.Client(target, timeout=CLIENT_TIMEOUT_SECONDS, memory=FAST_MEMORY)
+
+    def fetch(self, *args: Any, **kwargs: Any) -> initserve.InitResult:
+        return self._loop.run_until_complete(self._client.fetch(*args, **kwargs))
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._client.close())
+        self._loop.close()
+
+
 def optional_client(report: Report, variant: str, target: str, **options: Any) -> initserve.Client | None:
     """A client with an option this build may not have yet (TypeError: not available)."""
     try:
@@ -647,7 +666,7 @@ def run_main_server(report: Report, plan: Plan, seeds: SeedSource, env: dict[str
             )
             tcp_ceiling = ceilings.TcpCeilingClient(tcp_server.port)
             stack.callback(tcp_ceiling.close)
-        client = probe = parallel = unpooled = None
+        client = probe = parallel = unpooled = asynchronous = None
         if needs_service:
             server = stack.enter_context(initserve_server(*plan.serving_flags))
             client = probe = stack.enter_context(
@@ -665,6 +684,8 @@ def run_main_server(report: Report, plan: Plan, seeds: SeedSource, env: dict[str
                 unpooled = optional_client(report, NO_BUFFER_POOL, server.target)
                 if unpooled is not None:
                     stack.callback(unpooled.close)
+                asynchronous = AsyncioClient(server.target)
+                stack.callback(asynchronous.close)
         for size_mib in plan.all_sizes_mib:
             if "ceilings" in sections:
                 measure_ceilings(report, plan, grpc_ceiling, tcp_ceiling, size_mib)
@@ -674,6 +695,8 @@ def run_main_server(report: Report, plan: Plan, seeds: SeedSource, env: dict[str
                     measure_cached(report, plan, client, probe, request, size_mib, *last, DEFAULT)
                     if unpooled is not None and size_mib >= LARGE_MIB and request.scheme == "normal":
                         measure_cached(report, plan, unpooled, probe, request, size_mib, *last, NO_BUFFER_POOL)
+                    if asynchronous is not None and size_mib >= LARGE_MIB and request.scheme == "normal":
+                        measure_cached(report, plan, asynchronous, probe, request, size_mib, *last, ASYNCIO)
                     del last
             if parallel is not None and size_mib in plan.sizes_mib:
                 variant = f"parallel_streams={plan.parallel_streams}"
@@ -784,6 +807,20 @@ def targets(report: Report, plan: Plan) -> list[Target]:
             )
     if not any(t.name.startswith("cached fetch") for t in found):
         found.append(Target("cached large fetch", "-", f">= {CACHED_VS_GRPC}x grpc stream", None))
+
+    # The asyncio client: the same pipeline as the sync one, so about its speed on the same cached fetch.
+    for row in report.rows:
+        if row.kind == "cached" and row.variant == ASYNCIO:
+            sync = report.find("cached", row.size_mib, row.scheme, DEFAULT)
+            ratio = row.gb_per_s / sync.gb_per_s if sync else None
+            found.append(
+                Target(
+                    f"cached fetch {row.scheme} {row.size_mib:g} MiB [asyncio]",
+                    f"{row.gb_per_s:.3f} GB/s" + (f" = {ratio:.2f}x sync" if ratio else ""),
+                    f">= {ASYNCIO_VS_SYNC}x the sync client",
+                    None if ratio is None else ratio >= ASYNCIO_VS_SYNC,
+                )
+            )
 
     # Uncached large fetch: >= 0.8 x min(local generation rate, cached fetch rate), same request: the local runs
     # that give the request's bytes, the faster of one thread and all threads; for orthogonal, whose QR gives
@@ -944,6 +981,7 @@ def plot(report: Report, plan: Plan, path: Path) -> None:
                 *ceilings_series,
                 ("cached", "normal", DEFAULT, "initserve cached"),
                 ("cached", "normal", NO_BUFFER_POOL, "initserve cached, fresh destination (default MemoryPolicy())"),
+                ("cached", "normal", ASYNCIO, "initserve cached, asyncio client"),
                 ("cached", "normal", parallel, f"initserve cached, {parallel}"),
                 ("cached", "normal", SHARED, "initserve cached, shared memory (pooled region)"),
                 ("cached", "normal", SHARED_FRESH, "initserve cached, shared memory (fresh region)"),

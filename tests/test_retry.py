@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import initserve
-from initserve._codec import StreamAssembler
-from initserve._retry import RetryPolicy, fetch_resuming
-from initserve._transport import channel_target
+from initserve._channel import channel_target
+from initserve._client import drive
+from initserve._pipeline import Fetch
+from initserve._requests import prepare
+from initserve._retry import RetryPolicy
 from initserve_protocol.codec import encode_stream, seal_header, tensor_bytes
 from initserve_protocol.v1 import initserve_pb2 as pb
 from tests.conftest import same_bytes
@@ -68,17 +70,27 @@ class Script:
             if callable(cut):
                 message = cut(position, message)
             yield message
+        if isinstance(cut, tuple) and cut[0] == "after the trailer":
+            raise cut[1]
 
 
-def assemble(script: Script, policy: RetryPolicy = NO_WAIT, timeout: float | None = 30.0):
-    assembler = StreamAssembler(expected_shape=(1000,), expected_dtype=torch.float32)
-    return fetch_resuming(script, assembler, policy, timeout)
+def assemble(script: Script, policy: RetryPolicy = NO_WAIT, timeout: float | None = 30.0) -> initserve.InitResult:
+    """The sync client's driver over ``script``'s streams (each asks for the request's offset and seed)."""
+    prepared = prepare((1000,), "normal")
+    fetch = Fetch([prepared], [prepared.assembler()], policy, timeout, many=False)
+
+    def open_call(attempt):
+        request = attempt.request
+        return script(request.offset, request.seed if request.HasField("seed") else None, attempt.timeout)
+
+    drive(fetch, open_call)
+    return fetch.result()
 
 
 def test_an_unbroken_stream_takes_one_attempt() -> None:
     outcome = assemble(Script([None]))
     assert same_bytes(outcome.tensor, SOURCE)
-    assert (outcome.attempts, outcome.resumed_at) == (1, [])
+    assert (outcome.attempts, outcome.resumed_at) == (1, ())
 
 
 def test_unavailable_mid_stream_resumes_at_the_first_missing_byte_with_the_reported_seed() -> None:
@@ -87,8 +99,17 @@ def test_unavailable_mid_stream_resumes_at_the_first_missing_byte_with_the_repor
     outcome = assemble(script)
     assert same_bytes(outcome.tensor, SOURCE)
     assert script.calls == [(0, None), (3 * CHUNK, 99), (4 * CHUNK, 99)]
-    assert outcome.resumed_at == [3 * CHUNK, 4 * CHUNK]
-    assert [h.offset for h in outcome.headers] == [0, 3 * CHUNK, 4 * CHUNK]
+    assert outcome.resumed_at == (3 * CHUNK, 4 * CHUNK)
+    assert outcome.server_ids == ("replica-a",) * 3  # one header per stream, each checked
+
+
+def test_a_stream_that_fails_after_its_verified_trailer_is_complete() -> None:
+    # Every byte and the whole-tensor checksum were verified: the status that follows cannot change them, and
+    # another stream would only fetch the same bytes again.
+    script = Script([("after the trailer", initserve.Unavailable("connection reset after the trailer"))])
+    outcome = assemble(script)
+    assert same_bytes(outcome.tensor, SOURCE)
+    assert (outcome.attempts, len(script.calls)) == (1, 1)
 
 
 def test_a_damaged_chunk_is_refetched_from_its_own_offset() -> None:
@@ -149,7 +170,7 @@ def test_when_attempts_run_out_the_last_error_is_raised_with_a_note() -> None:
     with pytest.raises(initserve.Unavailable, match="down 2") as raised:
         assemble(script, RetryPolicy(max_attempts=3, initial_backoff=0.0, max_backoff=0.0))
     assert raised.value.__notes__ == [
-        f"initserve: gave up after 3 streams; {3 * CHUNK} bytes were verified"
+        f"initserve: gave up after 3 stream(s), {3 * CHUNK} bytes verified"
     ]  # one chunk per stream
 
 

@@ -27,9 +27,10 @@ import pytest
 import torch
 
 import initserve
-from initserve import _regions, _shared
-from initserve._codec import StreamAssembler
+from initserve import _regions
 from initserve._errors import IntegrityError
+from initserve._pipeline import Fetch
+from initserve._requests import prepare
 from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server import shared_memory
 from tests.conftest import ServerProcess, reference, run_python, same_bytes, start_server
@@ -238,15 +239,24 @@ def test_a_region_that_differs_from_the_trailer_raises(shm_server) -> None:
         assert isinstance(region, _regions.SharedRegion) and shared_memory.TOKEN_PATTERN.fullmatch(region.token)
         request = pb.InitRequest(scheme="normal", shape=shape, seed=9)
         messages = client._transport.init_shared(request, region.token, CALL_TIMEOUT_SECONDS)
-        assembler = StreamAssembler(expected_shape=shape, expected_dtype=torch.float32, expected_seed=9)
-        tensor, _ = _shared.receive(shared.pool, region, messages, assembler, shape, torch.float32)
-        assert same_bytes(tensor, reference("normal", shape, seed=9))
+
+        def filled(parts) -> Fetch:
+            prepared = prepare(shape, "normal", seed=9)
+            fetch = Fetch([prepared], [prepared.assembler()], initserve.RetryPolicy(), None, many=False)
+            fetch.next_attempt()
+            fetch.filled(parts, memoryview(region.map))
+            return fetch
+
+        assert filled(messages).done
+        assert same_bytes(
+            torch.frombuffer(region.map, dtype=torch.float32).view(shape), reference("normal", shape, seed=9)
+        )
         region.map[100] ^= 0x01
         with pytest.raises(IntegrityError, match="checksum mismatch: the shared-memory region differs") as raised:
-            _shared.receive(shared.pool, region, messages, assembler, shape, torch.float32)
+            filled(messages)
         assert raised.value.recovery == "restart"
         with pytest.raises(IntegrityError, match="exactly a header and a trailer"):
-            _shared.receive(shared.pool, region, messages[:1], assembler, shape, torch.float32)
+            filled(messages[:1])
 
 
 def test_freed_regions_are_reused_and_a_failed_attempt_s_region_is_not(shm_server, monkeypatch) -> None:

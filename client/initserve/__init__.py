@@ -10,7 +10,8 @@ Every tensor returned equals, bit for bit, ``torch.nn.init.<scheme>_`` run with
 
 from torch.nn.init import calculate_gain
 
-from initserve._client import Client, InitResult, draw_seed
+from initserve._calls import draw_seed
+from initserve._client import Client
 from initserve._errors import (
     Cancelled,
     DeadlineExceeded,
@@ -27,9 +28,10 @@ from initserve._errors import (
     Unimplemented,
     from_grpc_error,
 )
-from initserve._many import TensorSpec
 from initserve._memory import MemoryPolicy
 from initserve._modules import Rule, Sharding
+from initserve._pipeline import InitResult
+from initserve._requests import TensorSpec
 from initserve._retry import RetryPolicy
 from initserve_protocol.checksum import CHECKSUM_ALGORITHM, tensor_checksum
 from initserve_protocol.schemes import SCHEMES

@@ -15,7 +15,7 @@ import torch
 
 from initserve._errors import IntegrityError
 from initserve_protocol import dtypes
-from initserve_protocol.checksum import CHECKSUM_ALGORITHM, TensorChecksum, crc32
+from initserve_protocol.checksum import CHECKSUM_ALGORITHM, TensorChecksum, crc32, tensor_checksum
 from initserve_protocol.codec import expected_bytes, header_crc32, writable_bytes
 from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_protocol.wire import ChunkView, decode_response
@@ -101,65 +101,115 @@ class StreamAssembler:
         self.received = 0
         self._checksum = TensorChecksum()
         self._destination: memoryview | None = None
+        self._awaiting_header = True
+        self._complete = False
+
+    @property
+    def complete(self) -> bool:
+        """Whether every byte arrived and the whole-tensor checksum matched."""
+        return self._complete
 
     def restart(self) -> None:
         """Forget every byte received (after a whole-tensor checksum failure); keep the first header."""
         self.received = 0
         self._checksum = TensorChecksum()
+        self._complete = False
 
-    def consume(self, responses: Iterable[Response]) -> tuple[torch.Tensor, pb.Header]:
-        """Read one stream that starts at :attr:`received`; returns (tensor, first header) once verified.
+    def begin(self) -> None:
+        """A new stream starts (at :attr:`received`): its first message must be a header."""
+        self._awaiting_header = True
+
+    def feed(self, message: Response) -> bool:
+        """Check one message of the stream begun last and write its bytes; True once the tensor is verified.
 
         Messages may be ``InitResponse`` messages, :class:`ChunkView` (as the client's deserializer makes them),
         serialized bytes (as :func:`encode_stream` yields chunks), or a unary answer's unwrapped parts
-        (``Header``, ``ChunkView``, ``Trailer``: :func:`initserve_protocol.wire.decode_unary`).
-
-        Errors of the stream's transport propagate unchanged; the bytes before :attr:`received` stay
-        verified, so the caller may resume there.
+        (``Header``, ``ChunkView``, ``Trailer``: :func:`initserve_protocol.wire.decode_unary`). Raises
+        IntegrityError at the first message that is out of place, damaged, or fails the checksum; the bytes
+        before :attr:`received` stay verified, so the caller may resume there.
         """
-        iterator = iter(responses)
-        first = next(iterator, None)
-        if type(first) is bytes:
-            first = decode_response(first)
-        if type(first) is pb.Header:  # a unary answer's parts come unwrapped (initserve_protocol.wire.decode_unary)
-            header = first
-        elif first is None or type(first) is not pb.InitResponse or first.WhichOneof("part") != "header":
-            raise self._broken("stream did not start with a header")
-        else:
-            header = first.header
-        self._start(header)
-        assert self.header is not None and self._destination is not None
-        total = self.header.total_bytes
-        for message in iterator:
-            if type(message) is bytes:
-                message = decode_response(message)
-            if type(message) is ChunkView:  # the hot path: decoded by initserve_protocol.wire without a copy
-                self._chunk(message, total)
-                continue
-            if type(message) is pb.Trailer:
-                trailer = message
-            else:
-                part = message.WhichOneof("part") if type(message) is pb.InitResponse else type(message).__name__
-                if part == "chunk":
-                    chunk = message.chunk
-                    self._chunk(ChunkView(chunk.offset, memoryview(chunk.data), chunk.crc32), total)
-                    continue
-                if part != "trailer":
-                    raise self._broken(f"unexpected {part or 'empty'} message after the header")
-                trailer = message.trailer
-            if self.received != total:
-                raise self._broken(f"trailer after {self.received} of {total} bytes")
-            if trailer.checksum != self._checksum.digest():
-                raise IntegrityError(
-                    "checksum mismatch: the received bytes differ from the bytes the server sent",
-                    received=self.received,
-                    recovery="restart",
-                )
-            if next(iterator, None) is not None:
+        if type(message) is ChunkView:  # the hot path: decoded by initserve_protocol.wire without a copy
+            if self._awaiting_header:
+                raise self._broken("stream did not start with a header")
+            if self._complete:
                 raise self._broken("message after the trailer")
-            assert self.tensor is not None
-            return self.tensor, self.header
-        raise self._broken(f"stream ended after {self.received} of {total} bytes without a trailer")
+            self._chunk(message)
+            return False
+        if type(message) is bytes:
+            message = decode_response(message)
+        if self._awaiting_header:
+            if type(message) is pb.Header:  # a unary answer's parts come unwrapped
+                header = message
+            elif type(message) is not pb.InitResponse or message.WhichOneof("part") != "header":
+                raise self._broken("stream did not start with a header")
+            else:
+                header = message.header
+            self._start(header)
+            self._awaiting_header = False
+            return False
+        if self._complete:
+            raise self._broken("message after the trailer")
+        if type(message) is pb.Trailer:
+            trailer = message
+        else:
+            part = message.WhichOneof("part") if type(message) is pb.InitResponse else type(message).__name__
+            if part == "chunk":
+                chunk = message.chunk
+                self._chunk(ChunkView(chunk.offset, memoryview(chunk.data), chunk.crc32))
+                return False
+            if part != "trailer":
+                raise self._broken(f"unexpected {part or 'empty'} message after the header")
+            trailer = message.trailer
+        assert self.header is not None
+        if self.received != self.header.total_bytes:
+            raise self._broken(f"trailer after {self.received} of {self.header.total_bytes} bytes")
+        if trailer.checksum != self._checksum.digest():
+            raise IntegrityError(
+                "checksum mismatch: the received bytes differ from the bytes the server sent",
+                received=self.received,
+                recovery="restart",
+            )
+        self._complete = True
+        return True
+
+    def finish(self) -> tuple[torch.Tensor, pb.Header]:
+        """The stream ended: (tensor, first header) if verified, else IntegrityError saying what is missing."""
+        if self._awaiting_header:
+            raise self._broken("stream did not start with a header")
+        if not self._complete:
+            total = self.header.total_bytes if self.header is not None else 0
+            raise self._broken(f"stream ended after {self.received} of {total} bytes without a trailer")
+        assert self.tensor is not None and self.header is not None
+        return self.tensor, self.header
+
+    def consume(self, responses: Iterable[Response]) -> tuple[torch.Tensor, pb.Header]:
+        """Read one whole stream that starts at :attr:`received` (:meth:`begin`, :meth:`feed` each message,
+        :meth:`finish`); returns (tensor, first header) once verified."""
+        self.begin()
+        for message in responses:
+            self.feed(message)
+        return self.finish()
+
+    def verify_filled(self, header: pb.Header, trailer: pb.Trailer, data: memoryview, *, threads: int = 1) -> None:
+        """Check a destination the server filled in place (the same-host transport): ``header`` must answer the
+        request and cover all of ``data`` from byte 0, and ``data``'s whole-tensor checksum must be the
+        trailer's. Raises IntegrityError (``recovery="restart"``: the region is never used again)."""
+        self.check_header(header)
+        if header.offset != 0 or header.total_bytes != len(data):
+            raise IntegrityError(
+                f"the shared-memory answer covers bytes {header.offset}..{header.total_bytes}, not the region's "
+                f"0..{len(data)}",
+                recovery="restart",
+            )
+        if tensor_checksum(data, threads=threads) != trailer.checksum:
+            raise IntegrityError(
+                "checksum mismatch: the shared-memory region differs from the bytes the server wrote",
+                recovery="restart",
+            )
+        self.headers.append(header)
+        if self.header is None:
+            self.header = header
+        self._complete = True
 
     def _check_request(self, header: pb.Header) -> None:
         """An intact header that answers another request is the server's fault: raise, never retry."""
@@ -208,8 +258,9 @@ class StreamAssembler:
             raise self._broken(f"stream starts at offset {header.offset}, expected {self.received}")
         self.headers.append(header)
 
-    def _chunk(self, chunk: ChunkView, total: int) -> None:
-        assert self._destination is not None
+    def _chunk(self, chunk: ChunkView) -> None:
+        assert self._destination is not None and self.header is not None
+        total = self.header.total_bytes
         size = len(chunk.data)
         if chunk.offset != self.received:
             raise self._broken(f"chunk at offset {chunk.offset}, expected offset {self.received}")

@@ -17,6 +17,10 @@ layers (``init_module`` with no rules reproduces their ``reset_parameters`` call
 
 A parameter that neither a rule nor a default covers is an error naming it: nothing is left with values that
 nobody chose.
+
+This module plans and writes; it does no I/O and knows no client. :func:`init_module` and :func:`materialize`
+return :class:`ModuleWork`: the ``fetch_many`` calls to make and what to do with each answer. A client (sync or
+asyncio) makes the calls.
 """
 
 from __future__ import annotations
@@ -26,17 +30,14 @@ import fnmatch
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from initserve._many import TensorSpec
+from initserve._pipeline import InitResult
+from initserve._requests import TensorSpec
 from initserve_protocol.schemes import SCHEMES, ParamValue
 from initserve_protocol.slices import Shard, resolve, shard_bounds, sliced_shape
-
-if TYPE_CHECKING:
-    from initserve._client import Client
 
 DEFAULT_CALL_BYTES = 256 << 20  # parameters not written in place are fetched in calls of about this many bytes
 
@@ -164,33 +165,62 @@ def _zero_padding_rows(planned: Sequence[_Parameter], shard: Sharding | None = N
             module.weight[row].fill_(0)
 
 
-def _fill(
-    client: Client,
+@dataclass
+class FetchCall:
+    """One ``fetch_many(specs, progress=progress)`` call of a :class:`ModuleWork`; :meth:`done` takes its answer."""
+
+    specs: list[TensorSpec]
+    targets: list[torch.Tensor] | None  # where the results are copied; None: they were fetched into them
+    progress: Callable[[int, int], None] | None = None
+
+    def done(self, results: Mapping[str, InitResult]) -> None:
+        if self.targets is None:
+            return
+        with torch.no_grad():
+            for spec, target in zip(self.specs, self.targets, strict=True):
+                target.copy_(results[spec.name].tensor)
+
+
+@dataclass
+class ModuleWork:
+    """What initializing ``model`` takes: each call made with ``seed``, on the server's ``generate_on`` device,
+    within ``timeout``, its answer given to :meth:`FetchCall.done`; then :meth:`finish`."""
+
+    model: nn.Module
+    calls: list[FetchCall]
+    seed: int
+    generate_on: str
+    timeout: float | None
+    finish_steps: list[Callable[[], None]] = field(default_factory=list)
+
+    def finish(self) -> nn.Module:
+        for step in self.finish_steps:
+            step()
+        return self.model
+
+
+def _calls(
     specs: Sequence[TensorSpec],
     targets: Sequence[torch.Tensor],
-    *,
-    seed: int,
-    generate_on: str,
-    timeout: float | None,
     progress: Callable[[int, int], None] | None = None,
     call_bytes: int = DEFAULT_CALL_BYTES,
-) -> None:
-    """Fetch each spec into its target: CPU-contiguous targets in one call, straight into their storage; the
-    others through the CPU, in calls of about ``call_bytes``, each copied into its target."""
-    in_place = [(spec, target) for spec, target in zip(specs, targets, strict=True) if _writable_in_place(target)]
-    elsewhere = [(spec, target) for spec, target in zip(specs, targets, strict=True) if not _writable_in_place(target)]
-    with torch.no_grad():
-        if in_place:
-            direct = [dataclasses.replace(spec, out=target.detach()) for spec, target in in_place]
-            client.fetch_many(direct, seed=seed, device=generate_on, timeout=timeout, progress=progress)
-        batch: list[tuple[TensorSpec, torch.Tensor]] = []
-        for position, item in enumerate(elsewhere):
-            batch.append(item)
-            if sum(t.numel() * t.element_size() for _, t in batch) >= call_bytes or position == len(elsewhere) - 1:
-                results = client.fetch_many([spec for spec, _ in batch], seed=seed, device=generate_on, timeout=timeout)
-                for spec, target in batch:
-                    target.copy_(results[spec.name].tensor)
-                batch = []
+) -> list[FetchCall]:
+    """The calls that fetch each spec into its target: CPU-contiguous targets in one call, straight into their
+    storage; the others through the CPU, in calls of about ``call_bytes``, each copied into its target."""
+    pairs = list(zip(specs, targets, strict=True))
+    in_place = [(spec, target) for spec, target in pairs if _writable_in_place(target)]
+    elsewhere = [(spec, target) for spec, target in pairs if not _writable_in_place(target)]
+    calls = []
+    if in_place:
+        direct = [dataclasses.replace(spec, out=target.detach()) for spec, target in in_place]
+        calls.append(FetchCall(direct, None, progress))
+    batch: list[tuple[TensorSpec, torch.Tensor]] = []
+    for position, item in enumerate(elsewhere):
+        batch.append(item)
+        if sum(t.numel() * t.element_size() for _, t in batch) >= call_bytes or position == len(elsewhere) - 1:
+            calls.append(FetchCall([spec for spec, _ in batch], [target for _, target in batch]))
+            batch = []
+    return calls
 
 
 def _spec(parameter: _Parameter, shape: tuple[int, ...], slices: Sequence[Shard] = ()) -> TensorSpec:
@@ -199,7 +229,6 @@ def _spec(parameter: _Parameter, shape: tuple[int, ...], slices: Sequence[Shard]
 
 
 def init_module(
-    client: Client,
     model: nn.Module,
     *,
     seed: int,
@@ -208,15 +237,14 @@ def init_module(
     generate_on: str = "cpu",
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> nn.Module:
-    """Initialize every parameter of ``model`` in place from the server (see the module's docs); returns it.
+) -> ModuleWork:
+    """The work that initializes every parameter of ``model`` in place (see the module's docs).
     ``generate_on`` is the server's device."""
     planned = plan(model, rules, prefix)
     specs = [_spec(p, tuple(p.tensor.shape)) for p in planned]
     targets = [p.tensor for p in planned]
-    _fill(client, specs, targets, seed=seed, generate_on=generate_on, timeout=timeout, progress=progress)
-    _zero_padding_rows(planned)
-    return model
+    calls = _calls(specs, targets, progress)
+    return ModuleWork(model, calls, seed, generate_on, timeout, [lambda: _zero_padding_rows(planned)])
 
 
 @dataclass(frozen=True)
@@ -258,7 +286,6 @@ def _replace(model: nn.Module, old: torch.Tensor, new: torch.Tensor) -> None:
 
 
 def materialize(
-    client: Client,
     model: nn.Module,
     *,
     seed: int,
@@ -269,9 +296,9 @@ def materialize(
     leave_buffers: bool = False,
     generate_on: str = "cpu",
     timeout: float | None = None,
-) -> nn.Module:
-    """Allocate each parameter of a meta-device ``model`` once on ``device`` and fill it in place, as
-    :func:`init_module` does; returns it. With ``shard``, each parameter it matches is allocated and fetched
+) -> ModuleWork:
+    """Allocate each parameter of a meta-device ``model`` once on ``device`` (now), and the work that fills it in
+    place, as :func:`init_module`'s does. With ``shard``, each parameter it matches is allocated and fetched
     as this process's shard only (fans still from the whole shape), and stays that shape. Usable as FSDP's
     ``param_init_fn`` (pass ``prefix`` for the wrapped module's place in the whole model, so its names, and so
     its seeds, are the whole model's).
@@ -309,6 +336,5 @@ def materialize(
     for module in model.modules():
         if isinstance(module, resettable) and module.track_running_stats:
             module.reset_running_stats()
-    _fill(client, specs, targets, seed=seed, generate_on=generate_on, timeout=timeout)
-    _zero_padding_rows(planned, shard)
-    return model
+    calls = _calls(specs, targets)
+    return ModuleWork(model, calls, seed, generate_on, timeout, [lambda: _zero_padding_rows(planned, shard)])

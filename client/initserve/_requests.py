@@ -1,23 +1,43 @@
-"""A call's arguments checked and turned into an InitRequest, with what the answer to it must say."""
+"""A call's arguments checked and turned into requests, with what the answers to them must say: no I/O."""
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from initserve._codec import Allocate, StreamAssembler
 from initserve_protocol import dtypes
-from initserve_protocol.schemes import SCHEMES, Scheme
+from initserve_protocol.schemes import SCHEMES, ParamValue, Scheme
 from initserve_protocol.seeds import check_name, check_seed, derive_seed
 from initserve_protocol.slices import Slice, resolve, sliced_shape
 from initserve_protocol.v1 import initserve_pb2 as pb
 
 ShapeLike = int | Sequence[int] | torch.Size
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of :meth:`Client.fetch_many`: :meth:`Client.fetch`'s arguments, as data.
+
+    ``seed``: None takes the call's base seed; with a seed (either one) the generator's seed is
+    ``derive_seed(seed, name)`` unless ``derive=False``. ``out``: a contiguous CPU tensor of the result's
+    shape and dtype to write into (a parameter's own storage, say).
+    """
+
+    name: str
+    shape: ShapeLike
+    scheme: str
+    params: Mapping[str, ParamValue] = field(default_factory=dict)
+    seed: int | None = None
+    derive: bool | None = None
+    slices: Sequence[Slice] = ()
+    dtype: torch.dtype = torch.float32
+    out: torch.Tensor | None = None
 
 
 @dataclass
@@ -114,6 +134,38 @@ def prepare(
         expected_seed=expected_seed,
         seed_given=seed is not None,
     )
+
+
+def prepare_many(
+    specs: Sequence[TensorSpec],
+    *,
+    seed: int | None,
+    device: str,
+    chunk_bytes: int,
+    require_device_fingerprint: str,
+) -> list[Prepared]:
+    """Each spec's request (``seed``: the base seed of every spec that gives none); names must be unique."""
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise ValueError(f"tensor name {spec.name!r} appears twice")
+        seen.add(spec.name)
+    return [
+        prepare(
+            spec.shape,
+            spec.scheme,
+            seed=seed if spec.seed is None else spec.seed,
+            name=spec.name,
+            derive=spec.derive,
+            slices=spec.slices,
+            dtype=spec.dtype,
+            device=device,
+            chunk_bytes=chunk_bytes,
+            require_device_fingerprint=require_device_fingerprint,
+            params=dict(spec.params),
+        )
+        for spec in specs
+    ]
 
 
 def _shape(shape: ShapeLike) -> tuple[int, ...]:

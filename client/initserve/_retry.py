@@ -1,22 +1,19 @@
-"""Resuming a broken Init stream: which failures are worth another stream, backoff with jitter, the deadline.
+"""One fetch's retry budget: which failures are worth another attempt, backoff with jitter, the deadline.
 
 Generation is deterministic, so a stream that breaks part-way is continued by a new one (to any replica) from
-the last verified byte; the whole-tensor checksum then proves the joined bytes. Nothing here returns a tensor
-that failed a check: when the attempts or the deadline run out, the last error is raised.
+the last verified byte; the whole-tensor checksum then proves the joined bytes (:mod:`initserve._pipeline`).
+Nothing here sleeps or returns a tensor: :class:`Attempts` says how long to pause, or raises the last error
+when the attempts or the deadline run out.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
-from initserve._codec import StreamAssembler
 from initserve._errors import DeadlineExceeded, InitServeError, IntegrityError
-from initserve_protocol.v1 import initserve_pb2 as pb
 
 # Status codes after which a new stream may succeed: the server or the connection went away (UNAVAILABLE),
 # the transport broke or a damaged message failed to parse (INTERNAL, UNKNOWN "stream removed"), or a
@@ -56,25 +53,25 @@ def retryable(error: InitServeError) -> bool:
 class Attempts:
     """One fetch's retry budget: the number of attempts, the backoff between them, the whole fetch's deadline."""
 
-    def __init__(self, policy: RetryPolicy, timeout: float | None, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, policy: RetryPolicy, timeout: float | None, clock: Callable[[], float] = time.monotonic) -> None:
         self.policy = policy
         self.timeout = timeout
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self._clock = clock
+        self.deadline = None if timeout is None else clock() + timeout
         self.count = 0
-        self._sleep = sleep
 
     def start(self, spent: Callable[[], str]) -> float | None:
         """Begin an attempt; the seconds left for it (None: no deadline). Raises DeadlineExceeded, naming what
         was ``spent()``, when none are left."""
-        remaining = None if self.deadline is None else self.deadline - time.monotonic()
+        remaining = None if self.deadline is None else self.deadline - self._clock()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded(f"deadline of {self.timeout}s passed after {spent()}")
         self.count += 1
         return remaining
 
-    def failed(self, error: InitServeError, spent: Callable[[], str]) -> None:
+    def failed(self, error: InitServeError, spent: Callable[[], str]) -> float:
         """After a failed attempt: re-raise ``error`` unless it is retryable and attempts remain (its note then
-        says what was ``spent()``); otherwise wait the backoff, never past the deadline."""
+        says what was ``spent()``); otherwise the seconds to pause (the backoff, never past the deadline)."""
         if not retryable(error):
             raise error
         if self.count >= self.policy.max_attempts:
@@ -82,52 +79,5 @@ class Attempts:
             raise error
         pause = self.policy.backoff(self.count)
         if self.deadline is not None:
-            pause = min(pause, max(0.0, self.deadline - time.monotonic()))
-        self._sleep(pause)
-
-
-@dataclass
-class FetchOutcome:
-    tensor: torch.Tensor
-    header: pb.Header  # the first stream's header
-    headers: list[pb.Header]  # every stream's header, in order (server_id, offset, cache_hit)
-    attempts: int  # streams opened
-    resumed_at: list[int]  # byte offsets that later streams started from
-
-
-OpenStream = Callable[[int, int | None, float | None], Iterator[pb.InitResponse]]
-
-
-def fetch_resuming(
-    open_stream: OpenStream,
-    assembler: StreamAssembler,
-    policy: RetryPolicy,
-    timeout: float | None,
-    *,
-    sleep: Callable[[float], None] = time.sleep,
-) -> FetchOutcome:
-    """Consume streams from ``open_stream(offset, seed, timeout)`` into ``assembler`` until verified.
-
-    ``seed`` is None for the first stream and the first header's ``seed_used`` for every later one, so a
-    request that gave no seed resumes with the seed the server drew.
-    """
-    attempts = Attempts(policy, timeout, sleep)
-    resumed_at: list[int] = []
-    while True:
-        remaining = attempts.start(lambda: f"{attempts.count} stream(s), {assembler.received} bytes verified")
-        offset = assembler.received
-        seed = assembler.header.seed_used if assembler.header is not None and assembler.header.seeded else None
-        if attempts.count > 1:
-            resumed_at.append(offset)
-        try:
-            stream = open_stream(offset, seed, remaining)
-            try:
-                tensor, header = assembler.consume(stream)
-            finally:
-                if hasattr(stream, "close"):  # a stream's generator: closing it cancels the call
-                    stream.close()
-            return FetchOutcome(tensor, header, assembler.headers, attempts.count, resumed_at)
-        except InitServeError as error:
-            if isinstance(error, IntegrityError) and error.recovery == "restart":
-                assembler.restart()
-            attempts.failed(error, lambda: f"{attempts.count} streams; {assembler.received} bytes were verified")
+            pause = min(pause, max(0.0, self.deadline - self._clock()))
+        return pause

@@ -25,14 +25,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-import torch
-
-from initserve._codec import StreamAssembler
-from initserve._errors import FailedPrecondition, InitServeError, IntegrityError
+from initserve._errors import FailedPrecondition, InitServeError
+from initserve._pipeline import Fetch, InitResult
 from initserve._regions import RegionPool, SharedRegion
-from initserve._retry import Attempts, RetryPolicy
 from initserve_memory.fork_hooks import ForkHooks
-from initserve_protocol.checksum import tensor_checksum
 from initserve_protocol.errors import CONNECTION_LIMIT, NO_SUCH_REGION, SHARED_MEMORY_OFF, TOO_MANY_CONNECTIONS
 from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_protocol.wire import UnaryPart
@@ -45,37 +41,6 @@ RELEASES_PER_PACKET = 64  # tokens released in one packet (the server's limit)
 # memfd_create or its seals refused outright (an old kernel, a seccomp filter): off for good.
 _NO_MEMFDS = (errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP)
 UNAVAILABLE, NOT_NOW = "unavailable", "not now"  # why SharedMemory.fetch gave up: for good, or for this fetch
-
-
-def receive(
-    pool: RegionPool,
-    region: SharedRegion,
-    messages: Sequence[UnaryPart],
-    assembler: StreamAssembler,
-    shape: Sequence[int],
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, pb.Header]:
-    """The verified tensor over ``region`` from InitUnary's header and trailer (``messages``).
-
-    ``assembler`` checks the header as for a stream (its CRC, and that it answers the request); the checksum is
-    computed here over the region, which the server filled.
-    """
-    if [type(message) for message in messages] != [pb.Header, pb.Trailer]:
-        raise IntegrityError("a shared-memory answer must be exactly a header and a trailer", recovery="restart")
-    header, trailer = messages
-    assembler.check_header(header)
-    if header.offset != 0 or header.total_bytes != region.nbytes:
-        raise IntegrityError(
-            f"the shared-memory answer covers bytes {header.offset}..{header.total_bytes}, not the region's "
-            f"0..{region.nbytes}",
-            recovery="restart",
-        )
-    if tensor_checksum(memoryview(region.map), threads=VERIFY_THREADS) != trailer.checksum:
-        raise IntegrityError(
-            "checksum mismatch: the shared-memory region differs from the bytes the server wrote",
-            recovery="restart",
-        )
-    return pool.lend(region, dtype, shape), header
 
 
 class ConnectionLost(Exception):
@@ -343,29 +308,24 @@ class SharedMemory:
 
     def fetch(
         self,
-        call: Callable[[str, float | None], Sequence[UnaryPart]],
-        assembler: StreamAssembler,
-        shape: Sequence[int],
-        dtype: torch.dtype,
-        nbytes: int,
-        policy: RetryPolicy,
-        timeout: float | None,
+        call: Callable[[pb.InitRequest, str, float | None], Sequence[UnaryPart]],
+        fetch: Fetch,
         *,
         sleep: Callable[[float], None] = time.sleep,
-    ) -> tuple[torch.Tensor, pb.Header, int] | str:
-        """(tensor, header, attempts) through shared memory, retried as a stream would be, ``call(token,
-        remaining seconds)`` making the InitUnary call; or why not (:data:`UNAVAILABLE`: for good,
-        :data:`NOT_NOW`: for this fetch): the caller then uses gRPC."""
-        attempts = Attempts(policy, timeout, sleep)
+    ) -> InitResult | str:
+        """``fetch``'s tensor through shared memory, retried as a stream would be, ``call(request, token, remaining
+        seconds)`` making the InitUnary call; or why not (:data:`UNAVAILABLE`: for good, :data:`NOT_NOW`: for this
+        fetch): the caller then uses gRPC."""
+        prepared = fetch.prepared[0]
         while True:
-            remaining = attempts.start(lambda: f"{attempts.count} shared-memory attempt(s)")
-            region = self._region(nbytes, remaining)
+            attempt = fetch.next_attempt()
+            region = self._region(prepared.total_bytes, attempt.timeout)
             if isinstance(region, str):
                 return region
             try:
-                messages = call(region.token, remaining)
-                tensor, header = receive(self.pool, region, messages, assembler, shape, dtype)
-                return tensor, header, attempts.count
+                assert isinstance(attempt.request, pb.InitRequest)
+                parts = call(attempt.request, region.token, attempt.timeout)
+                fetch.filled(parts, memoryview(region.map), threads=VERIFY_THREADS)
             except BaseException as error:
                 if isinstance(error, FailedPrecondition) and error.refusal == NO_SUCH_REGION:
                     # Nothing was written. Another replica answered (the region stays good), or the server lost
@@ -377,7 +337,12 @@ class SharedMemory:
                     return self._off(str(error))
                 if not isinstance(error, InitServeError):
                     raise
-                attempts.failed(error, lambda: f"{attempts.count} shared-memory attempts")
+                pause = fetch.failed(error)
+                assert pause is not None  # a region's answer is verified whole: no failure comes after it
+                sleep(pause)
+                continue
+            tensor = self.pool.lend(region, prepared.dtype, prepared.out_shape)
+            return fetch.result(0, "shared_memory", tensor)
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # a lock another thread held at the fork would never be released

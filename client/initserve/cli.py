@@ -26,9 +26,11 @@ from typing import Any
 
 import torch
 
-from initserve._client import DEFAULT_TARGET, Client, InitResult
+from initserve._calls import DEFAULT_TARGET
+from initserve._client import Client
 from initserve._errors import InitServeError
-from initserve._many import TensorSpec
+from initserve._pipeline import InitResult
+from initserve._requests import TensorSpec
 from initserve_protocol import dtypes
 from initserve_protocol.slices import Range, Shard, Slice
 

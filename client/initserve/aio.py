@@ -1,0 +1,302 @@
+"""initserve for asyncio: :class:`Client`, with the sync client's methods as coroutines, over grpc.aio.
+
+    import asyncio, initserve.aio
+
+    async def main():
+        async with initserve.aio.Client("localhost:50051") as client:
+            w = await client.kaiming_normal((256, 128), seed=7, mode="fan_out", nonlinearity="relu")
+
+    asyncio.run(main())
+
+Every call plans and verifies exactly as the sync client does (the same :class:`~initserve._pipeline.Fetch`: the
+same requests, checks, resumes on another replica from the last verified byte, and errors), so both return the
+same bytes. Verification runs on the event loop's thread (a CRC-32 over each chunk as it arrives). The
+same-host transport (``shared_memory=``) is the sync client's only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import torch
+from torch import nn
+
+from initserve import _modules
+from initserve._async_transport import AsyncTransport
+from initserve._calls import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, ClientCore, attach_scheme_methods, channel_config
+from initserve._channel import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES
+from initserve._errors import InitServeError
+from initserve._memory import DEFAULT_MEMORY, MemoryPolicy
+from initserve._modules import Rule, Sharding
+from initserve._pipeline import Attempt, Fetch, InitResult
+from initserve._requests import ShapeLike, TensorSpec
+from initserve._retry import RetryPolicy
+from initserve_protocol.limits import MAX_UNARY_BYTES
+from initserve_protocol.schemes import ParamValue
+from initserve_protocol.slices import Slice
+from initserve_protocol.v1 import initserve_pb2 as pb
+
+if TYPE_CHECKING:  # the scheme methods' signatures, as coroutines, for type checkers; at run time made below
+    from initserve._scheme_methods import AsyncSchemeMethods
+else:
+    AsyncSchemeMethods = object
+
+__all__ = ["Client", "drive"]
+
+
+async def drive(fetch: Fetch, open_call: Callable[[Attempt], AsyncIterator[Any]]) -> Attempt:
+    """Run ``fetch`` to the end over ``open_call(attempt)``'s streams (Init: messages; InitMany: (index, message)
+    pairs), closing each (which cancels its call); returns the last attempt. The sync twin:
+    ``initserve._client.drive``."""
+    while True:
+        attempt = fetch.next_attempt()
+        try:
+            stream = open_call(attempt)
+            try:
+                if fetch.many:
+                    async for index, message in stream:
+                        fetch.receive(message, index)
+                else:
+                    async for message in stream:
+                        fetch.receive(message)
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]  # an async generator: cancels the call
+            fetch.end()
+            return attempt
+        except InitServeError as error:
+            pause = fetch.failed(error)
+            if pause is None:
+                return attempt
+            await asyncio.sleep(pause)
+
+
+class Client(ClientCore, AsyncSchemeMethods):
+    """An asyncio connection to an initserve server: ``async with`` it, or ``await`` :meth:`close`.
+
+    The arguments are :class:`initserve.Client`'s, except ``shared_memory`` (the sync client's only). The channel
+    is opened in the event loop of the first call, and belongs to it: use one client per event loop.
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_SECONDS,
+        credentials: grpc.ChannelCredentials | None = None,
+        root_certificates: bytes | str | os.PathLike | None = None,
+        client_certificate: bytes | str | os.PathLike | None = None,
+        client_key: bytes | str | os.PathLike | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
+        max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+        chunk_bytes: int = 0,
+        require_device_fingerprint: str | None = None,
+        retry: RetryPolicy | None = None,
+        unary_max_bytes: int = MAX_UNARY_BYTES,
+        memory: MemoryPolicy = DEFAULT_MEMORY,
+    ) -> None:
+        self._config = channel_config(
+            target,
+            credentials=credentials,
+            root_certificates=root_certificates,
+            client_certificate=client_certificate,
+            client_key=client_key,
+            tls_server_name=tls_server_name,
+            token=token,
+            max_receive_message_bytes=max_receive_message_bytes,
+            options=options,
+        )
+        ClientCore.__init__(
+            self,
+            timeout=timeout,
+            retry=retry,
+            chunk_bytes=chunk_bytes,
+            require_device_fingerprint=require_device_fingerprint,
+            unary_max_bytes=unary_max_bytes,
+            memory=memory,
+        )
+        self.target = target
+        self._open: AsyncTransport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def _transport(self) -> AsyncTransport:
+        loop = asyncio.get_running_loop()
+        if self._open is None:
+            self._open, self._loop = AsyncTransport(self._config), loop
+        elif loop is not self._loop:
+            raise RuntimeError("this initserve.aio.Client belongs to another event loop; make one per loop")
+        return self._open
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._open is not None:
+            await self._open.close()
+        self._memory.close()
+
+    def release_memory(self) -> int:
+        """Give back the memory kept for reuse (``memory.reuse_bytes``) now; returns the bytes released."""
+        return self._memory.release()
+
+    async def describe(self, *, timeout: float | None = None) -> pb.ServerInfo:
+        """The server's versions, devices, schemes with their parameters and defaults, and limits."""
+        return await self._transport.describe(self.timeout if timeout is None else timeout)
+
+    async def fetch(
+        self,
+        shape: ShapeLike,
+        scheme: str,
+        *,
+        seed: int | None = None,
+        name: str | None = None,
+        derive: bool | None = None,
+        slices: Sequence[Slice] = (),
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        chunk_bytes: int | None = None,
+        timeout: float | None = None,
+        require_device_fingerprint: str | None = None,
+        out: torch.Tensor | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        **params: ParamValue,
+    ) -> InitResult:
+        """:meth:`initserve.Client.fetch`, as a coroutine."""
+        fetch = self._plan_fetch(
+            shape,
+            scheme,
+            seed=seed,
+            name=name,
+            derive=derive,
+            slices=slices,
+            dtype=dtype,
+            device=device,
+            chunk_bytes=chunk_bytes,
+            timeout=timeout,
+            require_device_fingerprint=require_device_fingerprint,
+            out=out,
+            progress=progress,
+            params=params,
+        )
+        transport = self._transport
+        last = await drive(fetch, lambda attempt: transport.init(attempt.request, attempt.timeout, unary=attempt.unary))
+        unary = last.unary and not transport.unary_refused
+        return fetch.result(0, "unary" if unary else "stream")
+
+    async def fetch_many(
+        self,
+        specs: Sequence[TensorSpec],
+        *,
+        seed: int | None = None,
+        device: str = "cpu",
+        chunk_bytes: int | None = None,
+        timeout: float | None = None,
+        require_device_fingerprint: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, InitResult]:
+        """:meth:`initserve.Client.fetch_many`, as a coroutine."""
+        fetch = self._plan_many(
+            specs,
+            seed=seed,
+            device=device,
+            chunk_bytes=chunk_bytes,
+            timeout=timeout,
+            require_device_fingerprint=require_device_fingerprint,
+            progress=progress,
+        )
+        transport = self._transport
+        await drive(fetch, lambda attempt: transport.init_many(attempt.request, attempt.timeout))
+        return self._many_results(fetch, specs)
+
+    async def _run(self, work: _modules.ModuleWork) -> nn.Module:
+        for call in work.calls:
+            call.done(
+                await self.fetch_many(
+                    call.specs, seed=work.seed, device=work.generate_on, timeout=work.timeout, progress=call.progress
+                )
+            )
+        return work.finish()
+
+    async def init_module(
+        self,
+        module: nn.Module,
+        *,
+        seed: int,
+        rules: Sequence[Rule] = (),
+        prefix: str = "",
+        generate_on: str = "cpu",
+        timeout: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> nn.Module:
+        """:meth:`initserve.Client.init_module`, as a coroutine."""
+        work = _modules.init_module(
+            module, seed=seed, rules=rules, prefix=prefix, generate_on=generate_on, timeout=timeout, progress=progress
+        )
+        return await self._run(work)
+
+    async def materialize(
+        self,
+        module: nn.Module,
+        *,
+        seed: int,
+        device: str | torch.device = "cpu",
+        rules: Sequence[Rule] = (),
+        prefix: str = "",
+        shard: Sharding | None = None,
+        leave_buffers: bool = False,
+        generate_on: str = "cpu",
+        timeout: float | None = None,
+    ) -> nn.Module:
+        """:meth:`initserve.Client.materialize`, as a coroutine."""
+        work = _modules.materialize(
+            module,
+            seed=seed,
+            device=device,
+            rules=rules,
+            prefix=prefix,
+            shard=shard,
+            leave_buffers=leave_buffers,
+            generate_on=generate_on,
+            timeout=timeout,
+        )
+        return await self._run(work)
+
+    async def init(self, shape: ShapeLike, scheme: str, **kwargs: Any) -> torch.Tensor:
+        """:meth:`initserve.Client.init`, as a coroutine."""
+        return (await self.fetch(shape, scheme, **kwargs)).tensor
+
+    async def fill_(
+        self,
+        tensor: torch.Tensor,
+        scheme: str,
+        *,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        device: str = "cpu",
+        timeout: float | None = None,
+        **params: ParamValue,
+    ) -> torch.Tensor:
+        """:meth:`initserve.Client.fill_`, as a coroutine (the seed, when drawn, is drawn before the call)."""
+        if tensor.is_meta:
+            return tensor
+        dtype, seed, direct = self._fill_seed(tensor, scheme, generator, seed)
+        out = tensor.detach() if direct else None
+        result = await self.fetch(
+            tuple(tensor.shape), scheme, seed=seed, dtype=dtype, device=device, timeout=timeout, out=out, **params
+        )
+        if not direct:
+            with torch.no_grad():
+                tensor.copy_(result.tensor)
+        return tensor
+
+
+attach_scheme_methods(Client)
