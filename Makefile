@@ -42,7 +42,7 @@ test-all: install
 # hostile clients (stalled readers, the heaviest admitted requests), peak memory under every scheme at its largest,
 # and the fault soak with a same-host attacker, which writes docs/reliability.md.
 soak: install
-	INITSERVE_FUZZ=soak $(PY) -m pytest -q tests/test_fuzz.py --timeout 1800
+	INITSERVE_FUZZ=soak $(PY) -m pytest -q tests/e2e/test_fuzz.py --timeout 1800
 	$(PY) -m tests.soak --duration 300 --report docs/reliability.md
 
 # Throughput, latency, concurrency and memory against ceilings measured in the same run (about 10-15 min);

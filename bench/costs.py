@@ -35,7 +35,7 @@ SECTIONS = ("coefficients", "memory", "requests")
 HERE = Path(__file__).resolve().parent
 
 
-# --- specs and measurements (also used by tests/test_costs.py, through the ``probe`` command) -----------------
+# --- specs and measurements (also used by tests/server/test_costs.py, through the ``probe`` command) -----------------
 
 
 def make_spec(scheme: str, shape: list[int], dtype: str = "float32", params: dict | None = None, device: str = "cpu"):

@@ -3,7 +3,7 @@
 The clients' scheme methods are made from the table at import time (``initserve._calls``), which type checkers
 cannot follow; the generated classes declare them for checkers only (``SchemeMethods`` for ``initserve.Client``,
 ``AsyncSchemeMethods``, the same as coroutines, for ``initserve.aio.Client``).
-``python -m tests.scheme_methods --write`` rewrites it after the table changes; tests/test_typing.py fails while
+``python -m tests.scheme_methods --write`` rewrites it after the table changes; tests/client/test_typing.py fails while
 it is stale.
 """
 

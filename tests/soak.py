@@ -47,7 +47,7 @@ import torch
 import initserve
 from tests import soak_shared_memory
 from tests.conftest import SERVER_STOP_SECONDS, ServerProcess, reference, same_bytes, start_server
-from tests.test_faults import Fault, FaultProxy
+from tests.e2e.test_faults import Fault, FaultProxy
 
 if TYPE_CHECKING:
     from tests import soak_hostile

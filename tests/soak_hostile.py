@@ -45,8 +45,8 @@ from initserve_server.cli import build_parser, config_from_args
 from initserve_server.config import ServerConfig
 from initserve_server.validation import InvalidRequest, validate_request
 from tests.conftest import ServerProcess, reference, same_bytes, start_installed_server
+from tests.server.test_hostile import SERVICE, health, own_channel, read_status, settled, stats
 from tests.soak import Check, Request
-from tests.test_hostile import SERVICE, health, own_channel, read_status, settled, stats
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -43,7 +43,7 @@ import torch
 import initserve
 from initserve_protocol.v1 import initserve_pb2 as pb
 from tests.conftest import ServerProcess, reference, same_bytes, start_installed_server
-from tests.test_shared_memory import (
+from tests.e2e.test_shared_memory import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     SERVICE,

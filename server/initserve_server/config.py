@@ -49,7 +49,7 @@ MAX_STRING_PARAM_CHARS = 64
 # and trailer (header_room_bytes) needs it.
 # The strings the server itself puts in a header take less than this: a device name (CUDA's is at most 256 bytes)
 # twice, with the fingerprint, a hostname (at most 64) in server_id, two torch versions, the checksum algorithm,
-# the scheme and the server's version; tests/test_config.py checks this server's own.
+# the scheme and the server's version; tests/server/test_config.py checks this server's own.
 SERVER_STRINGS_BYTES = 1 << 10
 # Serialized InitUnary answers to repeated cached requests (initserve_server.answers), apart from cache_bytes.
 MAX_ANSWER_MEMO_BYTES = 64 << 20

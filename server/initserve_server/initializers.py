@@ -100,7 +100,7 @@ def dirac_(tensor: torch.Tensor, groups: int = 1) -> torch.Tensor:
     torch 2.13 zeroes the tensor and then, in a Python loop, sets ``tensor[g * out_per_group + d, d, centers] = 1``
     for every group ``g`` and ``d < min(out_per_group, in_channels)``: a torch call per element, holding the GIL
     between them (12 µs each: hours for the largest groups). The same elements set here by indexed assignments
-    of up to DIRAC_WRITES_PER_CALL elements (about 40 ns each) give the same bytes (tests/test_exactness.py
+    of up to DIRAC_WRITES_PER_CALL elements (about 40 ns each) give the same bytes (tests/e2e/test_exactness.py
     compares them with torch's). Every case where torch raises (dims, groups, a zero-size spatial dim), or writes
     nothing, is torch's own function: its errors and messages are torch's."""
     sizes = tensor.size()
@@ -134,7 +134,7 @@ INITIALIZERS["dirac"] = dirac_
 # generator element after element (normal_ transforms pairs of uniforms in blocks of 16 and redraws a short
 # tail), so filling consecutive pieces that are multiples of 16 elements, the last at least 16, with the same
 # generator writes the same bytes as one call: the tensor can be streamed while the rest is generated.
-# tests/test_production.py checks every scheme and dtype against one call.
+# tests/server/test_production.py checks every scheme and dtype against one call.
 PIECEWISE_SCHEMES = frozenset(
     {"normal", "uniform", "xavier_normal", "xavier_uniform", "kaiming_normal", "kaiming_uniform"}
 )

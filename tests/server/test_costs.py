@@ -15,8 +15,7 @@ from initserve_server import costs
 from initserve_server.config import DEFAULT_MAX_TENSOR_BYTES, DEFAULT_MAX_WORK_SECONDS
 from initserve_server.initializers import generate
 from initserve_server.validation import InvalidRequest
-
-from .conftest import REPO
+from tests.conftest import REPO
 
 # bench/costs.py measures working memory (a fresh interpreter, the server's allocator setting); the test runs it.
 _bench_spec = importlib.util.spec_from_file_location("bench_costs", os.path.join(REPO, "bench", "costs.py"))

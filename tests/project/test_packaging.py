@@ -9,7 +9,7 @@ import tomllib
 
 from tests.conftest import run_python
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def dependencies(project: str) -> set[str]:

@@ -19,9 +19,9 @@ from torch import nn
 import initserve
 import initserve.aio
 from tests.conftest import ServerProcess, reference, same_bytes, start_server
-from tests.test_errors import SEED, TORCH_ERROR_PARAMS, local_torch_error
-from tests.test_exactness import VARIANTS, local_outcome
-from tests.test_faults import (
+from tests.e2e.test_errors import SEED, TORCH_ERROR_PARAMS, local_torch_error
+from tests.e2e.test_exactness import VARIANTS, local_outcome
+from tests.e2e.test_faults import (
     BIG_BYTES,
     BIG_SHAPE,
     FETCH_TIMEOUT,

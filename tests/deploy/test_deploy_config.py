@@ -37,7 +37,7 @@ from tests.conftest import ServerProcess, reference, same_bytes, start_server
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"
 COMPONENTS = K8S / "components"

@@ -18,7 +18,7 @@ from initserve._scheme_methods import AsyncSchemeMethods, SchemeMethods
 from initserve_protocol.schemes import SCHEMES
 from tests.scheme_methods import TARGET, render
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = textwrap.dedent(
     """
     import torch

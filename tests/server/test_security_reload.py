@@ -2,7 +2,7 @@
 
 Small in-test servers with a trivial echo service stand in for initserve: the threaded grpc.server it runs, for
 the interceptor; grpc.aio as well, for the reloading credentials, which serve both. Certificates are made by
-openssl (tests/test_security.py's helpers). Files are replaced as Kubernetes replaces a Secret's: a new file
+openssl (tests/e2e/test_security.py's helpers). Files are replaced as Kubernetes replaces a Secret's: a new file
 moved over the old name, or the symlink to it swapped.
 """
 
@@ -38,7 +38,7 @@ from initserve_server.security import (
     parse_tokens,
     server_credentials,
 )
-from tests.test_security import make_ca, make_cert
+from tests.e2e.test_security import make_ca, make_cert
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,7 +14,7 @@ import torch
 import initserve
 from initserve import Sharding
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "torchrun_sharded.py"
 TORCHRUN_SECONDS = 240
 

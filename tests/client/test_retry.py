@@ -2,7 +2,7 @@
 
 The streams here are the real codec's output for a real tensor; only their delivery is scripted (a stream that
 stops after k chunks and raises the SDK error its transport would), so each resume path is checked exactly.
-End-to-end resumes through killed replicas and a corrupting proxy are in test_faults.py.
+End-to-end resumes through killed replicas and a corrupting proxy are in tests/e2e/test_faults.py.
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ def test_unary_max_bytes_is_checked() -> None:
 def test_the_manual_names_every_flag_and_its_environment_twin() -> None:
     from initserve_server.cli import build_parser
 
-    manual = (Path(__file__).parent.parent / "docs" / "server.md").read_text()
+    manual = (Path(__file__).resolve().parents[2] / "docs" / "server.md").read_text()
     rows = [line for line in manual.splitlines() if line.startswith("| `--")]
     for action in build_parser()._actions:
         flag = next((option for option in action.option_strings if option.startswith("--")), None)

@@ -1,0 +1,1 @@
+"""The SDK: both clients, the fetch pipeline, memory policy, models, the CLI (real servers where a server is needed)."""

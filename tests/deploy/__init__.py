@@ -1,0 +1,1 @@
+"""docker/: the image, compose, Envoy and Kubernetes files."""

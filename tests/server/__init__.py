@@ -1,0 +1,1 @@
+"""The server package: engine, cache, pools, budgets, validation, the process and its flags."""
