@@ -11,9 +11,13 @@ from typing import Any
 
 import grpc
 import torch
+from torch import nn
 
+from initserve import _modules, _own_init
 from initserve._channel import ChannelConfig
 from initserve._memory import HostMemory, MemoryPolicy
+from initserve._modules import ModuleWork, Rule, Sharding
+from initserve._own_init import OwnInitWork
 from initserve._pipeline import Fetch, InitResult
 from initserve._requests import ShapeLike, TensorSpec, prepare, prepare_many
 from initserve._retry import RetryPolicy
@@ -171,6 +175,93 @@ class ClientCore:
     @staticmethod
     def _many_results(fetch: Fetch, specs: Sequence[TensorSpec]) -> dict[str, InitResult]:
         return {spec.name: fetch.result(position) for position, spec in enumerate(specs)}
+
+    @staticmethod
+    def _init_module_work(
+        module: nn.Module,
+        *,
+        seed: int,
+        init_fn: Callable[..., Any] | None,
+        rules: Sequence[Rule],
+        prefix: str,
+        generate_on: str,
+        timeout: float | None,
+        progress: Callable[[int, int], None] | None,
+        local_draws: bool,
+        leave_unwritten: bool,
+    ) -> ModuleWork | OwnInitWork:
+        """:meth:`Client.init_module`'s work: the table of ``rules`` when given, else the model's own init code."""
+        if rules:
+            if init_fn is not None:
+                raise ValueError("give init_fn= (the model's own init code) or rules= (a table), not both")
+            return _modules.init_module(
+                module,
+                seed=seed,
+                rules=rules,
+                prefix=prefix,
+                generate_on=generate_on,
+                timeout=timeout,
+                progress=progress,
+            )
+        return _own_init.own_init_work(
+            module,
+            seed=seed,
+            init_fn=init_fn,
+            prefix=prefix,
+            generate_on=generate_on,
+            timeout=timeout,
+            progress=progress,
+            local_draws=local_draws,
+            leave_unwritten=leave_unwritten,
+        )
+
+    @staticmethod
+    def _materialize_work(
+        module: nn.Module,
+        *,
+        seed: int,
+        device: str | torch.device,
+        init_fn: Callable[..., Any] | None,
+        rules: Sequence[Rule],
+        prefix: str,
+        shard: Sharding | None,
+        leave_buffers: bool,
+        generate_on: str,
+        timeout: float | None,
+        local_draws: bool,
+    ) -> ModuleWork | OwnInitWork:
+        """:meth:`Client.materialize`'s work: with ``rules`` or ``shard``, the table's; else the meta model allocated
+        on ``device`` (ties kept) and its own init code."""
+        if rules or shard is not None:
+            if init_fn is not None:
+                raise ValueError(
+                    "init_fn= runs the model's own code on whole tensors: give it without rules= or shard="
+                )
+            return _modules.materialize(
+                module,
+                seed=seed,
+                device=device,
+                rules=rules,
+                prefix=prefix,
+                shard=shard,
+                leave_buffers=leave_buffers,
+                generate_on=generate_on,
+                timeout=timeout,
+            )
+        buffers, undo = _own_init.allocate(module, device)
+        return _own_init.own_init_work(
+            module,
+            seed=seed,
+            init_fn=init_fn,
+            prefix=prefix,
+            generate_on=generate_on,
+            timeout=timeout,
+            progress=None,
+            local_draws=local_draws,
+            leave_unwritten=False,
+            must_write=set() if leave_buffers else buffers,
+            undo=undo,
+        )
 
     @staticmethod
     def _fill_seed(

@@ -13,12 +13,13 @@ import grpc
 import torch
 from torch import nn
 
-from initserve import _modules, _regions, _shared
+from initserve import _regions, _shared
 from initserve._calls import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, ClientCore, attach_scheme_methods, channel_config
 from initserve._channel import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES
 from initserve._errors import InitServeError
 from initserve._memory import DEFAULT_MEMORY, MemoryPolicy
-from initserve._modules import Rule, Sharding
+from initserve._modules import ModuleWork, Rule, Sharding
+from initserve._own_init import OwnInitWork
 from initserve._pipeline import Attempt, Fetch, InitResult
 from initserve._requests import ShapeLike, TensorSpec
 from initserve._retry import RetryPolicy
@@ -270,7 +271,18 @@ class Client(ClientCore, SchemeMethods):
         drive(fetch, lambda attempt: self._transport.init_many(attempt.request, attempt.timeout))
         return self._many_results(fetch, specs)
 
-    def _run(self, work: _modules.ModuleWork) -> nn.Module:
+    def _run(self, work: ModuleWork | OwnInitWork) -> nn.Module:
+        """Make ``work``'s fetch_many calls: the dry run's draws on one call, then the real run; or a table's calls."""
+        if isinstance(work, OwnInitWork):
+            specs = work.record()
+            served = (
+                self.fetch_many(
+                    specs, seed=work.seed, device=work.generate_on, timeout=work.timeout, progress=work.progress
+                )
+                if specs
+                else {}
+            )
+            return work.replay(served)
         for call in work.calls:
             call.done(
                 self.fetch_many(
@@ -284,26 +296,36 @@ class Client(ClientCore, SchemeMethods):
         module: nn.Module,
         *,
         seed: int,
+        init_fn: Callable[..., Any] | None = None,
         rules: Sequence[Rule] = (),
         prefix: str = "",
         generate_on: str = "cpu",
         timeout: float | None = None,
         progress: Callable[[int, int], None] | None = None,
+        local_draws: bool = False,
+        leave_unwritten: bool = False,
     ) -> nn.Module:
-        """Initialize every parameter of ``module`` in place, each with ``derive_seed(seed, prefix + name)``, in
-        one InitMany call: with no ``rules`` as each layer's ``reset_parameters`` does, else the first matching
-        :class:`initserve.Rule` (see ``initserve._modules`` for the defaults). Returns ``module``."""
-        return self._run(
-            _modules.init_module(
-                module,
-                seed=seed,
-                rules=rules,
-                prefix=prefix,
-                generate_on=generate_on,
-                timeout=timeout,
-                progress=progress,
-            )
+        """Initialize ``module`` in place by its own init code, every random draw served, on one InitMany call:
+        each submodule's ``reset_parameters`` (children first), or ``init_fn`` (called once when it takes no
+        argument, like ``model.init_weights``; else applied to every submodule, like ``model._init_weights``).
+        The k-th random call on the tensor named ``fqn`` (``prefix`` + its qualified name) has the seed
+        ``derive_seed(seed, fqn)`` for k = 0, ``derive_seed(seed, f"{fqn}#{k}")`` after (docs/models.md).
+        ``local_draws``: random calls on anything but whole parameters and buffers run locally with a derived
+        generator instead of raising. ``rules``: a table of schemes instead of the model's code. Returns
+        ``module``."""
+        work = self._init_module_work(
+            module,
+            seed=seed,
+            init_fn=init_fn,
+            rules=rules,
+            prefix=prefix,
+            generate_on=generate_on,
+            timeout=timeout,
+            progress=progress,
+            local_draws=local_draws,
+            leave_unwritten=leave_unwritten,
         )
+        return self._run(work)
 
     def materialize(
         self,
@@ -311,29 +333,34 @@ class Client(ClientCore, SchemeMethods):
         *,
         seed: int,
         device: str | torch.device = "cpu",
+        init_fn: Callable[..., Any] | None = None,
         rules: Sequence[Rule] = (),
         prefix: str = "",
         shard: Sharding | None = None,
         leave_buffers: bool = False,
         generate_on: str = "cpu",
         timeout: float | None = None,
+        local_draws: bool = False,
     ) -> nn.Module:
-        """A ``meta``-device ``module`` with each parameter allocated once on ``device`` and initialized in place
-        as :meth:`init_module` does; with ``shard`` (:class:`initserve.Sharding`) only this process's shard of
-        each parameter it matches. Also usable as FSDP's ``param_init_fn``. Returns ``module``."""
-        return self._run(
-            _modules.materialize(
-                module,
-                seed=seed,
-                device=device,
-                rules=rules,
-                prefix=prefix,
-                shard=shard,
-                leave_buffers=leave_buffers,
-                generate_on=generate_on,
-                timeout=timeout,
-            )
+        """A ``meta``-device ``module`` with each parameter and buffer allocated once on ``device`` (ties kept) and
+        initialized in place as :meth:`init_module` does; a buffer no init code fills is an error unless
+        ``leave_buffers``. With ``shard`` (:class:`initserve.Sharding`, with ``rules`` or the built-in table) only
+        this process's shard of each parameter it matches. Also usable as FSDP's ``param_init_fn``. Returns
+        ``module``."""
+        work = self._materialize_work(
+            module,
+            seed=seed,
+            device=device,
+            init_fn=init_fn,
+            rules=rules,
+            prefix=prefix,
+            shard=shard,
+            leave_buffers=leave_buffers,
+            generate_on=generate_on,
+            timeout=timeout,
+            local_draws=local_draws,
         )
+        return self._run(work)
 
     def init(self, shape: ShapeLike, scheme: str, **kwargs: Any) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.<scheme>_``; keywords as :meth:`fetch`."""

@@ -25,13 +25,13 @@ import grpc
 import torch
 from torch import nn
 
-from initserve import _modules
 from initserve._async_transport import AsyncTransport
 from initserve._calls import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, ClientCore, attach_scheme_methods, channel_config
 from initserve._channel import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES
 from initserve._errors import InitServeError
 from initserve._memory import DEFAULT_MEMORY, MemoryPolicy
-from initserve._modules import Rule, Sharding
+from initserve._modules import ModuleWork, Rule, Sharding
+from initserve._own_init import OwnInitWork
 from initserve._pipeline import Attempt, Fetch, InitResult
 from initserve._requests import ShapeLike, TensorSpec
 from initserve._retry import RetryPolicy
@@ -217,7 +217,18 @@ class Client(ClientCore, AsyncSchemeMethods):
         await drive(fetch, lambda attempt: transport.init_many(attempt.request, attempt.timeout))
         return self._many_results(fetch, specs)
 
-    async def _run(self, work: _modules.ModuleWork) -> nn.Module:
+    async def _run(self, work: ModuleWork | OwnInitWork) -> nn.Module:
+        """Make ``work``'s fetch_many calls: the dry run's draws on one call, then the real run; or a table's calls."""
+        if isinstance(work, OwnInitWork):
+            specs = work.record()
+            served = (
+                await self.fetch_many(
+                    specs, seed=work.seed, device=work.generate_on, timeout=work.timeout, progress=work.progress
+                )
+                if specs
+                else {}
+            )
+            return work.replay(served)
         for call in work.calls:
             call.done(
                 await self.fetch_many(
@@ -231,15 +242,34 @@ class Client(ClientCore, AsyncSchemeMethods):
         module: nn.Module,
         *,
         seed: int,
+        init_fn: Callable[..., Any] | None = None,
         rules: Sequence[Rule] = (),
         prefix: str = "",
         generate_on: str = "cpu",
         timeout: float | None = None,
         progress: Callable[[int, int], None] | None = None,
+        local_draws: bool = False,
+        leave_unwritten: bool = False,
     ) -> nn.Module:
-        """:meth:`initserve.Client.init_module`, as a coroutine."""
-        work = _modules.init_module(
-            module, seed=seed, rules=rules, prefix=prefix, generate_on=generate_on, timeout=timeout, progress=progress
+        """Initialize ``module`` in place by its own init code, every random draw served, on one InitMany call:
+        each submodule's ``reset_parameters`` (children first), or ``init_fn`` (called once when it takes no
+        argument, like ``model.init_weights``; else applied to every submodule, like ``model._init_weights``).
+        The k-th random call on the tensor named ``fqn`` (``prefix`` + its qualified name) has the seed
+        ``derive_seed(seed, fqn)`` for k = 0, ``derive_seed(seed, f"{fqn}#{k}")`` after (docs/models.md).
+        ``local_draws``: random calls on anything but whole parameters and buffers run locally with a derived
+        generator instead of raising. ``rules``: a table of schemes instead of the model's code. Returns
+        ``module``."""
+        work = self._init_module_work(
+            module,
+            seed=seed,
+            init_fn=init_fn,
+            rules=rules,
+            prefix=prefix,
+            generate_on=generate_on,
+            timeout=timeout,
+            progress=progress,
+            local_draws=local_draws,
+            leave_unwritten=leave_unwritten,
         )
         return await self._run(work)
 
@@ -249,24 +279,32 @@ class Client(ClientCore, AsyncSchemeMethods):
         *,
         seed: int,
         device: str | torch.device = "cpu",
+        init_fn: Callable[..., Any] | None = None,
         rules: Sequence[Rule] = (),
         prefix: str = "",
         shard: Sharding | None = None,
         leave_buffers: bool = False,
         generate_on: str = "cpu",
         timeout: float | None = None,
+        local_draws: bool = False,
     ) -> nn.Module:
-        """:meth:`initserve.Client.materialize`, as a coroutine."""
-        work = _modules.materialize(
+        """A ``meta``-device ``module`` with each parameter and buffer allocated once on ``device`` (ties kept) and
+        initialized in place as :meth:`init_module` does; a buffer no init code fills is an error unless
+        ``leave_buffers``. With ``shard`` (:class:`initserve.Sharding`, with ``rules`` or the built-in table) only
+        this process's shard of each parameter it matches. Also usable as FSDP's ``param_init_fn``. Returns
+        ``module``."""
+        work = self._materialize_work(
             module,
             seed=seed,
             device=device,
+            init_fn=init_fn,
             rules=rules,
             prefix=prefix,
             shard=shard,
             leave_buffers=leave_buffers,
             generate_on=generate_on,
             timeout=timeout,
+            local_draws=local_draws,
         )
         return await self._run(work)
 

@@ -143,7 +143,8 @@ def test_init_module_and_materialize_match_the_sync_client(server: ServerProcess
         async with aio_client(server) as client:
             progress: list[int] = []
             built = await client.init_module(model(), seed=21, progress=lambda received, _: progress.append(received))
-            assert progress and progress[-1] == sum(p.numel() * 4 for p in built.parameters())
+            drawn = [p for name, p in built.named_parameters() if not name.startswith("2.")]  # LayerNorm: local fills
+            assert progress and progress[-1] == sum(p.numel() * 4 for p in drawn)
             with torch.device("meta"):
                 meta = model()
             return built, await client.materialize(meta, seed=21)

@@ -110,9 +110,11 @@ def test_a_parameter_nobody_covers_is_an_error_naming_it(client: initserve.Clien
             self.gamma = nn.Parameter(torch.full((4,), 7.0))
 
     model = nn.Sequential(nn.Linear(4, 4), Scale())
+    before = model[0].weight.detach().clone()
     with pytest.raises(ValueError) as raised:
         client.init_module(model, seed=SEED)
-    assert str(raised.value) == "no rule and no default for: 1.gamma (Scale); pass rules=[initserve.Rule(...)]"
+    assert str(raised.value).startswith("no init code wrote 1.gamma (their modules have no reset_parameters")
+    assert same_bytes(model[0].weight.detach(), before)  # refused before anything was written
     assert model[1].gamma.detach().tolist() == [7.0] * 4  # nothing was fetched or written
     client.init_module(model, seed=SEED, rules=[Rule("ones", name="*.gamma")])
     assert model[1].gamma.detach().tolist() == [1.0] * 4
@@ -138,7 +140,7 @@ def test_materialize_refuses_buffers_it_cannot_restore(client: initserve.Client)
 
     with torch.device("meta"):
         model = Rotary()
-    with pytest.raises(ValueError, match=r"^materialize: meta buffers inv_freq have no known initializer"):
+    with pytest.raises(ValueError, match=r"^no init code wrote inv_freq \(their modules have no reset_parameters"):
         client.materialize(model, seed=SEED)
     assert model.proj.weight.is_meta  # nothing was allocated
     client.materialize(model, seed=SEED, leave_buffers=True)
