@@ -12,6 +12,7 @@ import torch
 
 from initserve._codec import Allocate, StreamAssembler
 from initserve_protocol import dtypes
+from initserve_protocol.errors import tensor_label
 from initserve_protocol.schemes import SCHEMES, ParamValue, Scheme
 from initserve_protocol.seeds import check_name, check_seed, derive_seed
 from initserve_protocol.slices import Slice, resolve, sliced_shape
@@ -150,22 +151,29 @@ def prepare_many(
         if spec.name in seen:
             raise ValueError(f"tensor name {spec.name!r} appears twice")
         seen.add(spec.name)
-    return [
-        prepare(
-            spec.shape,
-            spec.scheme,
-            seed=seed if spec.seed is None else spec.seed,
-            name=spec.name,
-            derive=spec.derive,
-            slices=spec.slices,
-            dtype=spec.dtype,
-            device=device,
-            chunk_bytes=chunk_bytes,
-            require_device_fingerprint=require_device_fingerprint,
-            params=dict(spec.params),
-        )
-        for spec in specs
-    ]
+    prepared = []
+    for position, spec in enumerate(specs):
+        try:
+            prepared.append(
+                prepare(
+                    spec.shape,
+                    spec.scheme,
+                    seed=seed if spec.seed is None else spec.seed,
+                    name=spec.name,
+                    derive=spec.derive,
+                    slices=spec.slices,
+                    dtype=spec.dtype,
+                    device=device,
+                    chunk_bytes=chunk_bytes,
+                    require_device_fingerprint=require_device_fingerprint,
+                    params=dict(spec.params),
+                )
+            )
+        except (ValueError, TypeError, IndexError) as error:  # named as the server names its refusals
+            if type(error) not in (ValueError, TypeError, IndexError):
+                raise
+            raise type(error)(tensor_label(position, spec.name) + str(error)) from error
+    return prepared
 
 
 def _shape(shape: ShapeLike) -> tuple[int, ...]:

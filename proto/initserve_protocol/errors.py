@@ -35,3 +35,14 @@ TORCH_EXCEPTION_TYPES: frozenset[str] = frozenset(
         "OverflowError",
     }
 )
+# How much of a tensor's name an InitMany error repeats.
+MAX_LABEL_NAME_CHARS = 64
+
+
+def tensor_label(position: int, name: str) -> str:
+    """How an InitMany error names its tensor, on the server and in the SDK alike: ``tensors[3] ('layer.weight'): ``
+    (a name over MAX_LABEL_NAME_CHARS characters shortened, with "..."), or ``tensors[3]: `` when it has none."""
+    if not name:
+        return f"tensors[{position}]: "
+    shown = name if len(name) <= MAX_LABEL_NAME_CHARS else name[:MAX_LABEL_NAME_CHARS] + "..."
+    return f"tensors[{position}] ({shown!r}): "

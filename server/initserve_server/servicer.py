@@ -24,7 +24,13 @@ from google.protobuf.message import DecodeError
 
 from initserve_protocol import API_VERSION, dtypes
 from initserve_protocol.checksum import CHECKSUM_ALGORITHM
-from initserve_protocol.errors import REFUSAL_KEY, TORCH_EXCEPTION_KEY, TORCH_EXCEPTION_TYPES, UNARY_TOO_LARGE
+from initserve_protocol.errors import (
+    REFUSAL_KEY,
+    TORCH_EXCEPTION_KEY,
+    TORCH_EXCEPTION_TYPES,
+    UNARY_TOO_LARGE,
+    tensor_label,
+)
 from initserve_protocol.schemes import SCHEMES
 from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_protocol.wire import encode_unary, serialize_response, tensor_tag
@@ -54,7 +60,6 @@ from initserve_server.stalls import StallWatch
 from initserve_server.validation import InvalidRequest, OffsetOutOfRange
 
 MAX_DETAILS_CHARS = 2048  # an error's message: gRPC refuses trailers past its metadata limit (8 KiB by default)
-MAX_LABEL_NAME_CHARS = 64  # how much of a tensor's name an InitMany error repeats
 log = logging.getLogger("initserve.server")
 
 
@@ -119,11 +124,6 @@ def status_of(error: BaseException) -> Status:
 
 def _shown(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _tensor_label(position: int, name: str) -> str:
-    """How an InitMany error names its tensor: ``tensors[3] ('layer.weight'): ``, a long name shortened."""
-    return f"tensors[{position}] ({_shown(name, MAX_LABEL_NAME_CHARS)!r}): " if name else f"tensors[{position}]: "
 
 
 @dataclass
@@ -338,7 +338,7 @@ class InitServicer:
                         raise InvalidRequest("shared_memory is answered by InitUnary, not by InitMany")
                     specs.append(self.engine.validate(tensor))
                 except Exception as error:  # noqa: BLE001 - re-raised with the tensor's label
-                    raise _Labelled(error, _tensor_label(position, tensor.name)) from None
+                    raise _Labelled(error, tensor_label(position, tensor.name)) from None
 
             def messages() -> Iterator[bytes]:
                 for position, spec in enumerate(specs):
@@ -350,7 +350,7 @@ class InitServicer:
                                 cache_hit = message.header.cache_hit
                             yield tag + serialize_response(message)
                     except Exception as error:  # noqa: BLE001 - re-raised with the tensor's label
-                        raise _Labelled(error, _tensor_label(position, spec.name)) from None
+                        raise _Labelled(error, tensor_label(position, spec.name)) from None
                     call.answered(spec.total_bytes, spec.offset, cache_hit)
 
             chunk_bytes = max((spec.chunk_bytes for spec in specs), default=0)

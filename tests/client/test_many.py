@@ -74,6 +74,16 @@ def test_errors_name_the_tensor_and_the_server_keeps_serving(client: initserve.C
     flat = [SPECS[0], TensorSpec("flat", (5,), "orthogonal")]
     with pytest.raises(ValueError, match=r"^tensors\[1\] \('flat'\): Only tensors with 2 or more dimensions"):
         client.fetch_many(flat, seed=1)
+    # refused by the client before any call, named as the server names its refusals
+    for spec, error, message in (
+        (TensorSpec("n", (2, 2), "nope"), ValueError, "tensors[1] ('n'): unknown scheme 'nope'; use one of: "),
+        (TensorSpec("p", (2, 2), "normal", {"gain": 1.0}), TypeError, "tensors[1] ('p'): normal() got an unexpected"),
+        (TensorSpec("s", (4, 4), "normal", slices=[initserve.Shard(0, 5, 4)]), ValueError, "tensors[1] ('s'): "),
+        (TensorSpec("d", (2, 2), "normal", dtype=torch.int32), ValueError, "tensors[1] ('d'): dtype torch.int32 "),
+    ):
+        with pytest.raises(error) as raised:
+            client.fetch_many([SPECS[0], spec], seed=1)
+        assert type(raised.value) is error and str(raised.value).startswith(message), str(raised.value)
     with pytest.raises(ValueError, match="tensor name 'x' appears twice"):
         client.fetch_many([TensorSpec("x", (1,), "ones"), TensorSpec("x", (2,), "ones")])
     assert same_bytes(client.fetch_many(SPECS[:1], seed=2)["embed.weight"].tensor, expected(SPECS[0], 2))
