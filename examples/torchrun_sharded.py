@@ -1,7 +1,10 @@
 """Tensor-parallel init with initserve: every rank fetches only its own shard of each parameter.
 
+    make serve &                                   # a server on 127.0.0.1:50051 (or give --target)
     torchrun --nproc-per-node 2 examples/torchrun_sharded.py --target 127.0.0.1:50051
 
+It needs a running server: where none answers within ``--connect-timeout`` seconds, every rank says so in one
+line and exits with status 2.
 Each rank builds the model on the meta device (nothing allocated), then ``materialize`` allocates and fetches
 its shard of every matched parameter: column-parallel rows of the projections, embedding columns; norms stay
 whole. Fans come from the whole shapes, so the model is the same whatever the number of ranks. To show it,
@@ -76,7 +79,15 @@ def let_gloo_release(tensor: torch.Tensor, timeout: float = 10.0) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="127.0.0.1:50051")
+    parser.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the server")
     args = parser.parse_args()
+    with initserve.Client(args.target, retry=initserve.RetryPolicy(max_attempts=1)) as probe:
+        try:
+            probe.describe(timeout=args.connect_timeout)
+        except initserve.InitServeError as error:
+            print(f"no initserve server answered at {args.target} ({error.code}): start one with `make serve`, "
+                  "or pass --target host:port", file=sys.stderr, flush=True)  # fmt: skip
+            return 2
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     sharding = initserve.Sharding.from_process_group(SHARD_DIMS)

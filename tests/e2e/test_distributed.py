@@ -77,6 +77,17 @@ def test_the_torchrun_example_gathers_the_single_process_model(server) -> None:
     assert "rank 1/2: fetched" in done.stdout
 
 
+def test_the_torchrun_example_without_a_server_says_so_in_one_line() -> None:
+    port = free_port()  # nothing listens there
+    command = [sys.executable, str(EXAMPLE), "--target", f"127.0.0.1:{port}", "--connect-timeout", "5"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"no initserve server answered at 127.0.0.1:{port} (UNAVAILABLE): start one with `make serve`, "
+        "or pass --target host:port\n"
+    )
+
+
 FSDP_SCRIPT = """
 import os, sys, torch, torch.distributed as dist
 from torch import nn
