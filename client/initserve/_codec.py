@@ -103,6 +103,7 @@ class StreamAssembler:
         self._destination: memoryview | None = None
         self._awaiting_header = True
         self._complete = False
+        self.trailer: pb.Trailer | None = None  # the verified stream's trailer (its warnings)
 
     @property
     def complete(self) -> bool:
@@ -170,6 +171,7 @@ class StreamAssembler:
                 recovery="restart",
             )
         self._complete = True
+        self.trailer = trailer
         return True
 
     def finish(self) -> tuple[torch.Tensor, pb.Header]:
@@ -210,6 +212,7 @@ class StreamAssembler:
         if self.header is None:
             self.header = header
         self._complete = True
+        self.trailer = trailer
 
     def _check_request(self, header: pb.Header) -> None:
         """An intact header that answers another request is the server's fault: raise, never retry."""

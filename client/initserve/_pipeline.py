@@ -26,7 +26,9 @@ the same checks, resumes and errors in each.
 
 from __future__ import annotations
 
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -53,6 +55,7 @@ class InitResult:
     resumed_at: tuple[int, ...] = ()  # the byte offsets that later streams started from
     server_ids: tuple[str, ...] = ()  # the replica behind each stream, in order
     transport: str = "stream"  # how the bytes came: "stream", "unary" (InitUnary) or "shared_memory"
+    warnings: tuple[str, ...] = ()  # the UserWarnings torch gave generating it (re-issued when it was returned)
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,9 @@ class Fetch:
         else:
             assert assembler.complete and assembler.header is not None
             header = assembler.header
+        told = tuple(assembler.trailer.warnings) if assembler.trailer is not None else ()
+        for message in told:
+            warn_as_torch(message)
         return InitResult(
             tensor=tensor,
             seed=header.seed_used,
@@ -201,4 +207,14 @@ class Fetch:
             resumed_at=tuple(self.resumed_at[position]),
             server_ids=tuple(h.server_id for h in assembler.headers),
             transport=transport,
+            warnings=told,
         )
+
+
+def warn_as_torch(message: str) -> None:
+    """Re-issue a warning torch gave on the server as the UserWarning torch gives, attributed to the first frame
+    outside this package (the caller's line, as torch's own warning would be)."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "initserve":
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)

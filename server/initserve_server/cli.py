@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         "MAX_MESSAGE_BYTES",
         _size,
         defaults.DEFAULT_MAX_MESSAGE_BYTES,
-        "largest message sent; bounds a request's chunk_bytes; at least the largest header (6168 bytes at 16 dims)",
+        "largest message sent; bounds a request's chunk_bytes; at least the largest header and trailer "
+        "(7205 bytes at 16 dims)",
     )
     option(
         "--max-tensor-bytes",

@@ -10,6 +10,7 @@ from initserve_protocol.seeds import MAX_NAME_CHARS
 from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server.cpu_limit import usable_cpus
 from initserve_server.memory_limit import usable_memory_bytes
+from initserve_server.torch_warnings import MAX_WARNING_BYTES, MAX_WARNINGS
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
@@ -81,7 +82,8 @@ def header_bytes_bound(max_dims: int) -> int:
 @functools.cache  # on InitUnary's path
 def header_room_bytes(max_dims: int) -> int:
     """What InitUnary keeps of max_message_bytes for its header, trailer and the chunk's framing."""
-    trailer = pb.InitResponse(trailer=pb.Trailer(checksum=bytes(64))).ByteSize()
+    warnings = ["x" * MAX_WARNING_BYTES] * MAX_WARNINGS  # the most torch_warnings keeps
+    trailer = pb.InitResponse(trailer=pb.Trailer(checksum=bytes(64), warnings=warnings)).ByteSize()
     return header_bytes_bound(max_dims) + trailer + CHUNK_OVERHEAD_BYTES
 
 

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
+from initserve_server import torch_warnings
 from initserve_server.initializers import DIRAC_WRITES_PER_CALL, INITIALIZERS
 from initserve_server.spec import InitSpec
 from initserve_server.validation import InvalidRequest
@@ -468,6 +469,11 @@ def torch_error(spec: InitSpec) -> str | None:
     dtype = spec.dtype.torch_dtype
     kwargs = spec.kwargs()
     name = spec.scheme.name
+    with torch_warnings.collecting():  # the generation's warnings are the caller's; a dry run's are nobody's
+        return _torch_error(spec, dtype, kwargs, name)
+
+
+def _torch_error(spec: InitSpec, dtype: torch.dtype, kwargs: dict, name: str) -> str | None:
     try:
         meta = torch.empty(spec.shape, dtype=dtype, device="meta")
         if name == "trunc_normal":

@@ -30,7 +30,7 @@ from initserve_protocol.checksum import CHECKSUM_ALGORITHM
 from initserve_protocol.codec import encode_chunk_at, seal_header, tensor_bytes
 from initserve_protocol.slices import index
 from initserve_protocol.v1 import initserve_pb2 as pb
-from initserve_server import __version__, costs, devices
+from initserve_server import __version__, costs, devices, torch_warnings
 from initserve_server.answers import AnswerMemo
 from initserve_server.budget import ByteBudget
 from initserve_server.buffers import BufferPool
@@ -94,6 +94,11 @@ def header(spec: InitSpec, cache_hit: bool) -> pb.Header:
     )
 
 
+def trailer(production: Production) -> pb.Trailer:
+    """A finished production's trailer: its checksum, and the warnings torch gave while generating it."""
+    return pb.Trailer(checksum=production.final_checksum(), warnings=production.warnings)
+
+
 def produce(spec: InitSpec, production: Production, allocate: Allocate | None = None) -> None:
     """Generate the contract tensor for ``spec`` into ``production``, piece by piece where the scheme allows;
     ``allocate`` makes a CPU tensor's memory (see ``buffers``). Non-finite parameters torch accepted are refused
@@ -106,7 +111,8 @@ def produce(spec: InitSpec, production: Production, allocate: Allocate | None = 
         production.advance(final_bytes)
 
     try:
-        tensor = generate(spec, on_piece, allocate=allocate, stop=production.check_cancelled)
+        with torch_warnings.collecting(production.warnings):  # torch warns before it writes a byte
+            tensor = generate(spec, on_piece, allocate=allocate, stop=production.check_cancelled)
         check_finite(spec)
         if production.tensor is None and tensor.device.type == "cpu":
             production.attach(tensor.contiguous())
@@ -176,7 +182,7 @@ class Engine:
                 production.wait_for(end, is_active)
                 yield encode_chunk_at(payload, start, end, production.block_crcs)
             production.wait_for(total, is_active)
-            yield pb.InitResponse(trailer=pb.Trailer(checksum=production.final_checksum()))
+            yield pb.InitResponse(trailer=trailer(production))
 
     def write_region(self, spec: InitSpec, region: RegionLease, is_active: IsActive) -> list[pb.InitResponse]:
         """The shared-memory answer: ``spec``'s bytes written into the client's region as they become final, then
@@ -187,7 +193,7 @@ class Engine:
             )
             return [
                 pb.InitResponse(header=header(spec, shared)),
-                pb.InitResponse(trailer=pb.Trailer(checksum=production.final_checksum())),
+                pb.InitResponse(trailer=trailer(production)),
             ]
 
     @contextlib.contextmanager
@@ -231,6 +237,7 @@ class Engine:
                 assert lease.production.tensor is not None
                 piece = self.buffers.empty(spec.out_shape, spec.dtype.torch_dtype)
                 piece.copy_(lease.production.tensor[index(spec.slices)])
+                production.warnings.extend(lease.production.warnings)  # the whole tensor's call warned
             production.attach(piece)
             production.finish()
         except BaseException as error:

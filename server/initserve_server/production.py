@@ -44,6 +44,7 @@ class Production:
         self.block_crcs: list[int] = []  # grows as blocks become final; chunks that are one block reuse them
         self.checksum: bytes | None = None  # the whole tensor's, once finished
         self.error: BaseException | None = None
+        self.warnings: list[str] = []  # what torch warned while generating it (torch_warnings), before any byte
         self._written = 0  # bytes the producer has written: final, but maybe not yet summed
         self._final = 0  # bytes written and summed: their blocks' CRCs are in _crcs
         self._summing = False  # a thread is computing CRCs of [_final, _written) outside the lock
