@@ -43,6 +43,7 @@ from initserve._pipeline import InitResult
 from initserve._requests import TensorSpec
 from initserve_protocol import dtypes
 from initserve_protocol.seeds import derive_seed
+from initserve_protocol.slices import Range
 
 # torch.nn.init's functions that draw random numbers, each served as the scheme of its name.
 RANDOM_INIT_FUNCTIONS = (
@@ -118,8 +119,61 @@ def draw_name(fqn: str, k: int) -> str:
     return fqn if k == 0 else f"{fqn}#{k}"
 
 
+def _is_dtensor(tensor: Any) -> bool:
+    return hasattr(tensor, "_local_tensor") and hasattr(tensor, "placements")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank; any other tensor itself."""
+    return tensor._local_tensor if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
 def _storage(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage().data_ptr()
+    return _local(tensor).untyped_storage().data_ptr()
+
+
+def _has_memory(tensor: torch.Tensor) -> bool:
+    local = _local(tensor)
+    return local.numel() > 0 and not local.is_meta
+
+
+@dataclass(frozen=True)
+class Part:
+    """Where a random call's bytes go: the slices of the whole tensor this rank holds (none: all of it), the
+    tensor they are written into, and how the served bytes become it (a DTensor placement no slice describes
+    is fetched whole and cut by DTensor itself)."""
+
+    slices: tuple[Range, ...]
+    local: torch.Tensor
+    cut: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def part_of(tensor: torch.Tensor, name: str) -> Part:
+    """This rank's part of ``tensor``: all of a plain tensor; a DTensor's local shard, as ranges of the whole
+    tensor where its placements are ``Shard`` and ``Replicate`` (so the server sends only those bytes)."""
+    if not _is_dtensor(tensor):
+        return Part((), tensor)
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor import Shard as DShard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = tensor._local_tensor  # type: ignore[attr-defined]
+    mesh, placements = tensor.device_mesh, tensor.placements  # type: ignore[attr-defined]
+    if any(placement.is_partial() for placement in placements):
+        raise NotImplementedError(f"{name}: a DTensor with a Partial placement has no bytes of its own to draw")
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if all(type(placement) in (DShard, Replicate, _StridedShard) for placement in placements):
+        shape, offset = compute_local_shape_and_global_offset(tensor.shape, mesh, placements)
+        ranges = tuple(
+            Range(dim, offset[dim], shape[dim]) for dim in range(len(shape)) if shape[dim] != tensor.shape[dim]
+        )
+        return Part(ranges, local)
+
+    def cut(whole: torch.Tensor) -> torch.Tensor:  # each rank holds the whole tensor: no communication
+        return distribute_tensor(whole, mesh, placements, src_data_rank=None).to_local()
+
+    return Part((), local, cut)
 
 
 class Targets:
@@ -135,18 +189,19 @@ class Targets:
         for name, tensor in named:
             fqn = prefix + name
             self.by_id.setdefault(id(tensor), fqn)
-            if tensor.numel() > 0 and not tensor.is_meta:
+            if _has_memory(tensor):
                 self.by_layout.setdefault(self._layout(tensor), fqn)
                 self.by_storage.setdefault(_storage(tensor), fqn)
 
     @staticmethod
     def _layout(tensor: torch.Tensor) -> tuple:
-        return (_storage(tensor), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        local = _local(tensor)
+        return (_storage(local), local.storage_offset(), tuple(tensor.shape), tuple(local.stride()), tensor.dtype)
 
     def whole(self, tensor: torch.Tensor) -> str | None:
         """The name of the parameter or buffer ``tensor`` is (or views whole, as ``.data`` and ``.detach()`` do)."""
         found = self.by_id.get(id(tensor))
-        if found is None and isinstance(tensor, torch.Tensor) and tensor.numel() > 0 and not tensor.is_meta:
+        if found is None and isinstance(tensor, torch.Tensor) and _has_memory(tensor):
             found = self.by_layout.get(self._layout(tensor))
         return found
 
@@ -155,7 +210,7 @@ class Targets:
         if not isinstance(tensor, torch.Tensor):
             return None
         found = self.by_id.get(id(tensor))
-        if found is None and tensor.numel() > 0 and not tensor.is_meta:
+        if found is None and _has_memory(tensor):
             found = self.by_storage.get(_storage(tensor))
         return found
 
@@ -188,6 +243,7 @@ class OwnInit(TorchFunctionMode):
         self.written: set[str] = set()
         self.read_before_draw: set[str] = set()  # used by some call before its first draw (dry run)
         self.direct: set[str] = set()  # drawn once, fetched straight into the tensor: the real run skips the copy
+        self.parts: dict[str, Part] = {}  # each draw's place (the dry run's)
         self.module_name = ""  # the submodule whose init code runs now
         self._counts: dict[str, int] = {}
         self._local_counts: dict[str, int] = {}
@@ -209,6 +265,7 @@ class OwnInit(TorchFunctionMode):
             self.specs = []
             self.read_before_draw = set()
             self.direct = set()
+            self.parts = {}
 
     # --- draws ---------------------------------------------------------------------------------------------------
 
@@ -224,16 +281,20 @@ class OwnInit(TorchFunctionMode):
         name = draw_name(fqn, k)
         if tensor.numel() == 0:
             return tensor
-        if type(tensor) is not torch.Tensor and not isinstance(tensor, nn.Parameter):
-            raise NotImplementedError(f"{call} on {name}: a {type(tensor).__name__} (DTensor parameters: issue 19)")
+        part = part_of(tensor, name)
+        if part.local.numel() == 0:  # an uneven DTensor's empty shard on this rank
+            return tensor
         if self.recording:
             dtypes.from_torch(tensor.dtype)  # an unserved dtype is refused now, as torch's name for it
-            self.specs.append(TensorSpec(name, tuple(tensor.shape), scheme, params, dtype=tensor.dtype))
+            spec = TensorSpec(name, tuple(tensor.shape), scheme, params, slices=part.slices, dtype=tensor.dtype)
+            self.specs.append(spec)
+            self.parts[name] = part
             return tensor
         if k == 0 and fqn in self.direct:
             return tensor  # its bytes were fetched into it
+        served = self.served[name].tensor
         with torch.no_grad():
-            tensor.copy_(self.served[name].tensor)
+            part.local.copy_(part.cut(served) if part.cut is not None else served)
         return tensor
 
     def run_locally(self, call: str, target: Any, run: Callable[[torch.Generator], Any]) -> Any:
@@ -308,17 +369,17 @@ class OwnInit(TorchFunctionMode):
         drawn_again = {spec.name.rpartition("#")[0] for spec in self.specs if "#" in spec.name}
         planned = []
         for spec in self.specs:
-            tensor = self.targets.tensors.get(spec.name)
+            part = self.parts[spec.name]
             if (
-                tensor is not None
+                spec.name in self.targets.tensors  # a tensor's first draw (a later one's name has its "#k")
                 and spec.name not in drawn_again
                 and spec.name not in self.read_before_draw
-                and tensor.device.type == "cpu"
-                and tensor.is_contiguous()
-                and type(tensor) in (torch.Tensor, nn.Parameter)
+                and part.cut is None
+                and part.local.device.type == "cpu"
+                and part.local.is_contiguous()
             ):
                 self.direct.add(spec.name)
-                spec = dataclasses.replace(spec, out=tensor.detach())
+                spec = dataclasses.replace(spec, out=part.local.detach())
             planned.append(spec)
         return planned
 
@@ -509,8 +570,12 @@ class OwnInitWork:
 def allocate(model: nn.Module, device: str | torch.device) -> tuple[set[str], Callable[[], None]]:
     """Every meta parameter and buffer of ``model`` allocated (uninitialized) on ``device``, ties kept; the names
     of the buffers so allocated (no code has filled them yet), and a function that puts the meta tensors back."""
+    if any(_is_dtensor(p) for p in model.parameters()):  # sharded (FSDP2, TP): its own to_empty keeps the DTensors
+        buffers = {name for name, buffer in model.named_buffers() if buffer.is_meta}
+        model.to_empty(device=device)
+        return buffers, lambda: None
     replaced: dict[int, torch.Tensor] = {}
-    buffers: set[str] = set()
+    buffers = set()
     undo: list[tuple[dict, str, torch.Tensor]] = []
     for module_name, module in model.named_modules(remove_duplicate=False):
         for table, is_buffer in ((module._parameters, False), (module._buffers, True)):

@@ -77,6 +77,39 @@ def test_the_torchrun_example_gathers_the_single_process_model(server) -> None:
     assert "rank 1/2: fetched" in done.stdout
 
 
+OWN_INIT_SCRIPT = Path(__file__).resolve().parent / "own_init_sharded.py"
+
+
+@pytest.mark.parametrize(
+    ("layout", "ranks", "how"),
+    [("fsdp", 2, "init_module"), ("fsdp", 4, "materialize"), ("tp", 2, "init_module"), ("tp", 4, "materialize"),
+     ("2d", 4, "init_module")],
+)  # fmt: skip
+def test_own_init_code_under_fsdp2_and_tensor_parallelism_equals_a_one_process_init(
+    server, layout: str, ranks: int, how: str
+) -> None:
+    """torchtitan's flow: built on meta, sharded (FSDP2's fully_shard, TP's parallelize_module, or both on a 2-D
+    mesh), to_empty, then the model's own init_weights through init_module. Uneven shards at 4 ranks (50 rows,
+    30 columns). Each rank must receive exactly its shards' bytes, and the gathered model equal a one-process
+    init bit for bit (tests/e2e/own_init_sharded.py checks both and exits 0 only then)."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [
+        str(torchrun), "--nnodes", "1", "--nproc-per-node", str(ranks),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        str(OWN_INIT_SCRIPT), "--target", server.target, "--layout", layout,
+        *(["--materialize"] if how == "materialize" else []),
+    ]  # fmt: skip
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TORCHRUN_SECONDS, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"OK: {layout} on {ranks} ranks equals a one-process init (10 tensors)" in done.stdout
+    received = [line for line in done.stdout.splitlines() if line.startswith("rank ")]
+    assert len(received) == ranks
+    for line in received:
+        got, own = line.split("received ")[1].split(" bytes, its shards' are ")
+        assert int(got) == int(own) < 8800, line  # 8,800: every drawn byte of the model
+
+
 def test_the_torchrun_example_without_a_server_says_so_in_one_line() -> None:
     port = free_port()  # nothing listens there
     command = [sys.executable, str(EXAMPLE), "--target", f"127.0.0.1:{port}", "--connect-timeout", "5"]
