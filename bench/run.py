@@ -39,6 +39,7 @@ from typing import Any
 import ceilings
 import google.protobuf
 import grpc
+import model_init
 import torch
 from clients import Request, peak_rss_client, same_bytes, small_request_client, torch_threads
 from procs import ServerUnavailable, initserve_server, peak_rss_bytes, reset_peak_rss, rss_bytes, running
@@ -52,7 +53,7 @@ MIB = 1 << 20
 ROW = 1024  # float32 columns per row: N MiB of normal/kaiming_normal is (N * 256, 1024)
 SMALL_SHAPES = ((3, 5), (256, 256))
 CLIENT_TIMEOUT_SECONDS = 600.0
-SECTIONS = ("ceilings", "fetch", "parallel", "latency", "rps", "shm", "memory", "gpu")
+SECTIONS = ("ceilings", "fetch", "parallel", "latency", "rps", "shm", "memory", "model", "gpu")
 # Parallel range streams are not in the client yet (docs/performance.md: on 2 cores, 1, 2 and 4 connections
 # moved the same raw bytes per second); the section runs only when asked for, with --only parallel.
 DEFAULT_SECTIONS = tuple(section for section in SECTIONS if section != "parallel")
@@ -222,6 +223,11 @@ class Report:
             return f"{row.what:<58} {row.extra['requests_per_s']:>10.0f} req/s  ({row.extra['requests']} requests)"
         if row.kind == "memory":
             return f"{row.what:<58} {row.extra['text']}"
+        if row.kind.startswith("model-"):
+            return (
+                f"{row.what:<58} {row.size_mib:>6.0f} MiB {row.median_s * 1e3:>10.1f} ms {row.gb_per_s:>8.3f} GB/s"
+                f"  n={len(row.samples_s)}"
+            )
         ratios = "".join(
             f" {value:7.2f}x" if value is not None else "      - "
             for value in (self.ratio(row, "ceiling-grpc"), self.ratio(row, "ceiling-tcp"))
@@ -238,6 +244,7 @@ class Report:
             ("small requests", [r for r in self.rows if r.kind in ("latency", "ceiling-unary")]),
             ("concurrency", [r for r in self.rows if r.kind == "rps"]),
             ("memory", [r for r in self.rows if r.kind == "memory"]),
+            ("model init (GPT-2 small, its own _init_weights)", [r for r in self.rows if r.kind.startswith("model-")]),
         ]
         for title, rows in groups:
             if not rows:
@@ -605,6 +612,21 @@ def measure_memory(report: Report, plan: Plan, seeds: SeedSource) -> None:
                 process.join()
 
 
+def run_model_init(report: Report, plan: Plan, seeds: SeedSource) -> None:
+    """GPT-2 small initialized by its own _init_weights: locally, then served uncached and cached (model_init.py)."""
+    with initserve_server(*plan.serving_flags) as server:
+        found = model_init.measure(server.target, seeds, plan.repeats or 5, max(plan.warmup, 1))
+    for kind, what in (
+        ("local", "local model.apply(model._init_weights)"),
+        ("uncached", "init_module(init_fn=_init_weights), uncached"),
+        ("cached", "init_module(init_fn=_init_weights), cached"),
+    ):
+        row = Measurement(f"model-{kind}", what, found["nbytes"] / MIB, found["nbytes"])
+        row.scheme, row.samples_s = "gpt2-small", found["samples"][kind]
+        row.extra = {"parameters": found["parameters"]}
+        report.add(row)
+
+
 def measure_gpu(plan: Plan) -> dict[str, Any]:
     if not torch.cuda.is_available():
         print("CUDA: not present", flush=True)
@@ -807,6 +829,22 @@ def targets(report: Report, plan: Plan) -> list[Target]:
             )
     if not any(t.name.startswith("cached fetch") for t in found):
         found.append(Target("cached large fetch", "-", f">= {CACHED_VS_GRPC}x grpc stream", None))
+
+    # A model by its own init code (issue 19): cached within 1.5x of the local init's time.
+    local = next((row for row in report.rows if row.kind == "model-local"), None)
+    for row in report.rows:
+        if row.kind in ("model-cached", "model-uncached") and local is not None:
+            ratio = row.median_s / local.median_s
+            cached = row.kind == "model-cached"
+            found.append(
+                Target(
+                    f"GPT-2 small by its _init_weights, {'cached' if cached else 'uncached'}",
+                    f"{row.median_s:.2f} s = {ratio:.2f}x local {local.median_s:.2f} s",
+                    f"<= {model_init.CACHED_VS_LOCAL}x local" if cached else "(printed, not judged)",
+                    (ratio <= model_init.CACHED_VS_LOCAL) if cached else None,
+                    "" if cached else "printed",
+                )
+            )
 
     # The asyncio client: the same pipeline as the sync one, so about its speed on the same cached fetch.
     for row in report.rows:
@@ -1119,6 +1157,8 @@ def main(argv: list[str] | None = None) -> int:
             run_shared_memory(report, plan, seeds)
         if "memory" in plan.sections:
             measure_memory(report, plan, seeds)
+        if "model" in plan.sections:
+            run_model_init(report, plan, seeds)
         if "gpu" in plan.sections:
             gpu = measure_gpu(plan)
     except BenchmarkFailure as error:

@@ -241,8 +241,10 @@ class OwnInit(TorchFunctionMode):
         self.served: Mapping[str, InitResult] = {}
         self.specs: list[TensorSpec] = []
         self.written: set[str] = set()
-        self.read_before_draw: set[str] = set()  # used by some call before its first draw (dry run)
-        self.direct: set[str] = set()  # drawn once, fetched straight into the tensor: the real run skips the copy
+        self.reads: dict[str, int] = {}  # calls that used each tensor so far (dry run)
+        self.draws: dict[str, list[tuple[str, int]]] = {}  # each tensor's draws: (name, its reads before it)
+        self.dead: set[str] = set()  # draws overwritten by the next before anything used them: never fetched
+        self.direct: set[str] = set()  # fetched straight into the tensor: the real run skips the copy
         self.parts: dict[str, Part] = {}  # each draw's place (the dry run's)
         self.module_name = ""  # the submodule whose init code runs now
         self._counts: dict[str, int] = {}
@@ -263,7 +265,9 @@ class OwnInit(TorchFunctionMode):
         self.written = set()
         if recording:
             self.specs = []
-            self.read_before_draw = set()
+            self.reads = {}
+            self.draws = {}
+            self.dead = set()
             self.direct = set()
             self.parts = {}
 
@@ -289,9 +293,10 @@ class OwnInit(TorchFunctionMode):
             spec = TensorSpec(name, tuple(tensor.shape), scheme, params, slices=part.slices, dtype=tensor.dtype)
             self.specs.append(spec)
             self.parts[name] = part
+            self.draws.setdefault(fqn, []).append((name, self.reads.get(fqn, 0)))
             return tensor
-        if k == 0 and fqn in self.direct:
-            return tensor  # its bytes were fetched into it
+        if name in self.dead or name in self.direct:
+            return tensor  # overwritten by a later draw before any use; or its bytes were fetched into it
         served = self.served[name].tensor
         with torch.no_grad():
             part.local.copy_(part.cut(served) if part.cut is not None else served)
@@ -355,31 +360,38 @@ class OwnInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _note_reads(self, args: tuple, kwargs: dict) -> None:
-        """Parameters and buffers a call uses before their first draw: their bytes cannot be fetched into them
-        ahead of the real run, which must see their values as they were."""
+        """Count the calls that use each parameter or buffer (writes included): a draw nothing used before the next
+        draw of the same tensor is dead, and a tensor nothing used before its last draw can take that draw's
+        bytes before the real run."""
         for value in (*args, *kwargs.values()):
             for item in value if isinstance(value, (list, tuple)) else (value,):
                 name = self.targets.touched(item)
-                if name is not None and name not in self._counts:
-                    self.read_before_draw.add(name)
+                if name is not None:
+                    self.reads[name] = self.reads.get(name, 0) + 1
 
     def plan_direct(self) -> list[TensorSpec]:
-        """The dry run's requests, those of tensors drawn once, used by nothing before, and CPU-contiguous
-        fetched straight into them (:attr:`direct`); the others into new tensors, copied in by the real run."""
-        drawn_again = {spec.name.rpartition("#")[0] for spec in self.specs if "#" in spec.name}
-        planned = []
-        for spec in self.specs:
-            part = self.parts[spec.name]
+        """The dry run's requests, less the dead draws (overwritten by the next draw of their tensor before any call
+        used them); a tensor's last draw, where nothing used the tensor before it, fetched straight into it
+        (:attr:`direct`, CPU-contiguous only); the others into new tensors, copied in by the real run."""
+        for draws in self.draws.values():
+            for (name, reads), (_, next_reads) in zip(draws, draws[1:], strict=False):
+                if reads == next_reads:
+                    self.dead.add(name)
+            last, reads_before = draws[-1]
+            part = self.parts[last]
             if (
-                spec.name in self.targets.tensors  # a tensor's first draw (a later one's name has its "#k")
-                and spec.name not in drawn_again
-                and spec.name not in self.read_before_draw
+                reads_before == 0
                 and part.cut is None
                 and part.local.device.type == "cpu"
                 and part.local.is_contiguous()
             ):
-                self.direct.add(spec.name)
-                spec = dataclasses.replace(spec, out=part.local.detach())
+                self.direct.add(last)
+        planned = []
+        for spec in self.specs:
+            if spec.name in self.dead:
+                continue
+            if spec.name in self.direct:
+                spec = dataclasses.replace(spec, out=self.parts[spec.name].local.detach())
             planned.append(spec)
         return planned
 
@@ -420,30 +432,44 @@ def _patched_init_function(mode: OwnInit, name: str, original: Callable[..., Any
     return patched
 
 
+# Where torch.nn.init's random functions are bound, per module: (its namespace's size when scanned, the tables and
+# keys that held one). A module is scanned again when its namespace changes size; a known place is patched only
+# while it still holds torch's function. Scanning every module of a process with transformers imported took
+# 0.24 s per run; this makes a run's patching a walk over sys.modules.
+_BOUND: dict[int, tuple[int, list[tuple[dict, Any]]]] = {}
+
+
+def _bound_places(namespace: dict, originals: set[int]) -> list[tuple[dict, Any]]:
+    places = [(namespace, key) for key, value in namespace.items() if id(value) in originals]
+    for value in list(namespace.values()):
+        if type(value) is dict and value is not namespace:
+            places += [(value, key) for key, item in list(value.items()) if id(item) in originals]
+    return places
+
+
 @contextlib.contextmanager
 def patched_init_functions(mode: OwnInit) -> Iterator[None]:
     """torch.nn.init's random functions replaced by ones that go through ``mode``, wherever they are bound: on
     torch.nn.init, as a module's global (``from torch.nn.init import xavier_uniform_``), or as a value of a
     module-level dict (a table of init functions captured at import). Everything is put back on exit."""
     replacements = {id(original): patched for original, patched in mode.init_functions.items()}
+    originals = set(replacements)
     undo: list[tuple[dict, Any, Any]] = []
-
-    def patch(table: dict) -> None:
-        for key, value in list(table.items()):
-            patched = replacements.get(id(value))
-            if patched is not None:
-                undo.append((table, key, value))
-                table[key] = patched
-
     try:
         for module in list(sys.modules.values()):
             namespace = getattr(module, "__dict__", None)
             if type(namespace) is not dict:
                 continue
-            patch(namespace)
-            for value in list(namespace.values()):
-                if type(value) is dict and value is not namespace:
-                    patch(value)
+            known = _BOUND.get(id(namespace))
+            if known is None or known[0] != len(namespace):
+                known = (len(namespace), _bound_places(namespace, originals))
+                _BOUND[id(namespace)] = known
+            for table, key in known[1]:
+                value = table.get(key)
+                patched = replacements.get(id(value))
+                if patched is not None:
+                    undo.append((table, key, value))
+                    table[key] = patched
         yield
     finally:
         for table, key, value in reversed(undo):
