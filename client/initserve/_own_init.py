@@ -289,7 +289,10 @@ class OwnInit(TorchFunctionMode):
         if part.local.numel() == 0:  # an uneven DTensor's empty shard on this rank
             return tensor
         if self.recording:
-            dtypes.from_torch(tensor.dtype)  # an unserved dtype is refused now, as torch's name for it
+            try:
+                dtypes.from_torch(tensor.dtype)  # an unserved dtype is refused now, before anything is fetched
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"init code called {call} on {name!r}: {error}") from error
             spec = TensorSpec(name, tuple(tensor.shape), scheme, params, slices=part.slices, dtype=tensor.dtype)
             self.specs.append(spec)
             self.parts[name] = part

@@ -290,6 +290,21 @@ def test_unserved_random_methods_and_views_are_refused(client: initserve.Client)
         client.init_module(View(), seed=1)
 
 
+def test_a_draw_in_a_dtype_the_service_does_not_serve_names_the_call(client: initserve.Client) -> None:
+    class Integers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("codes", torch.empty(4, dtype=torch.float8_e4m3fn))
+            self.w = nn.Parameter(torch.empty(2))
+
+        def reset_parameters(self) -> None:
+            nn.init.zeros_(self.w)
+            nn.init.uniform_(self.codes)
+
+    with pytest.raises(ValueError, match=r"^init code called torch.nn.init.uniform_ on 'codes': dtype torch.float8"):
+        client.init_module(Integers(), seed=1)
+
+
 def test_parameters_no_code_writes_are_an_error(client: initserve.Client) -> None:
     class NoReset(nn.Module):
         def __init__(self) -> None:
