@@ -45,9 +45,11 @@ def install() -> None:
             return
         _original = warnings.showwarning
         warnings.showwarning = _route
-        # torch.nn.init warns from its own frame (trunc_normal_) or from its caller's (stacklevel=2: the server's
-        # module that called it); "always", so that the second call warns too
-        warnings.filterwarnings("always", category=UserWarning, module=r"torch\.nn\.init|initserve_server\.")
+        # torch.nn.init warns from its own frame (trunc_normal_) or from its caller's (stacklevel=2): the server's
+        # module that called it, or torch.overrides where a tensor subclass's __torch_function__ made the call
+        # (the pieces a generation streams). "always", so that the second call warns too: under "default" the
+        # first warning of a place silences every later one.
+        warnings.filterwarnings("always", category=UserWarning, module=r"torch\.|initserve_server\.")
         _installed = True
 
 
