@@ -288,6 +288,13 @@ class OwnInit(TorchFunctionMode):
         part = part_of(tensor, name)
         if part.local.numel() == 0:  # an uneven DTensor's empty shard on this rank
             return tensor
+        if not part.local.is_contiguous():
+            # torch fills a strided tensor in memory order, the served bytes are in logical order: they would differ
+            raise NotImplementedError(
+                f"init code called {call} on {name!r}, whose layout is not contiguous (strides "
+                f"{tuple(part.local.stride())}, e.g. channels_last): torch fills it in memory order, which the "
+                "service does not serve yet; initialize the model before changing its memory format"
+            )
         if self.recording:
             try:
                 dtypes.from_torch(tensor.dtype)  # an unserved dtype is refused now, before anything is fetched

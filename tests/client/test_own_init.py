@@ -330,6 +330,31 @@ def test_a_draw_in_a_dtype_the_service_does_not_serve_names_the_call(client: ini
         client.init_module(Integers(), seed=1)
 
 
+def test_draws_on_channels_last_weights_are_refused_not_served_in_the_wrong_order(client: initserve.Client) -> None:
+    """torch fills a strided tensor in memory order; the service's bytes are in logical order. A draw on such a
+    weight is refused by the dry run, before anything is written. (torch 2.13's Conv layers init a contiguous
+    temporary and copy it in, which is a random call on a temporary: refused too, or run with local_draws.)"""
+
+    class Direct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.empty(8, 4, 3, 3).to(memory_format=torch.channels_last))
+
+        def reset_parameters(self) -> None:
+            nn.init.normal_(self.weight, std=0.02)
+
+    model = Direct()
+    before = model.weight.detach().clone()
+    with pytest.raises(
+        NotImplementedError, match=r"'weight', whose layout is not contiguous \(strides \(36, 1, 12, 4\)"
+    ):
+        client.init_module(model, seed=1)
+    assert same_bytes(model.weight.detach(), before)
+    conv = nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"kaiming_uniform_ on a \(8, 4, 3, 3\) float32 tensor, which is not a whole"):
+        client.init_module(conv, seed=1)
+
+
 def test_parameters_no_code_writes_are_an_error(client: initserve.Client) -> None:
     class NoReset(nn.Module):
         def __init__(self) -> None:
