@@ -139,41 +139,31 @@ def _has_memory(tensor: torch.Tensor) -> bool:
 
 @dataclass(frozen=True)
 class Part:
-    """Where a random call's bytes go: the slices of the whole tensor this rank holds (none: all of it), the
-    tensor they are written into, and how the served bytes become it (a DTensor placement no slice describes
-    is fetched whole and cut by DTensor itself)."""
+    """Where a random call's bytes go: the slices of the whole tensor this rank holds (none: all of it), and the
+    tensor they are written into."""
 
     slices: tuple[Range, ...]
     local: torch.Tensor
-    cut: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def part_of(tensor: torch.Tensor, name: str) -> Part:
     """This rank's part of ``tensor``: all of a plain tensor; a DTensor's local shard, as ranges of the whole
-    tensor where its placements are ``Shard`` and ``Replicate`` (so the server sends only those bytes)."""
+    tensor (so the server sends only those bytes). Its placements must be ``Shard``, ``Replicate`` or the
+    ``_StridedShard`` FSDP2 makes of a TP-sharded dim, whose shards are ranges too; any other is refused."""
     if not _is_dtensor(tensor):
         return Part((), tensor)
-    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor import Shard as DShard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    local = tensor._local_tensor  # type: ignore[attr-defined]
-    mesh, placements = tensor.device_mesh, tensor.placements  # type: ignore[attr-defined]
-    if any(placement.is_partial() for placement in placements):
-        raise NotImplementedError(f"{name}: a DTensor with a Partial placement has no bytes of its own to draw")
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    if all(type(placement) in (DShard, Replicate, _StridedShard) for placement in placements):
-        shape, offset = compute_local_shape_and_global_offset(tensor.shape, mesh, placements)
-        ranges = tuple(
-            Range(dim, offset[dim], shape[dim]) for dim in range(len(shape)) if shape[dim] != tensor.shape[dim]
-        )
-        return Part(ranges, local)
-
-    def cut(whole: torch.Tensor) -> torch.Tensor:  # each rank holds the whole tensor: no communication
-        return distribute_tensor(whole, mesh, placements, src_data_rank=None).to_local()
-
-    return Part((), local, cut)
+    placements = tensor.placements  # type: ignore[attr-defined]
+    unserved = [placement for placement in placements if type(placement) not in (DShard, Replicate, _StridedShard)]
+    if unserved:
+        raise NotImplementedError(f"{name}: a DTensor placed {unserved[0]} has no range of the whole tensor to draw")
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, placements)  # type: ignore[attr-defined]
+    ranges = tuple(Range(dim, offset[dim], shape[dim]) for dim in range(len(shape)) if shape[dim] != tensor.shape[dim])
+    return Part(ranges, tensor._local_tensor)  # type: ignore[attr-defined]
 
 
 class Targets:
@@ -309,7 +299,7 @@ class OwnInit(TorchFunctionMode):
             return tensor  # overwritten by a later draw before any use; or its bytes were fetched into it
         served = self.served[name].tensor
         with torch.no_grad():
-            part.local.copy_(part.cut(served) if part.cut is not None else served)
+            part.local.copy_(served)
         return tensor
 
     def run_locally(self, call: str, target: Any, run: Callable[[torch.Generator], Any]) -> Any:
@@ -360,12 +350,12 @@ class OwnInit(TorchFunctionMode):
             call = getattr(func, "__qualname__", str(func))
             arguments = {key: value for key, value in kwargs.items() if key != "generator"}
             return self.run_locally(call, target, lambda generator: func(*args, **arguments, generator=generator))
-        if self.recording and getattr(func, "__name__", "") not in _LAYOUT_ONLY:
-            self._note_reads(args, kwargs)
-        written = self._written_by(func, args, kwargs)
-        if written is not None:
-            self.written.add(written)
-            if self.recording:
+        if self.recording:  # the real run runs everything as written: only the dry run looks at what a call does
+            if getattr(func, "__name__", "") not in _LAYOUT_ONLY:
+                self._note_reads(args, kwargs)
+            written = self._written_by(func, args, kwargs)
+            if written is not None:
+                self.written.add(written)
                 return None if func is _SETITEM else _first(args, kwargs)
         return func(*args, **kwargs)
 
@@ -382,19 +372,14 @@ class OwnInit(TorchFunctionMode):
     def plan_direct(self) -> list[TensorSpec]:
         """The dry run's requests, less the dead draws (overwritten by the next draw of their tensor before any call
         used them); a tensor's last draw, where nothing used the tensor before it, fetched straight into it
-        (:attr:`direct`, CPU-contiguous only); the others into new tensors, copied in by the real run."""
+        (:attr:`direct`, on the CPU); the others into new tensors, copied in by the real run."""
         for draws in self.draws.values():
             for (name, reads), (_, next_reads) in zip(draws, draws[1:], strict=False):
                 if reads == next_reads:
                     self.dead.add(name)
             last, reads_before = draws[-1]
             part = self.parts[last]
-            if (
-                reads_before == 0
-                and part.cut is None
-                and part.local.device.type == "cpu"
-                and part.local.is_contiguous()
-            ):
+            if reads_before == 0 and part.local.device.type == "cpu":  # contiguous: draw() refuses any other
                 self.direct.add(last)
         planned = []
         for spec in self.specs:

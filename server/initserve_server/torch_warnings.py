@@ -40,6 +40,8 @@ _original = warnings.showwarning
 def install() -> None:
     """Route collected threads' warnings (idempotent); torch.nn.init's warnings show on every call."""
     global _installed, _original
+    if _installed:  # every generation asks: no lock once done
+        return
     with _install_lock:
         if _installed:
             return
