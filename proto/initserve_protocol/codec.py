@@ -104,7 +104,7 @@ _CANONICAL_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)  # 
 
 
 def header_crc32(header: pb.Header) -> int:
-    """CRC-32 of the header's fields 1-14 and 16-19 in the canonical form the proto documents (Header.crc32)."""
+    """CRC-32 of the header's fields 1-14 and 16-20 in the canonical form the proto documents (Header.crc32)."""
     device = header.device
     fields = [
         list(header.shape),
@@ -126,6 +126,8 @@ def header_crc32(header: pb.Header) -> int:
         list(header.full_shape),
         [[part.dim, part.start, part.length] for part in header.slices],
     ]
+    if header.generator:  # torch's headers keep the form that clients older than the field check
+        fields.append(header.generator)
     return crc32(_CANONICAL_JSON.encode(fields).encode("ascii"))
 
 

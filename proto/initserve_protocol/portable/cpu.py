@@ -38,6 +38,10 @@ TWO_M53 = 2.0**-floats.COUNT_BITS
 UNIFORM, NORMAL = 0, 1
 BLOCK = 1 << 15  # output elements per unit of parallel work
 
+# Concurrent calls from several threads (the server's generation workers) need a thread-safe layer: OpenMP or TBB,
+# never Numba's own workqueue, which aborts the process when two threads enter it at once.
+numba.config.THREADING_LAYER = "threadsafe"
+
 _jit = numba.njit(cache=True, fastmath=False, error_model="numpy")
 _inline = numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
 
@@ -169,13 +173,13 @@ def _run(out, o, element, count, kind, p, q, stream, k0, k1, x):
 
 
 @numba.njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _fill(out, starts, lengths, strides, run_start, run_len, kind, p, q, stream, k0, k1):
+def _fill(out, first, starts, lengths, strides, run_start, run_len, kind, p, q, stream, k0, k1):
     total = out.shape[0]
     blocks = (total + BLOCK - 1) // BLOCK
     dims = starts.shape[0]
     for b in numba.prange(blocks):
-        o = b * BLOCK
-        end = min(o + BLOCK, total)
+        o = first + b * BLOCK  # a position in the slice's C order
+        end = min(o + BLOCK, first + total)
         x = np.empty(2 * SUB, np.float64)
         while o < end:
             r = o // run_len
@@ -185,13 +189,14 @@ def _fill(out, starts, lengths, strides, run_start, run_len, kind, p, q, stream,
                 element += (starts[d] + r % lengths[d]) * strides[d]
                 r = r // lengths[d]
             count = min(end - o, run_len - offset)
-            _run(out, o, element, count, kind, p, q, stream, k0, k1, x)
+            _run(out, o - first, element, count, kind, p, q, stream, k0, k1, x)
             o += count
 
 
-def fill(out, shape, resolved, kind, p, q, seed, stream=0):
-    """Write ``p + q * X`` (X uniform or standard normal, float64, then the out array's dtype) for every element
-    of ``full[slices]`` into the flat array ``out`` (float32 or float64, one element per slice element)."""
+def fill(out, shape, resolved, kind, p, q, seed, stream=0, first=0):
+    """Write ``p + q * X`` (X uniform or standard normal, float64, then the out array's dtype) for the elements
+    of ``full[slices]`` at positions ``[first, first + len(out))`` of the slice's C order into the flat array
+    ``out`` (float32 or float64)."""
     box = [(0, size) for size in shape]
     for dim, start, length in resolved:
         box[dim] = (start, length)
@@ -203,9 +208,12 @@ def fill(out, shape, resolved, kind, p, q, seed, stream=0):
     run_start = box[k][0] * strides[k] if shape else 0
     run_len = box[k][1] * strides[k] if shape else 1
     outer = box[:k] if shape else []
+    if out.shape[0] == 0:
+        return
     seed %= 1 << 64
     _fill(
         out,
+        first,
         np.array([start for start, _ in outer], dtype=np.int64),
         np.array([length for _, length in outer], dtype=np.int64),
         np.array(strides[:k], dtype=np.int64),

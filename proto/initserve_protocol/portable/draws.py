@@ -1,5 +1,5 @@
 """From Philox's bits to each element's uniform and normal value: the element-to-counter layout and the
-conversions, for the portable generator's reference (docs/portable.md, sections 2 and 3).
+conversions, for the portable generator's reference (docs/portable.md, sections 2 to 4).
 
 Element ``i`` of the full tensor (its C-order index) belongs to pair ``j = i // 2``. Pair ``j`` of stream ``s``
 is one Philox4x32-10 block: counter ``(j mod 2**32, j // 2**32, s, 0)``, key from the seed. Its four words make

@@ -13,7 +13,8 @@ from __future__ import annotations
 H = float.fromhex
 
 SQRT2 = H("0x1.6a09e667f3bcdp+0")  # sqrt(2)
-# ln(2) split as fdlibm splits it: k * LN2_HI is exact for |k| < 2**11 (its last 32 bits are zero).
+# ln(2) split as fdlibm splits it: k * LN2_HI is exact for |k| < 2**11 (its
+# significand's last 21 bits are zero).
 LN2_HI = H("0x1.62e42fee00000p-1")
 LN2_LO = H("0x1.a39ef35793c76p-33")
 PI_4 = H("0x1.921fb54442d18p-1")  # pi / 4

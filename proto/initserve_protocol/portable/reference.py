@@ -1,7 +1,7 @@
 """The portable generator's executable specification: element by element, in plain Python.
 
 Slow (a few microseconds per element) and written to be read next to docs/portable.md: the fast kernels
-(``initserve_protocol.portable.kernels``) must equal it byte for byte, and the known-answer file
+(``initserve_protocol.portable.cpu``) must equal it byte for byte, and the known-answer file
 (tests/protocol/portable_known_answers.json) is generated from it. Covers the drawn schemes; the fills
 (constant, ones, zeros, eye, dirac) have no random bits and are torch's.
 """
@@ -68,7 +68,8 @@ def values(
         return []
     kind, p, q = draw(scheme, params, shape)
     if kind == "uniform":
-        return [p + (q - p) * uniform(element_word(seed, i)) for i in elements]  # type: ignore[operator]
+        width = q - p  # type: ignore[operator]
+        return [p + width * uniform(element_word(seed, i)) for i in elements]  # type: ignore[operator]
     if kind == "normal":
         return [p + q * normal(seed, i) for i in elements]  # type: ignore[operator]
     raise ValueError(f"{scheme} is a fill: its bytes are torch's, with no random draw")

@@ -1,4 +1,4 @@
-"""Each portable scheme as one of three draws with float64 scales: what docs/portable.md section 4 specifies.
+"""Each portable scheme as one of three draws with float64 scales: what docs/portable.md section 5 specifies.
 
 Fans come from the full shape (as torch's ``_calculate_fan_in_and_fan_out``), and every bound and standard
 deviation is computed in float64 in the order written here, with ``math.sqrt`` (correctly rounded) and no
