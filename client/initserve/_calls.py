@@ -23,6 +23,7 @@ from initserve._requests import ShapeLike, TensorSpec, prepare, prepare_many
 from initserve._retry import RetryPolicy
 from initserve_protocol import dtypes
 from initserve_protocol.limits import MAX_UNARY_BYTES
+from initserve_protocol.portable import TORCH, generator_name
 from initserve_protocol.schemes import SCHEMES, ParamValue, Scheme
 from initserve_protocol.slices import Slice
 
@@ -89,6 +90,7 @@ class ClientCore:
         require_device_fingerprint: str | None,
         unary_max_bytes: int,
         memory: MemoryPolicy,
+        rng: str = TORCH,
     ) -> None:
         if not 0 <= unary_max_bytes <= MAX_UNARY_BYTES:
             raise ValueError(f"unary_max_bytes must be in 0..{MAX_UNARY_BYTES}, got {unary_max_bytes}")
@@ -97,6 +99,7 @@ class ClientCore:
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.require_device_fingerprint = require_device_fingerprint
+        self.rng = generator_name(rng)
         self._memory = HostMemory(memory)
 
     def _fingerprint(self, given: str | None) -> str:
@@ -119,6 +122,7 @@ class ClientCore:
         out: torch.Tensor | None,
         progress: Callable[[int, int], None] | None,
         params: dict[str, ParamValue],
+        rng: str | None = None,
     ) -> Fetch:
         """:meth:`Client.fetch`'s call, refused here when it cannot be valid (as torch would refuse it)."""
         prepared = prepare(
@@ -133,6 +137,7 @@ class ClientCore:
             chunk_bytes=self.chunk_bytes if chunk_bytes is None else chunk_bytes,
             require_device_fingerprint=self._fingerprint(require_device_fingerprint),
             params=params,
+            rng=self.rng if rng is None else rng,
         )
         assembler = prepared.assembler(out=out, allocate=self._memory.allocate, progress=progress)
         deadline = self.timeout if timeout is None else timeout
@@ -148,6 +153,7 @@ class ClientCore:
         timeout: float | None,
         require_device_fingerprint: str | None,
         progress: Callable[[int, int], None] | None,
+        rng: str | None = None,
     ) -> Fetch:
         """:meth:`Client.fetch_many`'s call: one InitMany :class:`Fetch` of every spec."""
         prepared = prepare_many(
@@ -156,6 +162,7 @@ class ClientCore:
             device=device,
             chunk_bytes=self.chunk_bytes if chunk_bytes is None else chunk_bytes,
             require_device_fingerprint=self._fingerprint(require_device_fingerprint),
+            rng=self.rng if rng is None else rng,
         )
         total = sum(item.total_bytes for item in prepared)
         before = [sum(item.total_bytes for item in prepared[:position]) for position in range(len(prepared))]

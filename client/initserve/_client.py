@@ -124,6 +124,7 @@ class Client(ClientCore, SchemeMethods):
         shared_memory: bool | str | os.PathLike = False,
         shared_memory_pool_bytes: int = _regions.DEFAULT_POOL_BYTES,
         memory: MemoryPolicy = DEFAULT_MEMORY,
+        rng: str = "torch",
     ) -> None:
         if shared_memory_pool_bytes < 0:
             raise ValueError(f"shared_memory_pool_bytes must be at least 0, got {shared_memory_pool_bytes}")
@@ -146,6 +147,7 @@ class Client(ClientCore, SchemeMethods):
             require_device_fingerprint=require_device_fingerprint,
             unary_max_bytes=unary_max_bytes,
             memory=memory,
+            rng=rng,
         )
         self.target = target
         self._transport = Transport(config)
@@ -199,6 +201,7 @@ class Client(ClientCore, SchemeMethods):
         require_device_fingerprint: str | None = None,
         out: torch.Tensor | None = None,
         progress: Callable[[int, int], None] | None = None,
+        rng: str | None = None,
         **params: ParamValue,
     ) -> InitResult:
         """Generate ``scheme`` on the server and return the verified tensor with its header.
@@ -226,6 +229,7 @@ class Client(ClientCore, SchemeMethods):
             out=out,
             progress=progress,
             params=params,
+            rng=rng,
         )
         total_bytes = fetch.prepared[0].total_bytes
         if self._shared is not None and self._shared.enabled and total_bytes > 0:
@@ -251,6 +255,7 @@ class Client(ClientCore, SchemeMethods):
         timeout: float | None = None,
         require_device_fingerprint: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        rng: str | None = None,
     ) -> dict[str, InitResult]:
         """Every tensor of ``specs`` on one InitMany stream, verified, by name (in order).
 
@@ -267,6 +272,7 @@ class Client(ClientCore, SchemeMethods):
             timeout=timeout,
             require_device_fingerprint=require_device_fingerprint,
             progress=progress,
+            rng=rng,
         )
         drive(fetch, lambda attempt: self._transport.init_many(attempt.request, attempt.timeout))
         return self._many_results(fetch, specs)

@@ -85,6 +85,7 @@ class StreamAssembler:
         expected_dtype: torch.dtype | None = None,
         expected_scheme: str | None = None,
         expected_seed: int | None = None,
+        expected_generator: str = "",
         out: torch.Tensor | None = None,
         allocate: Allocate | None = None,
         progress: Callable[[int, int], None] | None = None,
@@ -94,6 +95,7 @@ class StreamAssembler:
         self._expected_dtype = expected_dtype
         self._expected_scheme = expected_scheme
         self._expected_seed = expected_seed
+        self._expected_generator = expected_generator
         self._progress = progress
         self.tensor = out
         self.header: pb.Header | None = None
@@ -225,6 +227,15 @@ class StreamAssembler:
         if self._expected_seed is not None and header.seeded and header.seed_used != self._expected_seed:
             raise IntegrityError(
                 f"header seed_used {header.seed_used} differs from the requested seed {self._expected_seed}",
+                received=self.received,
+                recovery="none",
+            )
+
+        if header.generator != self._expected_generator:
+            raise IntegrityError(
+                f"header generator {header.generator or 'torch'!r} differs from the requested generator "
+                f"{self._expected_generator or 'torch'!r} (a server older than the portable generator answers "
+                f"with torch's)",
                 received=self.received,
                 recovery="none",
             )

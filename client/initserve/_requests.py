@@ -13,6 +13,7 @@ import torch
 from initserve._codec import Allocate, StreamAssembler
 from initserve_protocol import dtypes
 from initserve_protocol.errors import tensor_label
+from initserve_protocol.portable import TORCH, generator_name
 from initserve_protocol.schemes import SCHEMES, ParamValue, Scheme
 from initserve_protocol.seeds import check_name, check_seed, derive_seed
 from initserve_protocol.slices import Slice, resolve, sliced_shape
@@ -51,6 +52,7 @@ class Prepared:
     total_bytes: int
     expected_seed: int | None  # the seed the header must report (derived when derive_seed), None if drawn
     seed_given: bool  # the request names its seed: a resumed stream never replaces it
+    rng: str = TORCH  # the generator asked for, which the header must report
 
     def resumed(self, offset: int, drawn_seed: int | None) -> pb.InitRequest:
         """The request for a stream that resumes at ``offset``: a copy (the prepared request is never changed),
@@ -76,6 +78,7 @@ class Prepared:
             expected_dtype=self.dtype,
             expected_scheme=self.request.scheme,
             expected_seed=self.expected_seed,
+            expected_generator="" if self.rng == TORCH else self.rng,
             out=out,
             allocate=allocate,
             progress=progress,
@@ -95,6 +98,7 @@ def prepare(
     chunk_bytes: int = 0,
     require_device_fingerprint: str = "",
     params: dict[str, Any] | None = None,
+    rng: str = TORCH,
 ) -> Prepared:
     """The request for one tensor, refused here (as torch would refuse the call) when it cannot be valid."""
     if scheme not in SCHEMES:
@@ -108,6 +112,9 @@ def prepare(
         request.device = str(device)
     if chunk_bytes:
         request.chunk_bytes = chunk_bytes
+    rng = generator_name(rng)
+    if rng != TORCH:
+        request.generator = rng
     if require_device_fingerprint:
         request.require_device_fingerprint = require_device_fingerprint
     out_shape = sizes
@@ -134,6 +141,7 @@ def prepare(
         total_bytes=math.prod(out_shape) * entry.itemsize,
         expected_seed=expected_seed,
         seed_given=seed is not None,
+        rng=rng,
     )
 
 
@@ -144,6 +152,7 @@ def prepare_many(
     device: str,
     chunk_bytes: int,
     require_device_fingerprint: str,
+    rng: str = TORCH,
 ) -> list[Prepared]:
     """Each spec's request (``seed``: the base seed of every spec that gives none); names must be unique."""
     seen: set[str] = set()
@@ -167,6 +176,7 @@ def prepare_many(
                     chunk_bytes=chunk_bytes,
                     require_device_fingerprint=require_device_fingerprint,
                     params=dict(spec.params),
+                    rng=rng,
                 )
             )
         except (ValueError, TypeError, IndexError) as error:  # named as the server names its refusals

@@ -99,6 +99,7 @@ class Client(ClientCore, AsyncSchemeMethods):
         retry: RetryPolicy | None = None,
         unary_max_bytes: int = MAX_UNARY_BYTES,
         memory: MemoryPolicy = DEFAULT_MEMORY,
+        rng: str = "torch",
     ) -> None:
         self._config = channel_config(
             target,
@@ -119,6 +120,7 @@ class Client(ClientCore, AsyncSchemeMethods):
             require_device_fingerprint=require_device_fingerprint,
             unary_max_bytes=unary_max_bytes,
             memory=memory,
+            rng=rng,
         )
         self.target = target
         self._open: AsyncTransport | None = None
@@ -168,6 +170,7 @@ class Client(ClientCore, AsyncSchemeMethods):
         require_device_fingerprint: str | None = None,
         out: torch.Tensor | None = None,
         progress: Callable[[int, int], None] | None = None,
+        rng: str | None = None,
         **params: ParamValue,
     ) -> InitResult:
         """:meth:`initserve.Client.fetch`, as a coroutine."""
@@ -186,6 +189,7 @@ class Client(ClientCore, AsyncSchemeMethods):
             out=out,
             progress=progress,
             params=params,
+            rng=rng,
         )
         transport = self._transport
         last = await drive(fetch, lambda attempt: transport.init(attempt.request, attempt.timeout, unary=attempt.unary))
@@ -202,6 +206,7 @@ class Client(ClientCore, AsyncSchemeMethods):
         timeout: float | None = None,
         require_device_fingerprint: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        rng: str | None = None,
     ) -> dict[str, InitResult]:
         """:meth:`initserve.Client.fetch_many`, as a coroutine."""
         fetch = self._plan_many(
@@ -212,6 +217,7 @@ class Client(ClientCore, AsyncSchemeMethods):
             timeout=timeout,
             require_device_fingerprint=require_device_fingerprint,
             progress=progress,
+            rng=rng,
         )
         transport = self._transport
         await drive(fetch, lambda attempt: transport.init_many(attempt.request, attempt.timeout))

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
+from initserve_protocol.portable import tensors as portable_tensors
 from initserve_server import torch_warnings
 from initserve_server.initializers import DIRAC_WRITES_PER_CALL, INITIALIZERS
 from initserve_server.spec import InitSpec
@@ -235,11 +236,14 @@ _FILL_METHOD = {
 
 
 def _fill(spec: InitSpec) -> Cost:
-    elements = math.prod(spec.shape)
+    elements = math.prod(spec.generated_shape)
     per_element = FILL_SECONDS_PER_ELEMENT[(_FILL_METHOD[spec.scheme.name], spec.dtype.name)]
+    staging = 0  # the portable kernel writes 16-bit dtypes through a float32 piece
+    if spec.direct and spec.dtype.itemsize == 2:
+        staging = min(elements, portable_tensors.STAGING_ELEMENTS) * 4
     return Cost(
         CALL_SECONDS + elements * per_element,
-        0,
+        staging,
         f"{spec.scheme.name}: {elements} elements x {_seconds(per_element)}",
     )
 

@@ -28,6 +28,7 @@ import torch
 
 from initserve_protocol.checksum import CHECKSUM_ALGORITHM
 from initserve_protocol.codec import encode_chunk_at, seal_header, tensor_bytes
+from initserve_protocol.portable import TORCH
 from initserve_protocol.slices import index
 from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server import __version__, costs, devices, torch_warnings
@@ -90,6 +91,7 @@ def header(spec: InitSpec, cache_hit: bool) -> pb.Header:
             base_seed=spec.base_seed,
             full_shape=spec.shape if spec.slices else (),
             slices=[pb.Slice(dim=dim, start=start, length=length) for dim, start, length in spec.slices],
+            generator="" if spec.generator == TORCH else spec.generator,
         )
     )
 
@@ -144,7 +146,7 @@ class Engine:
         it cannot be served or its generation would run past the cost model's limit."""
         spec = validate_request(request, self.config, draw_seed)
         try:
-            costs.check(spec.whole(), self.config.max_work_seconds)
+            costs.check(spec if spec.direct else spec.whole(), self.config.max_work_seconds)
         except costs.WorkRefused:
             self.refused_work += 1
             raise
@@ -158,7 +160,7 @@ class Engine:
         """A lease on the production of ``spec``'s bytes: cached, joined, or started now (cache.Overloaded when
         it does not fit the in-flight budget, generation_pool.PoolClosed when the server is stopping). A slice's
         new production is empty: the lease's holder cuts it (:meth:`answer`)."""
-        if spec.slices:
+        if spec.slices and not spec.direct:
             return self.cache.acquire(
                 spec.key, spec.total_bytes, lambda: Production(spec.total_bytes), cacheable=not spec.seed_drawn,
                 generates=False,
@@ -202,7 +204,7 @@ class Engine:
         attached), and say whether it was shared (cached or joined); a slice's first holder cuts it first."""
         with self.lease(spec) as lease:
             production = lease.production
-            if spec.slices and not lease.shared:
+            if spec.slices and not spec.direct and not lease.shared:
                 self._cut(spec, production, is_active)
             production.wait_started(is_active)
             assert production.tensor is not None

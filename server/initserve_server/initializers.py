@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.overrides import TorchFunctionMode
 
+from initserve_protocol.portable import tensors as portable
 from initserve_protocol.schemes import SCHEMES
 from initserve_server.spec import InitSpec
 
@@ -224,6 +225,8 @@ def generate(
     """
     if not getattr(_configured, "done", False):
         configure_torch()
+    if spec.direct:
+        return _generate_portable(spec, on_piece, piece_bytes=piece_bytes, allocate=allocate, stop=stop)
     if allocate is not None and spec.device.type == "cpu":
         tensor = allocate(spec.shape, spec.dtype.torch_dtype)
     else:
@@ -246,4 +249,25 @@ def generate(
             INITIALIZERS[spec.scheme.name](target, **kwargs)
     else:
         INITIALIZERS[spec.scheme.name](target, **kwargs)
+    return tensor
+
+
+def _generate_portable(
+    spec: InitSpec, on_piece: OnPiece | None, *, piece_bytes: int, allocate: Allocate | None, stop: Stop | None
+) -> torch.Tensor:
+    """The portable generator's bytes for ``spec`` (its slice alone, when sliced), by the CPU kernel, piece by
+    piece: the kernel is the same on every device, so a request naming a GPU gets the same bytes from it."""
+    kwargs = spec.kwargs()
+    portable.check(spec.scheme.name, kwargs, spec.shape, spec.dtype.torch_dtype)  # torch's errors and warnings
+    shape, dtype = spec.out_shape, spec.dtype.torch_dtype
+    tensor = allocate(shape, dtype) if allocate is not None else torch.empty(shape, dtype=dtype)
+    flat = tensor.view(-1)
+    piece_elements = max(PIECE_MULTIPLE, piece_bytes // tensor.element_size())
+    for start in range(0, flat.numel(), piece_elements):
+        if stop is not None:
+            stop()
+        end = min(flat.numel(), start + piece_elements)
+        portable.fill(flat[start:end], spec.scheme.name, kwargs, spec.shape, spec.seed, spec.slices, first=start)
+        if on_piece is not None:
+            on_piece(tensor, end * tensor.element_size())
     return tensor

@@ -6,6 +6,8 @@ import math
 from collections.abc import Callable
 
 from initserve_protocol import dtypes
+from initserve_protocol.portable import generator_name
+from initserve_protocol.portable.scales import NOT_PORTABLE
 from initserve_protocol.schemes import INFINITE_ALLOWED, PARAM_NAMES, SCHEMES, ParamValue
 from initserve_protocol.seeds import MAX_NAME_CHARS, derive_seed
 from initserve_protocol.slices import MAX_SLICES, Range, Resolved, Shard, resolve, sliced_shape
@@ -120,6 +122,12 @@ def validate_request(request: pb.InitRequest, config: ServerConfig, draw_seed: C
     if dtype is None:
         raise InvalidRequest(f"dtype {request.dtype} is not served; use one of: {dtypes.SUPPORTED_NAMES}")
     shape = _check_shape(list(request.shape), dtype, config)
+    try:
+        generator = generator_name(request.generator)
+    except ValueError as error:
+        raise InvalidRequest(str(error)) from None
+    if generator != "torch" and scheme.name in NOT_PORTABLE:
+        raise InvalidRequest(f"generator {generator}: {NOT_PORTABLE[scheme.name]}")
     params = _check_params(scheme.name, request.params)
     try:
         device = devices.parse_device(request.device)
@@ -153,6 +161,7 @@ def validate_request(request: pb.InitRequest, config: ServerConfig, draw_seed: C
         name=request.name,
         base_seed=base_seed,
         slices=slices,
+        generator=generator,
     )
 
 
