@@ -222,6 +222,7 @@ def test_every_header_field_is_under_its_crc() -> None:
         "base_seed": lambda h: setattr(h, "base_seed", 0),  # present, even as 0, differs from absent
         "full_shape": lambda h: h.full_shape.append(48),
         "slices": lambda h: h.slices.add(dim=0, start=0, length=1),
+        "generator": lambda h: setattr(h, "generator", "philox4x32-10/v1"),
     }
     assert set(changes) == {f.name for f in pb.Header.DESCRIPTOR.fields} - {"crc32"}
     for name, change in changes.items():
@@ -229,6 +230,43 @@ def test_every_header_field_is_under_its_crc() -> None:
         header.CopyFrom(sealed)
         change(header)
         assert codec.header_crc32(header) != header.crc32, name
+
+
+def test_a_torch_header_keeps_the_crc_form_older_clients_check() -> None:
+    """Header.generator joins the CRC only when set: torch's headers are sealed as before the field existed."""
+    header = encoded(SOURCE)[0].header
+    assert header.generator == ""
+    with_generator = pb.Header()
+    with_generator.CopyFrom(header)
+    with_generator.generator = "philox4x32-10/v1"
+    assert codec.header_crc32(with_generator) != codec.header_crc32(header)
+    device = header.device
+    old_form = codec._CANONICAL_JSON.encode(
+        [
+            list(header.shape), header.dtype, header.total_bytes, header.seed_used, header.seeded,
+            header.torch_version,
+            [device.device, device.name, device.multiprocessor_count, device.capability, device.fingerprint],
+            header.checksum_algorithm, header.chunk_bytes, header.scheme, header.server_version, header.server_id,
+            header.offset, header.cache_hit, header.name, None, [], [],
+        ]
+    )  # fmt: skip
+    assert codec.header_crc32(header) == zlib.crc32(old_form.encode("ascii"))
+
+
+def test_an_intact_header_must_answer_the_requested_generator() -> None:
+    stream = encoded(SOURCE)
+    with pytest.raises(
+        IntegrityError, match="header generator 'torch' differs from the requested generator 'philox4x32-10/v1'"
+    ):
+        assemble(stream, expected_generator="philox4x32-10/v1")
+    resealed_stream = encoded(SOURCE)
+    resealed_stream[0].header.generator = "philox4x32-10/v1"
+    codec.seal_header(resealed_stream[0].header)
+    assert torch.equal(assemble(resealed_stream, expected_generator="philox4x32-10/v1"), SOURCE)
+    with pytest.raises(
+        IntegrityError, match="header generator 'philox4x32-10/v1' differs from the requested generator 'torch'"
+    ):
+        assemble(resealed_stream)
 
 
 def assemble(messages: list[pb.InitResponse], **expected) -> torch.Tensor:
