@@ -1,0 +1,97 @@
+"""`make bench`'s portable-generator rows (issue 20): the CPU kernel against torch's own local ``normal_`` on
+this machine's cores, and a 1/64 shard of a 4 GiB tensor against the whole tensor's generation. Medians after
+warm-up, ratios within one run; every measured output is checked (bytes against the reference on a sample of
+elements, the shard against the whole tensor's rows).
+
+    python bench/portable.py [--json docs/bench/portable.json] [--repeats 5] [--size-mib 256] [--whole-gib 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from initserve import portable
+from initserve_protocol.portable import reference
+from initserve_protocol.slices import Shard, resolve
+
+CPU_VS_TORCH = 1.5  # portable float32 normal at least this much faster than torch's local normal_
+SHARD_FRACTION = 1 / 32  # a 1/64 shard in at most this fraction of the whole tensor's time
+SAMPLE = 2_000  # elements checked against the pure-Python reference
+
+
+def median_seconds(action, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        action()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--whole-gib", type=int, default=4)
+    args = parser.parse_args()
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    rows: dict[str, float] = {}
+
+    # 1. float32 normal of --size-mib: torch's local normal_ (all threads) against the portable CPU kernel.
+    elements = args.size_mib * 2**20 // 4
+    out = torch.empty(elements)
+    generator = torch.Generator().manual_seed(1)
+    torch_s = median_seconds(lambda: out.normal_(generator=generator), args.repeats)
+    portable_s = median_seconds(lambda: portable.generate((elements,), "normal", seed=7), args.repeats)
+    made = portable.generate((elements,), "normal", seed=7)
+    expected = reference.generate("normal", {"mean": 0.0, "std": 1.0}, (elements,), "float32", 7, ((0, 0, SAMPLE),))
+    assert made[:SAMPLE].numpy().tobytes() == expected, "portable bytes differ from the reference"
+    del made
+    rows["torch_normal_GBps"] = elements * 4 / torch_s / 1e9
+    rows["portable_normal_GBps"] = elements * 4 / portable_s / 1e9
+    rows["portable_vs_torch"] = torch_s / portable_s
+
+    # 2. a 1/64 shard (dim 0) of a --whole-gib float32 tensor against the whole tensor.
+    rows_, cols = args.whole_gib * 2**30 // 4 // 8192, 8192
+    shape = (rows_, cols)
+    whole_s = median_seconds(lambda: portable.generate(shape, "normal", seed=9), max(1, args.repeats // 2), 1)
+    shard = [Shard(0, 17, 64)]
+    shard_s = median_seconds(lambda: portable.generate(shape, "normal", seed=9, slices=shard), args.repeats)
+    piece = portable.generate(shape, "normal", seed=9, slices=shard)
+    start, length = resolve(shape, shard)[0][1:]
+    whole = portable.generate(shape, "normal", seed=9)
+    assert torch.equal(piece.view(torch.int32), whole[start : start + length].view(torch.int32)), "shard differs"
+    del whole
+    rows["whole_s"] = whole_s
+    rows["shard_s"] = shard_s
+    rows["shard_vs_whole"] = shard_s / whole_s
+
+    print(f"portable generator, {threads} threads, torch {torch.__version__}")
+    print(
+        f"float32 normal, {args.size_mib} MiB: torch normal_ {rows['torch_normal_GBps']:.2f} GB/s, portable "
+        f"{rows['portable_normal_GBps']:.2f} GB/s: {rows['portable_vs_torch']:.2f}x (target >= {CPU_VS_TORCH}x)"
+    )
+    print(f"{args.whole_gib} GiB tensor {list(shape)}: whole {whole_s:.3f} s, 1/64 shard {shard_s * 1e3:.1f} ms: "
+          f"{rows['shard_vs_whole']:.4f} of the whole (target <= {SHARD_FRACTION:.4f})")  # fmt: skip
+    met = rows["portable_vs_torch"] >= CPU_VS_TORCH and rows["shard_vs_whole"] <= SHARD_FRACTION
+    print("targets " + ("met" if met else "MISSED"))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        document = {"threads": threads, "torch": torch.__version__, "size_mib": args.size_mib}
+        args.json.write_text(json.dumps({**document, "whole_gib": args.whole_gib, **rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
