@@ -15,6 +15,7 @@ from torch import nn
 
 from initserve import _modules, _own_init
 from initserve._channel import ChannelConfig
+from initserve._local import check_local, maker
 from initserve._memory import HostMemory, MemoryPolicy
 from initserve._modules import ModuleWork, Rule, Sharding
 from initserve._own_init import OwnInitWork
@@ -91,6 +92,7 @@ class ClientCore:
         unary_max_bytes: int,
         memory: MemoryPolicy,
         rng: str = TORCH,
+        local: bool = False,
     ) -> None:
         if not 0 <= unary_max_bytes <= MAX_UNARY_BYTES:
             raise ValueError(f"unary_max_bytes must be in 0..{MAX_UNARY_BYTES}, got {unary_max_bytes}")
@@ -100,6 +102,8 @@ class ClientCore:
         self.chunk_bytes = chunk_bytes
         self.require_device_fingerprint = require_device_fingerprint
         self.rng = generator_name(rng)
+        check_local(local, self.rng)
+        self.local = local
         self._memory = HostMemory(memory)
 
     def _fingerprint(self, given: str | None) -> str:
@@ -123,6 +127,7 @@ class ClientCore:
         progress: Callable[[int, int], None] | None,
         params: dict[str, ParamValue],
         rng: str | None = None,
+        local: bool | None = None,
     ) -> Fetch:
         """:meth:`Client.fetch`'s call, refused here when it cannot be valid (as torch would refuse it)."""
         prepared = prepare(
@@ -137,11 +142,24 @@ class ClientCore:
             chunk_bytes=self.chunk_bytes if chunk_bytes is None else chunk_bytes,
             require_device_fingerprint=self._fingerprint(require_device_fingerprint),
             params=params,
-            rng=self.rng if rng is None else rng,
+            rng=self._rng(rng, local),
+            checksum_only=self._local(local),
         )
         assembler = prepared.assembler(out=out, allocate=self._memory.allocate, progress=progress)
         deadline = self.timeout if timeout is None else timeout
-        return Fetch([prepared], [assembler], self.retry, deadline, many=False, unary_max_bytes=self.unary_max_bytes)
+        return Fetch(
+            [prepared], [assembler], self.retry, deadline, many=False, unary_max_bytes=self.unary_max_bytes,
+            make_here=maker([prepared], [out]) if self._local(local) else None,
+        )  # fmt: skip
+
+    def _rng(self, rng: str | None, local: bool | None) -> str:
+        """The call's generator (the client's unless given), refused with local=True unless portable."""
+        chosen = self.rng if rng is None else generator_name(rng)
+        check_local(self._local(local), chosen)
+        return chosen
+
+    def _local(self, local: bool | None) -> bool:
+        return self.local if local is None else local
 
     def _plan_many(
         self,
@@ -154,6 +172,7 @@ class ClientCore:
         require_device_fingerprint: str | None,
         progress: Callable[[int, int], None] | None,
         rng: str | None = None,
+        local: bool | None = None,
     ) -> Fetch:
         """:meth:`Client.fetch_many`'s call: one InitMany :class:`Fetch` of every spec."""
         prepared = prepare_many(
@@ -162,7 +181,8 @@ class ClientCore:
             device=device,
             chunk_bytes=self.chunk_bytes if chunk_bytes is None else chunk_bytes,
             require_device_fingerprint=self._fingerprint(require_device_fingerprint),
-            rng=self.rng if rng is None else rng,
+            rng=self._rng(rng, local),
+            checksum_only=self._local(local),
         )
         total = sum(item.total_bytes for item in prepared)
         before = [sum(item.total_bytes for item in prepared[:position]) for position in range(len(prepared))]
@@ -177,7 +197,8 @@ class ClientCore:
             for position, (item, spec) in enumerate(zip(prepared, specs, strict=True))
         ]
         deadline = self.timeout if timeout is None else timeout
-        return Fetch(prepared, assemblers, self.retry, deadline, many=True)
+        make_here = maker(prepared, [spec.out for spec in specs]) if self._local(local) else None
+        return Fetch(prepared, assemblers, self.retry, deadline, many=True, make_here=make_here)
 
     @staticmethod
     def _many_results(fetch: Fetch, specs: Sequence[TensorSpec]) -> dict[str, InitResult]:

@@ -84,6 +84,12 @@ class Client(ClientCore, SchemeMethods):
         options: extra gRPC channel options, e.g. keepalive settings.
         chunk_bytes: preferred chunk size (0: the server's default).
         require_device_fingerprint: refuse results generated on any other device (FailedPrecondition).
+        rng: the random generator of every call (``fetch``/``fetch_many`` take ``rng=`` per call too): ``"torch"``,
+            the contract's torch.Generator, or ``"philox4x32-10/v1"``, the portable generator whose bytes depend
+            on the request alone (docs/portable.md).
+        local: with the portable generator, make each tensor's bytes in this process and verify them against the
+            server's checksum-only answer (a header and a trailer): a few hundred bytes on the network per tensor
+            (``fetch``/``fetch_many`` take ``local=`` per call too). ``InitResult.transport`` is then "local".
         retry: how many streams one fetch may use and the backoff between them (see RetryPolicy).
         unary_max_bytes: a fetch of at most this many bytes, with no chunk size asked for, is one InitUnary
             call instead of a stream (lower latency); 0 always streams. At most 1 MiB (the server's limit).
@@ -125,6 +131,7 @@ class Client(ClientCore, SchemeMethods):
         shared_memory_pool_bytes: int = _regions.DEFAULT_POOL_BYTES,
         memory: MemoryPolicy = DEFAULT_MEMORY,
         rng: str = "torch",
+        local: bool = False,
     ) -> None:
         if shared_memory_pool_bytes < 0:
             raise ValueError(f"shared_memory_pool_bytes must be at least 0, got {shared_memory_pool_bytes}")
@@ -148,6 +155,7 @@ class Client(ClientCore, SchemeMethods):
             unary_max_bytes=unary_max_bytes,
             memory=memory,
             rng=rng,
+            local=local,
         )
         self.target = target
         self._transport = Transport(config)
@@ -202,6 +210,7 @@ class Client(ClientCore, SchemeMethods):
         out: torch.Tensor | None = None,
         progress: Callable[[int, int], None] | None = None,
         rng: str | None = None,
+        local: bool | None = None,
         **params: ParamValue,
     ) -> InitResult:
         """Generate ``scheme`` on the server and return the verified tensor with its header.
@@ -230,9 +239,10 @@ class Client(ClientCore, SchemeMethods):
             progress=progress,
             params=params,
             rng=rng,
+            local=local,
         )
         total_bytes = fetch.prepared[0].total_bytes
-        if self._shared is not None and self._shared.enabled and total_bytes > 0:
+        if self._shared is not None and self._shared.enabled and total_bytes > 0 and fetch.make_here is None:
             result = self._shared.fetch(self._transport.init_shared, fetch)
             if not isinstance(result, str):
                 if out is not None:
@@ -256,6 +266,7 @@ class Client(ClientCore, SchemeMethods):
         require_device_fingerprint: str | None = None,
         progress: Callable[[int, int], None] | None = None,
         rng: str | None = None,
+        local: bool | None = None,
     ) -> dict[str, InitResult]:
         """Every tensor of ``specs`` on one InitMany stream, verified, by name (in order).
 
@@ -273,6 +284,7 @@ class Client(ClientCore, SchemeMethods):
             require_device_fingerprint=require_device_fingerprint,
             progress=progress,
             rng=rng,
+            local=local,
         )
         drive(fetch, lambda attempt: self._transport.init_many(attempt.request, attempt.timeout))
         return self._many_results(fetch, specs)

@@ -194,18 +194,28 @@ class StreamAssembler:
             self.feed(message)
         return self.finish()
 
-    def verify_filled(self, header: pb.Header, trailer: pb.Trailer, data: memoryview, *, threads: int = 1) -> None:
-        """Check a destination the server filled in place (the same-host transport): ``header`` must answer the
-        request and cover all of ``data`` from byte 0, and ``data``'s whole-tensor checksum must be the
-        trailer's. Raises IntegrityError (``recovery="restart"``: the region is never used again)."""
+    def verify_filled(
+        self, header: pb.Header, trailer: pb.Trailer, data: memoryview, *, threads: int = 1, made_here: bool = False
+    ) -> None:
+        """Check a destination the server filled in place (the same-host transport), or bytes this process made
+        itself (``made_here``: the portable generator, verified against a checksum-only answer): ``header`` must
+        answer the request and cover all of ``data`` from byte 0, and ``data``'s whole-tensor checksum must be the
+        trailer's. Raises IntegrityError: ``recovery="restart"`` for a region (never used again); for bytes made
+        here, a mismatch is ``"none"``: this machine's generator disagrees with the server's, which no retry mends."""
         self.check_header(header)
+        where = "the bytes made here" if made_here else "the shared-memory region"
         if header.offset != 0 or header.total_bytes != len(data):
             raise IntegrityError(
-                f"the shared-memory answer covers bytes {header.offset}..{header.total_bytes}, not the region's "
-                f"0..{len(data)}",
+                f"the answer covers bytes {header.offset}..{header.total_bytes}, not {where}: 0..{len(data)}",
                 recovery="restart",
             )
         if tensor_checksum(data, threads=threads) != trailer.checksum:
+            if made_here:
+                raise IntegrityError(
+                    "checksum mismatch: the bytes generated here differ from the server's (the two sides' "
+                    "portable generators disagree: compare their initserve versions)",
+                    recovery="none",
+                )
             raise IntegrityError(
                 "checksum mismatch: the shared-memory region differs from the bytes the server wrote",
                 recovery="restart",

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from initserve._codec import Response, StreamAssembler
+from initserve._codec import ChunkView, Response, StreamAssembler, decode_response
 from initserve._errors import InitServeError, IntegrityError
 from initserve._requests import Prepared
 from initserve._retry import Attempts, RetryPolicy
@@ -54,8 +54,13 @@ class InitResult:
     attempts: int = 1  # streams used: more than one when a broken stream was resumed
     resumed_at: tuple[int, ...] = ()  # the byte offsets that later streams started from
     server_ids: tuple[str, ...] = ()  # the replica behind each stream, in order
-    transport: str = "stream"  # how the bytes came: "stream", "unary" (InitUnary) or "shared_memory"
+    # how the bytes came: "stream", "unary" (InitUnary), "shared_memory", or "local": made by this process's
+    # portable generator and verified against the server's checksum-only answer
+    transport: str = "stream"
     warnings: tuple[str, ...] = ()  # the UserWarnings torch gave generating it (re-issued when it was returned)
+
+
+MakeHere = Callable[[int, pb.Header], torch.Tensor]  # (tensor's position, its verified header) -> its bytes
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class Fetch:
         many: bool,
         unary_max_bytes: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        make_here: MakeHere | None = None,
     ) -> None:
         if len(prepared) != len(assemblers) or (not many and len(prepared) != 1):
             raise ValueError("one assembler per request, and one request unless many")
@@ -98,6 +104,10 @@ class Fetch:
         self.resumed_at: list[list[int]] = [[] for _ in prepared]  # per tensor: offsets later attempts resumed
         self.current = 0  # the first tensor not yet verified
         self._first = 0  # the current attempt's first tensor
+        # Checksum-only answers: each tensor's bytes made here by make_here(position, header), then verified.
+        self.make_here = make_here
+        self.made: dict[int, torch.Tensor] = {}
+        self._header: pb.Header | None = None
 
     @property
     def done(self) -> bool:
@@ -128,7 +138,7 @@ class Fetch:
             rest = [item.request for item in self.prepared[first + 1 :]]
             return Attempt(self.attempts.count, pb.InitManyRequest(tensors=[resumed, *rest]), False, timeout, first)
         total = self.prepared[0].total_bytes
-        unary = resumed.chunk_bytes == 0 and total - offset <= self.unary_max_bytes
+        unary = self.make_here is not None or (resumed.chunk_bytes == 0 and total - offset <= self.unary_max_bytes)
         return Attempt(self.attempts.count, resumed, unary, timeout, first)
 
     def receive(self, message: Response, index: int = 0) -> None:
@@ -141,13 +151,40 @@ class Fetch:
                 f"InitMany sent a message of tensor {position} while tensor {self.current} was incomplete",
                 recovery="resume",
             )
-        if self.assemblers[position].feed(message):
+        if self.make_here is not None:
+            self._receive_checksum_only(message, position)
+        elif self.assemblers[position].feed(message):
             self.current += 1
             if self.current < len(self.assemblers):
                 self.assemblers[self.current].begin()
 
+    def _receive_checksum_only(self, message: Response, position: int) -> None:
+        """A checksum-only answer's message: its header, then its trailer, at which the tensor is made here and
+        verified against the trailer's checksum (a chunk, or anything else, is the server's fault)."""
+        if type(message) is bytes:
+            message = decode_response(message)
+        if type(message) is pb.InitResponse and message.WhichOneof("part") in ("header", "trailer"):
+            message = getattr(message, message.WhichOneof("part"))
+        if type(message) is pb.Header and self._header is None:
+            self.assemblers[position].check_header(message)
+            self._header = message
+            return
+        if type(message) is not pb.Trailer or self._header is None:
+            kind = "a chunk" if type(message) is ChunkView else type(message).__name__
+            raise IntegrityError(
+                f"a checksum-only answer must be a header, then a trailer; got {kind}", recovery="none"
+            )
+        header, self._header = self._header, None
+        tensor = self.make_here(position, header)
+        data = memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())
+        self.assemblers[position].verify_filled(header, message, data, made_here=True)
+        self.made[position] = tensor
+        self.current += 1
+
     def end(self) -> None:
         """The current attempt's stream ended: IntegrityError unless every tensor is verified."""
+        if not self.done and self.make_here is not None:
+            raise IntegrityError("the checksum-only answer ended before its trailer", recovery="resume")
         if not self.done:
             self.assemblers[self.current].finish()
 
@@ -155,6 +192,7 @@ class Fetch:
         """After a failed attempt: the seconds to pause before the next one, or ``error`` raised when no retry
         mends it or the budget is spent; None when the call is complete after all (every tensor was verified,
         whole-tensor checksum included, before the transport failed: the stream's end was lost, not its bytes)."""
+        self._header = None  # a checksum-only answer starts again with its header
         if self.done and not isinstance(error, IntegrityError):
             return None
         if isinstance(error, IntegrityError) and error.recovery == "restart" and not self.done:
@@ -188,6 +226,9 @@ class Fetch:
     def result(self, position: int = 0, transport: str = "stream", tensor: torch.Tensor | None = None) -> InitResult:
         """Tensor ``position`` (or ``tensor``, over memory the server filled), verified, with what its headers said."""
         assembler = self.assemblers[position]
+        if tensor is None and position in self.made:
+            tensor = self.made[position]
+            transport = "local"
         if tensor is None:
             tensor, header = assembler.finish()
         else:

@@ -99,6 +99,7 @@ def prepare(
     require_device_fingerprint: str = "",
     params: dict[str, Any] | None = None,
     rng: str = TORCH,
+    checksum_only: bool = False,
 ) -> Prepared:
     """The request for one tensor, refused here (as torch would refuse the call) when it cannot be valid."""
     if scheme not in SCHEMES:
@@ -115,6 +116,8 @@ def prepare(
     rng = generator_name(rng)
     if rng != TORCH:
         request.generator = rng
+    if checksum_only:
+        request.checksum_only = True
     if require_device_fingerprint:
         request.require_device_fingerprint = require_device_fingerprint
     out_shape = sizes
@@ -153,6 +156,7 @@ def prepare_many(
     chunk_bytes: int,
     require_device_fingerprint: str,
     rng: str = TORCH,
+    checksum_only: bool = False,
 ) -> list[Prepared]:
     """Each spec's request (``seed``: the base seed of every spec that gives none); names must be unique."""
     seen: set[str] = set()
@@ -177,6 +181,7 @@ def prepare_many(
                     require_device_fingerprint=require_device_fingerprint,
                     params=dict(spec.params),
                     rng=rng,
+                    checksum_only=checksum_only,
                 )
             )
         except (ValueError, TypeError, IndexError) as error:  # named as the server names its refusals

@@ -100,6 +100,7 @@ class Client(ClientCore, AsyncSchemeMethods):
         unary_max_bytes: int = MAX_UNARY_BYTES,
         memory: MemoryPolicy = DEFAULT_MEMORY,
         rng: str = "torch",
+        local: bool = False,
     ) -> None:
         self._config = channel_config(
             target,
@@ -121,6 +122,7 @@ class Client(ClientCore, AsyncSchemeMethods):
             unary_max_bytes=unary_max_bytes,
             memory=memory,
             rng=rng,
+            local=local,
         )
         self.target = target
         self._open: AsyncTransport | None = None
@@ -171,6 +173,7 @@ class Client(ClientCore, AsyncSchemeMethods):
         out: torch.Tensor | None = None,
         progress: Callable[[int, int], None] | None = None,
         rng: str | None = None,
+        local: bool | None = None,
         **params: ParamValue,
     ) -> InitResult:
         """:meth:`initserve.Client.fetch`, as a coroutine."""
@@ -190,6 +193,7 @@ class Client(ClientCore, AsyncSchemeMethods):
             progress=progress,
             params=params,
             rng=rng,
+            local=local,
         )
         transport = self._transport
         last = await drive(fetch, lambda attempt: transport.init(attempt.request, attempt.timeout, unary=attempt.unary))
@@ -207,6 +211,7 @@ class Client(ClientCore, AsyncSchemeMethods):
         require_device_fingerprint: str | None = None,
         progress: Callable[[int, int], None] | None = None,
         rng: str | None = None,
+        local: bool | None = None,
     ) -> dict[str, InitResult]:
         """:meth:`initserve.Client.fetch_many`, as a coroutine."""
         fetch = self._plan_many(
@@ -218,6 +223,7 @@ class Client(ClientCore, AsyncSchemeMethods):
             require_device_fingerprint=require_device_fingerprint,
             progress=progress,
             rng=rng,
+            local=local,
         )
         transport = self._transport
         await drive(fetch, lambda attempt: transport.init_many(attempt.request, attempt.timeout))

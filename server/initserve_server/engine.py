@@ -61,7 +61,7 @@ class TooLargeForUnary(InvalidRequest):
 
 def unary_spec(spec: InitSpec, config: ServerConfig) -> InitSpec:
     """The spec of an InitUnary call: its bytes in one chunk, if they fit the unary limit."""
-    size = spec.total_bytes - spec.offset
+    size = spec.sent_bytes
     if size > config.max_unary_bytes:
         raise TooLargeForUnary(
             f"InitUnary answers at most {config.max_unary_bytes} bytes (max_unary_bytes); this request is "
@@ -179,7 +179,7 @@ class Engine:
             yield pb.InitResponse(header=header(spec, shared))
             payload = tensor_bytes(production.tensor)
             total = spec.total_bytes
-            for start in range(spec.offset, total, spec.chunk_bytes):
+            for start in range(spec.offset, 0 if spec.checksum_only else total, spec.chunk_bytes):
                 end = min(start + spec.chunk_bytes, total)
                 production.wait_for(end, is_active)
                 yield encode_chunk_at(payload, start, end, production.block_crcs)

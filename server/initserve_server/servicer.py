@@ -144,9 +144,9 @@ class _Call:
     def is_active(self) -> bool:
         return not self.ended.is_set()
 
-    def answered(self, total_bytes: int, offset: int, cache_hit: bool) -> None:
+    def answered(self, sent_bytes: int, cache_hit: bool) -> None:
         self.tensors += 1
-        self.bytes_sent += total_bytes - offset
+        self.bytes_sent += sent_bytes
         self.cache_hit = cache_hit if self.tensors == 1 else self.cache_hit and cache_hit
 
 
@@ -286,7 +286,7 @@ class InitServicer:
                     yield serialize_response(message)
 
             yield from self._stream(context, call, spec.chunk_bytes, messages())
-            call.answered(spec.total_bytes, spec.offset, cache_hit)
+            call.answered(spec.sent_bytes, cache_hit)
 
     def InitUnary(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         """The stream's messages in one serialized InitUnaryResponse (see initserve_protocol.wire.encode_unary).
@@ -307,14 +307,14 @@ class InitServicer:
                     self.shared_memory, request.shared_memory, request.shared_memory_region, spec.total_bytes
                 ) as region:
                     messages = self.engine.write_region(spec, region, call.is_active)
-                call.answered(spec.total_bytes, spec.offset, messages[0].header.cache_hit)
+                call.answered(spec.sent_bytes, messages[0].header.cache_hit)
                 return encode_unary(messages)
             spec = unary_spec(spec, self._config)
             messages = list(self.engine.answer(spec, call.is_active))
             answer = encode_unary(messages)
-            call.answered(spec.total_bytes, spec.offset, messages[0].header.cache_hit)
+            call.answered(spec.sent_bytes, messages[0].header.cache_hit)
             if _reusable(messages):
-                self.engine.answers.put(data, answer, (spec.scheme.name, spec.shape, spec.total_bytes - spec.offset))
+                self.engine.answers.put(data, answer, (spec.scheme.name, spec.shape, spec.sent_bytes))
             return answer
 
     def InitMany(
@@ -351,7 +351,7 @@ class InitServicer:
                             yield tag + serialize_response(message)
                     except Exception as error:  # noqa: BLE001 - re-raised with the tensor's label
                         raise _Labelled(error, tensor_label(position, spec.name)) from None
-                    call.answered(spec.total_bytes, spec.offset, cache_hit)
+                    call.answered(spec.sent_bytes, cache_hit)
 
             chunk_bytes = max((spec.chunk_bytes for spec in specs), default=0)
             yield from self._stream(context, call, chunk_bytes, messages())

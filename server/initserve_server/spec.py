@@ -30,6 +30,7 @@ class InitSpec:
     base_seed: int | None = None  # set when ``seed`` was derived from it and ``name``
     slices: Resolved = ()  # (dim, start, length) per sliced dim: the bytes served are full[slices]
     generator: str = TORCH  # or PHILOX, the portable generator (docs/portable.md)
+    checksum_only: bool = False  # answer with the header and the trailer: the client makes the bytes itself
 
     @property
     def key(self) -> tuple:
@@ -68,9 +69,14 @@ class InitSpec:
     def full_bytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
+    @property
+    def sent_bytes(self) -> int:
+        """The tensor bytes this answer carries."""
+        return 0 if self.checksum_only else self.total_bytes - self.offset
+
     def whole(self) -> InitSpec:
         """The unsliced tensor this slice is cut from, from its first byte."""
-        return dataclasses.replace(self, slices=(), offset=0)
+        return dataclasses.replace(self, slices=(), offset=0, checksum_only=False)
 
     def kwargs(self) -> dict[str, ParamValue]:
         return dict(self.params)

@@ -148,6 +148,10 @@ def validate_request(request: pb.InitRequest, config: ServerConfig, draw_seed: C
     total_bytes = math.prod(sliced_shape(shape, slices)) * dtype.itemsize
     if request.offset > total_bytes:
         raise OffsetOutOfRange(f"offset {request.offset} is past the tensor's end ({total_bytes} bytes)")
+    if request.checksum_only and request.offset:
+        raise InvalidRequest("checksum_only answers the whole tensor's checksum: offset must be 0")
+    if request.checksum_only and request.shared_memory_region:
+        raise InvalidRequest("checksum_only sends no tensor bytes: it takes no shared_memory_region")
     return InitSpec(
         scheme=scheme,
         shape=shape,
@@ -162,6 +166,7 @@ def validate_request(request: pb.InitRequest, config: ServerConfig, draw_seed: C
         base_seed=base_seed,
         slices=slices,
         generator=generator,
+        checksum_only=request.checksum_only,
     )
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 import initserve
 from initserve import portable
+from initserve_protocol.checksum import tensor_checksum
 from initserve_protocol.portable.reference import generate as reference_generate
 from initserve_protocol.portable.tensors import complete
 from initserve_protocol.v1 import initserve_pb2 as pb
@@ -149,3 +150,68 @@ def test_fetch_many_and_a_models_own_init_code_use_the_clients_generator(philox)
     model = philox.init_module(nn.Linear(16, 8), seed=SEED)
     weight = portable.generate((8, 16), "kaiming_uniform", seed=SEED, name="weight", a=math.sqrt(5))
     assert same_bytes(model.weight.detach(), weight)
+
+
+# --- send the key, not the tensor: checksum-only answers and bytes made here ---
+
+
+def test_a_checksum_only_answer_is_a_header_and_a_trailer_whose_checksum_is_the_tensors(server) -> None:
+    request = pb.InitRequest(scheme="normal", shape=[256, 64], seed=SEED, generator=PHILOX, checksum_only=True)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.InitServiceStub(channel)
+        streamed = list(stub.Init(request, timeout=30))
+        unary_answer = stub.InitUnary(request, timeout=30)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.InitUnary(pb.InitRequest(scheme="normal", shape=[4], seed=1, checksum_only=True, offset=4))
+    assert [message.WhichOneof("part") for message in streamed] == ["header", "trailer"]
+    assert unary_answer.HasField("header") and unary_answer.HasField("trailer")
+    assert not unary_answer.HasField("chunk") and unary_answer.trailer.checksum == streamed[1].trailer.checksum
+    header, trailer = streamed[0].header, streamed[1].trailer
+    assert header.total_bytes == 256 * 64 * 4 and header.generator == PHILOX
+    tensor = portable.generate((256, 64), "normal", seed=SEED)
+    assert trailer.checksum == tensor_checksum(raw(tensor))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "checksum_only answers the whole tensor's checksum: offset must be 0"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_local_makes_the_bytes_here_and_verifies_them_against_the_server(server, dtype) -> None:
+    with initserve.Client(server.target, rng=PHILOX, local=True) as client:
+        before = client.describe().stats
+        result = client.fetch((96, 80), "xavier_uniform", seed=SEED, dtype=dtype, gain=0.5)
+        shard = client.fetch((96, 80), "kaiming_normal", seed=SEED, dtype=dtype, slices=[initserve.Shard(1, 2, 5)])
+        fill = client.fetch((9, 9), "eye", dtype=dtype, slices=[initserve.Range(0, 2, 3)])
+        drawn = client.fetch((33,), "normal", dtype=dtype)  # the server draws the seed; the header reports it
+        after = client.describe().stats
+    assert {r.transport for r in (result, shard, fill, drawn)} == {"local"}
+    assert same_bytes(result.tensor, portable.generate((96, 80), "xavier_uniform", seed=SEED, dtype=dtype, gain=0.5))
+    expected_shard = portable.generate((96, 80), "kaiming_normal", seed=SEED, dtype=dtype)[:, 32:48]
+    assert same_bytes(shard.tensor, expected_shard)
+    assert same_bytes(fill.tensor, torch.eye(9, dtype=dtype)[2:5])
+    assert same_bytes(drawn.tensor, portable.generate((33,), "normal", seed=drawn.seed, dtype=dtype))
+    assert after.requests == before.requests + 5  # the four fetches and the first describe
+
+
+def test_local_fetch_many_writes_into_out_and_a_model_initializes_itself(server) -> None:
+    weight = torch.empty(8, 16)
+    specs = [
+        initserve.TensorSpec("w", (8, 16), "kaiming_uniform", out=weight),
+        initserve.TensorSpec("b", (8,), "normal"),
+    ]
+    with initserve.Client(server.target, rng=PHILOX, local=True) as client:
+        results = client.fetch_many(specs, seed=SEED)
+        model = client.init_module(nn.Linear(16, 8), seed=SEED)
+    assert results["w"].tensor.data_ptr() == weight.data_ptr() and results["w"].transport == "local"
+    assert same_bytes(weight, portable.generate((8, 16), "kaiming_uniform", seed=SEED, name="w"))
+    assert same_bytes(results["b"].tensor, portable.generate((8,), "normal", seed=SEED, name="b"))
+    expected = portable.generate((8, 16), "kaiming_uniform", seed=SEED, name="weight", a=math.sqrt(5))
+    assert same_bytes(model.weight.detach(), expected)
+
+
+def test_local_needs_the_portable_generator(server) -> None:
+    with pytest.raises(ValueError, match="local=True makes the bytes here, which only the portable generator"):
+        initserve.Client(server.target, local=True)
+    with initserve.Client(server.target) as client:
+        with pytest.raises(ValueError, match="use rng='philox4x32-10/v1'"):
+            client.fetch((4,), "normal", seed=1, local=True)
+        assert client.fetch((4,), "normal", seed=1, local=True, rng=PHILOX).transport == "local"
