@@ -54,12 +54,14 @@ def _render_class(name: str, define: str, doc: str) -> str:
         if scheme.seeded:
             new.append("seed: int | None = None")
         new += ["dtype: torch.dtype = torch.float32", 'device: str = "cpu"', "timeout: float | None = None"]
+        generator = ["rng: str | None = None", "local: bool | None = None"] if scheme.seeded else []
+        new += generator
         in_place = ["self", "tensor: torch.Tensor", *params]
         if scheme.seeded:
             in_place += ["generator: torch.Generator | None = None", "*", "seed: int | None = None"]
         else:
             in_place.append("*")
-        in_place += ['device: str = "cpu"', "timeout: float | None = None"]
+        in_place += ['device: str = "cpu"', "timeout: float | None = None", *generator]
         for method, arguments, method_doc in (
             (scheme.name, new, f"A new CPU tensor of ``shape`` filled by ``{scheme.torch_function}`` on the server."),
             (f"{scheme.name}_", in_place, f"Drop-in for ``{scheme.torch_function}``: fills ``tensor`` in place."),

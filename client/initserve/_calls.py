@@ -161,6 +161,14 @@ class ClientCore:
     def _local(self, local: bool | None) -> bool:
         return self.local if local is None else local
 
+    def _check_local_draws(self, local_draws: bool, rng: str | None) -> None:
+        """local_draws run torch's generator in this process: their bytes cannot be the portable generator's."""
+        if local_draws and self._rng(rng, False) != TORCH:
+            raise ValueError(
+                "local_draws=True draws with torch's generator here, so with the portable generator the model's "
+                "bytes would not be portable: leave local_draws off (temporaries then raise, naming the call)"
+            )
+
     def _plan_many(
         self,
         specs: Sequence[TensorSpec],
@@ -335,6 +343,13 @@ def _binder(signature: inspect.Signature, scheme: Scheme) -> Callable[[tuple, di
     return bind
 
 
+def _generator_parameters(scheme: Scheme) -> list[inspect.Parameter]:
+    """``rng`` and ``local``, for the schemes that draw (the client's settings when None)."""
+    if not scheme.seeded:
+        return []
+    return [_P("rng", _P.KEYWORD_ONLY, default=None), _P("local", _P.KEYWORD_ONLY, default=None)]
+
+
 def _make_new_tensor_method(scheme: Scheme) -> Any:
     parameters = [_P("self", _P.POSITIONAL_ONLY), _P("shape", _P.POSITIONAL_OR_KEYWORD)]
     parameters += _scheme_parameters(scheme, _P.KEYWORD_ONLY)
@@ -345,6 +360,7 @@ def _make_new_tensor_method(scheme: Scheme) -> Any:
         _P("device", _P.KEYWORD_ONLY, default="cpu"),
         _P("timeout", _P.KEYWORD_ONLY, default=None),
     ]
+    parameters += _generator_parameters(scheme)
     signature = inspect.Signature(parameters, return_annotation=torch.Tensor)
     bind = _binder(signature, scheme)
 
@@ -369,6 +385,7 @@ def _make_in_place_method(scheme: Scheme) -> Any:
         parameters.append(_P("generator", _P.POSITIONAL_OR_KEYWORD, default=None))
         parameters.append(_P("seed", _P.KEYWORD_ONLY, default=None))
     parameters += [_P("device", _P.KEYWORD_ONLY, default="cpu"), _P("timeout", _P.KEYWORD_ONLY, default=None)]
+    parameters += _generator_parameters(scheme)
     signature = inspect.Signature(parameters, return_annotation=torch.Tensor)
     bind = _binder(signature, scheme)
 

@@ -24,6 +24,8 @@ class SchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.uniform_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -38,6 +40,8 @@ class SchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.uniform_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -52,6 +56,8 @@ class SchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.normal_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -66,6 +72,8 @@ class SchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.normal_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -82,6 +90,8 @@ class SchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.trunc_normal_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -98,6 +108,8 @@ class SchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.trunc_normal_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -220,6 +232,8 @@ class SchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.xavier_uniform_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -233,6 +247,8 @@ class SchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.xavier_uniform_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -246,6 +262,8 @@ class SchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.xavier_normal_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -259,6 +277,8 @@ class SchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.xavier_normal_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -274,6 +294,8 @@ class SchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.kaiming_uniform_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -289,6 +311,8 @@ class SchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.kaiming_uniform_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -304,6 +328,8 @@ class SchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.kaiming_normal_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -319,6 +345,8 @@ class SchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.kaiming_normal_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -332,6 +360,8 @@ class SchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.orthogonal_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -345,6 +375,8 @@ class SchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.orthogonal_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -359,6 +391,8 @@ class SchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.sparse_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -373,6 +407,8 @@ class SchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.sparse_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -391,6 +427,8 @@ class AsyncSchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.uniform_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -405,6 +443,8 @@ class AsyncSchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.uniform_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -419,6 +459,8 @@ class AsyncSchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.normal_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -433,6 +475,8 @@ class AsyncSchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.normal_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -449,6 +493,8 @@ class AsyncSchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.trunc_normal_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -465,6 +511,8 @@ class AsyncSchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.trunc_normal_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -587,6 +635,8 @@ class AsyncSchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.xavier_uniform_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -600,6 +650,8 @@ class AsyncSchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.xavier_uniform_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -613,6 +665,8 @@ class AsyncSchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.xavier_normal_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -626,6 +680,8 @@ class AsyncSchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.xavier_normal_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -641,6 +697,8 @@ class AsyncSchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.kaiming_uniform_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -656,6 +714,8 @@ class AsyncSchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.kaiming_uniform_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -671,6 +731,8 @@ class AsyncSchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.kaiming_normal_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -686,6 +748,8 @@ class AsyncSchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.kaiming_normal_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -699,6 +763,8 @@ class AsyncSchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.orthogonal_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -712,6 +778,8 @@ class AsyncSchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.orthogonal_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import
@@ -726,6 +794,8 @@ class AsyncSchemeMethods:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """A new CPU tensor of ``shape`` filled by ``torch.nn.init.sparse_`` on the server."""
         raise NotImplementedError  # made from the scheme table at import
@@ -740,6 +810,8 @@ class AsyncSchemeMethods:
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> torch.Tensor:
         """Drop-in for ``torch.nn.init.sparse_``: fills ``tensor`` in place."""
         raise NotImplementedError  # made from the scheme table at import

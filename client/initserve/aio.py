@@ -229,13 +229,21 @@ class Client(ClientCore, AsyncSchemeMethods):
         await drive(fetch, lambda attempt: transport.init_many(attempt.request, attempt.timeout))
         return self._many_results(fetch, specs)
 
-    async def _run(self, work: ModuleWork | OwnInitWork) -> nn.Module:
+    async def _run(
+        self, work: ModuleWork | OwnInitWork, rng: str | None = None, local: bool | None = None
+    ) -> nn.Module:
         """Make ``work``'s fetch_many calls: the dry run's draws on one call, then the real run; or a table's calls."""
         if isinstance(work, OwnInitWork):
             specs = work.record()
             served = (
                 await self.fetch_many(
-                    specs, seed=work.seed, device=work.generate_on, timeout=work.timeout, progress=work.progress
+                    specs,
+                    seed=work.seed,
+                    device=work.generate_on,
+                    timeout=work.timeout,
+                    progress=work.progress,
+                    rng=rng,
+                    local=local,
                 )
                 if specs
                 else {}
@@ -244,7 +252,13 @@ class Client(ClientCore, AsyncSchemeMethods):
         for call in work.calls:
             call.done(
                 await self.fetch_many(
-                    call.specs, seed=work.seed, device=work.generate_on, timeout=work.timeout, progress=call.progress
+                    call.specs,
+                    seed=work.seed,
+                    device=work.generate_on,
+                    timeout=work.timeout,
+                    progress=call.progress,
+                    rng=rng,
+                    local=local,
                 )
             )
         return work.finish()
@@ -262,6 +276,8 @@ class Client(ClientCore, AsyncSchemeMethods):
         progress: Callable[[int, int], None] | None = None,
         local_draws: bool = False,
         leave_unwritten: bool = False,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> nn.Module:
         """Initialize ``module`` in place by its own init code, every random draw served, on one InitMany call:
         each submodule's ``reset_parameters`` (children first), or ``init_fn`` (called once when it takes no
@@ -269,8 +285,10 @@ class Client(ClientCore, AsyncSchemeMethods):
         The k-th random call on the tensor named ``fqn`` (``prefix`` + its qualified name) has the seed
         ``derive_seed(seed, fqn)`` for k = 0, ``derive_seed(seed, f"{fqn}#{k}")`` after (docs/models.md).
         ``local_draws``: random calls on anything but whole parameters and buffers run locally with a derived
-        generator instead of raising. ``rules``: a table of schemes instead of the model's code. Returns
-        ``module``."""
+        generator instead of raising. ``rules``: a table of schemes instead of the model's code.
+        ``rng``, ``local``: the generator of every draw, and whether to make the bytes here (as :meth:`fetch`;
+        the client's settings when None). Returns ``module``."""
+        self._check_local_draws(local_draws, rng)
         work = self._init_module_work(
             module,
             seed=seed,
@@ -283,7 +301,7 @@ class Client(ClientCore, AsyncSchemeMethods):
             local_draws=local_draws,
             leave_unwritten=leave_unwritten,
         )
-        return await self._run(work)
+        return await self._run(work, rng, local)
 
     async def materialize(
         self,
@@ -299,12 +317,15 @@ class Client(ClientCore, AsyncSchemeMethods):
         generate_on: str = "cpu",
         timeout: float | None = None,
         local_draws: bool = False,
+        rng: str | None = None,
+        local: bool | None = None,
     ) -> nn.Module:
         """A ``meta``-device ``module`` with each parameter and buffer allocated once on ``device`` (ties kept) and
         initialized in place as :meth:`init_module` does; a buffer no init code fills is an error unless
         ``leave_buffers``. With ``shard`` (:class:`initserve.Sharding`, with ``rules`` or the built-in table) only
         this process's shard of each parameter it matches. Also usable as FSDP's ``param_init_fn``. Returns
         ``module``."""
+        self._check_local_draws(local_draws, rng)
         work = self._materialize_work(
             module,
             seed=seed,
@@ -318,7 +339,7 @@ class Client(ClientCore, AsyncSchemeMethods):
             timeout=timeout,
             local_draws=local_draws,
         )
-        return await self._run(work)
+        return await self._run(work, rng, local)
 
     async def init(self, shape: ShapeLike, scheme: str, **kwargs: Any) -> torch.Tensor:
         """:meth:`initserve.Client.init`, as a coroutine."""
@@ -333,6 +354,8 @@ class Client(ClientCore, AsyncSchemeMethods):
         seed: int | None = None,
         device: str = "cpu",
         timeout: float | None = None,
+        rng: str | None = None,
+        local: bool | None = None,
         **params: ParamValue,
     ) -> torch.Tensor:
         """:meth:`initserve.Client.fill_`, as a coroutine (the seed, when drawn, is drawn before the call)."""
@@ -341,7 +364,16 @@ class Client(ClientCore, AsyncSchemeMethods):
         dtype, seed, direct = self._fill_seed(tensor, scheme, generator, seed)
         out = tensor.detach() if direct else None
         result = await self.fetch(
-            tuple(tensor.shape), scheme, seed=seed, dtype=dtype, device=device, timeout=timeout, out=out, **params
+            tuple(tensor.shape),
+            scheme,
+            seed=seed,
+            dtype=dtype,
+            device=device,
+            timeout=timeout,
+            out=out,
+            rng=rng,
+            local=local,
+            **params,
         )
         if not direct:
             with torch.no_grad():

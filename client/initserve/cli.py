@@ -11,6 +11,8 @@ A spec file (JSON; YAML too when PyYAML is installed) names the tensors of one I
          "slices": [{"shard": [0, 1, 4]}]}]}
 
 ``seed`` is the base seed: each tensor's seed is ``derive_seed(seed, name)`` unless it gives its own.
+``"rng": "philox4x32-10/v1"`` (or ``--rng``) asks for the portable generator for every tensor; ``--local`` then
+makes the bytes here and has the server send only their checksums (docs/portable.md).
 A slice is ``{"shard": [dim, index, count]}`` or ``{"range": [dim, start, length]}``. The file's metadata
 records, per tensor, the scheme, its parameters, the seed used and the server's torch version.
 """
@@ -70,8 +72,8 @@ def _slices(items: Sequence[Any], where: str) -> list[Slice]:
     return slices
 
 
-def load_spec(path: Path) -> tuple[int | None, list[TensorSpec]]:
-    """(base seed, tensors) from a JSON (or, with PyYAML, YAML) spec file."""
+def load_spec(path: Path) -> tuple[int | None, list[TensorSpec], str | None]:
+    """(base seed, tensors, generator or None) from a JSON (or, with PyYAML, YAML) spec file."""
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
         try:
@@ -86,6 +88,13 @@ def load_spec(path: Path) -> tuple[int | None, list[TensorSpec]]:
             raise SpecError(f"{path}: not JSON: {error}") from None
     if not isinstance(document, dict) or not isinstance(document.get("tensors"), list):
         raise SpecError(f"{path}: expected an object with a 'tensors' list")
+    if set(document) - {"seed", "tensors", "rng"}:
+        raise SpecError(
+            f"{path}: unknown keys {sorted(set(document) - {'seed', 'tensors', 'rng'})} (known: rng, seed, tensors)"
+        )
+    rng = document.get("rng")
+    if rng is not None and not isinstance(rng, str):
+        raise SpecError(f'{path}: rng must be a string, e.g. "philox4x32-10/v1"')
     known = {"name", "shape", "scheme", "params", "seed", "derive", "dtype", "slices"}
     specs = []
     for number, item in enumerate(document["tensors"]):
@@ -106,7 +115,7 @@ def load_spec(path: Path) -> tuple[int | None, list[TensorSpec]]:
                 dtype=_dtype(item.get("dtype", "float32"), where),
             )
         )
-    return document.get("seed"), specs
+    return document.get("seed"), specs, rng
 
 
 def _metadata(results: dict[str, InitResult], specs: Sequence[TensorSpec]) -> dict[str, str]:
@@ -120,6 +129,7 @@ def _metadata(results: dict[str, InitResult], specs: Sequence[TensorSpec]) -> di
             "slices": [[s.dim, s.start, s.length] for s in result.header.slices],
             "seed_used": result.seed if result.seeded else None,
             "base_seed": result.header.base_seed if result.header.HasField("base_seed") else None,
+            "generator": result.header.generator or "torch",
         }
     first = next(iter(results.values()), None)
     return {
@@ -141,7 +151,7 @@ def _save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path
 
 def fetch(args: argparse.Namespace) -> int:
     if args.spec is not None:
-        seed, specs = load_spec(args.spec)
+        seed, specs, rng = load_spec(args.spec)
         if args.seed is not None:
             seed = args.seed
     else:
@@ -157,6 +167,8 @@ def fetch(args: argparse.Namespace) -> int:
         dtype = _dtype(args.dtype, "--dtype")
         derive = None if args.name else False  # a named tensor derives its seed from --seed, as fetch does
         specs = [TensorSpec(args.name or "tensor", tuple(args.shape), args.scheme, params, dtype=dtype, derive=derive)]
+        rng = None
+    rng = args.rng or rng
     fmt = args.format or ("pt" if args.output.suffix == ".pt" else "safetensors")
     with Client(args.target, timeout=args.timeout) as client:
         bar = None
@@ -172,7 +184,7 @@ def fetch(args: argparse.Namespace) -> int:
                     bar.update(received - bar.n)
 
         try:
-            results = client.fetch_many(specs, seed=seed, progress=progress)
+            results = client.fetch_many(specs, seed=seed, progress=progress, rng=rng, local=args.local or None)
         finally:
             if bar is not None:
                 bar.close()
@@ -198,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", help="one tensor's name in the file (default 'tensor'); with --seed, its seed is derived from both"
     )
     fetch_parser.add_argument("--seed", type=int, help="the seed (with --spec: the base seed, overriding the file's)")
+    fetch_parser.add_argument(
+        "--rng", help='the generator: "torch" (the default) or "philox4x32-10/v1" (with --spec: over the file\'s)'
+    )
+    fetch_parser.add_argument(
+        "--local", action="store_true", help="with the portable generator: make the bytes here, verified"
+    )
     fetch_parser.add_argument("-o", "--output", type=Path, required=True, help="the file to write")
     fetch_parser.add_argument("--format", choices=["safetensors", "pt"], help="default: from the file's suffix")
     fetch_parser.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole call")

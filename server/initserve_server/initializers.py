@@ -13,12 +13,17 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 
+import numba
 import torch
 from torch.overrides import TorchFunctionMode
 
 from initserve_protocol.portable import tensors as portable
 from initserve_protocol.schemes import SCHEMES
 from initserve_server.spec import InitSpec
+
+# The portable generator's kernel runs on one thread per generation, as torch does: the pool's workers are as many
+# as the usable CPUs, so more would oversubscribe them (Numba's thread count is per calling thread).
+PORTABLE_THREADS = 1
 
 # One intra-op thread: MKL's blocked QR (orthogonal_) gives different bits with different thread counts, and
 # a replica's bytes must not depend on its core count. Every other scheme is thread-count invariant.
@@ -259,6 +264,7 @@ def _generate_portable(
     piece: the kernel is the same on every device, so a request naming a GPU gets the same bytes from it."""
     kwargs = spec.kwargs()
     portable.check(spec.scheme.name, kwargs, spec.shape, spec.dtype.torch_dtype)  # torch's errors and warnings
+    numba.set_num_threads(PORTABLE_THREADS)
     shape, dtype = spec.out_shape, spec.dtype.torch_dtype
     tensor = allocate(shape, dtype) if allocate is not None else torch.empty(shape, dtype=dtype)
     flat = tensor.view(-1)
@@ -271,3 +277,13 @@ def _generate_portable(
         if on_piece is not None:
             on_piece(tensor, end * tensor.element_size())
     return tensor
+
+
+def compile_portable() -> None:
+    """Compile the portable generator's kernel for every dtype it writes (a few seconds of one core where Numba
+    has no cache to load it from): the server runs this in a thread at start, so the first portable request
+    waits for it at most, never a request of torch's generator."""
+    numba.set_num_threads(PORTABLE_THREADS)
+    for dtype in (torch.float32, torch.float64):
+        for scheme in ("uniform", "normal"):
+            portable.fill(torch.empty(4, dtype=dtype), scheme, {}, (4,), 0)

@@ -35,7 +35,7 @@ def test_one_tensor_into_a_safetensors_file(server, tmp_path: Path) -> None:
     described = json.loads(metadata["initserve"])["tensor"]
     assert described == {
         "scheme": "kaiming_normal", "params": {"mode": "fan_out", "a": 0.1}, "shape": [64, 32], "slices": [],
-        "seed_used": 7, "base_seed": None,
+        "seed_used": 7, "base_seed": None, "generator": "torch",
     }  # fmt: skip
     assert metadata["torch_version"] == torch.__version__
 
@@ -80,6 +80,28 @@ def test_a_spec_file_into_safetensors_and_pt(server, tmp_path: Path) -> None:
         assert list(tensors) == list(expected) if path.suffix == ".pt" else set(tensors) == set(expected)
         for key, tensor in expected.items():
             assert same_bytes(tensors[key], tensor), key
+
+
+def test_the_portable_generator_from_the_spec_file_and_local_bytes(server, tmp_path: Path) -> None:
+    from initserve import portable
+
+    spec = tmp_path / "model.json"
+    spec.write_text(json.dumps({**SPEC, "rng": portable.PHILOX}))
+    for local in ((), ("--local",)):
+        path = tmp_path / "model.safetensors"
+        done = run("--target", server.target, "--spec", str(spec), "-o", str(path), "--quiet", *local)
+        assert done.returncode == 0, done.stderr
+        tensors = load_file(str(path))
+        head = portable.generate((256, 64), "xavier_uniform", seed=11, name="head.weight", dtype=torch.bfloat16)
+        assert same_bytes(tensors["head.weight"], head[64:128])
+        assert same_bytes(tensors["fixed"], portable.generate((5, 5), "uniform", seed=3))
+        with safe_open(str(path), "pt") as opened:
+            described = json.loads(opened.metadata()["initserve"])
+        assert {entry["generator"] for entry in described.values()} == {portable.PHILOX}
+    spec.write_text(json.dumps({**SPEC, "generator": portable.PHILOX}))
+    done = run("--target", server.target, "--spec", str(spec), "-o", str(tmp_path / "x.safetensors"))
+    assert done.returncode == 2
+    assert "unknown keys ['generator'] (known: rng, seed, tensors)" in done.stderr
 
 
 def test_a_large_fetch_shows_a_progress_bar(server, tmp_path: Path) -> None:

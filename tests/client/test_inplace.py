@@ -151,7 +151,10 @@ def expected_in_place_signature(name: str) -> list[tuple[str, object, object]]:
     keyword = inspect.Parameter.KEYWORD_ONLY
     if initserve.SCHEMES[name].seeded:
         expected.append(("seed", keyword, None))
-    return expected + [("device", keyword, "cpu"), ("timeout", keyword, None)]
+    expected += [("device", keyword, "cpu"), ("timeout", keyword, None)]
+    if initserve.SCHEMES[name].seeded:  # the generator of this call: the client's when None
+        expected += [("rng", keyword, None), ("local", keyword, None)]
+    return expected
 
 
 @pytest.mark.parametrize("name", list(initserve.SCHEMES))

@@ -215,3 +215,15 @@ def test_local_needs_the_portable_generator(server) -> None:
         with pytest.raises(ValueError, match="use rng='philox4x32-10/v1'"):
             client.fetch((4,), "normal", seed=1, local=True)
         assert client.fetch((4,), "normal", seed=1, local=True, rng=PHILOX).transport == "local"
+
+
+def test_scheme_methods_and_model_calls_take_the_generator_per_call(client) -> None:
+    weight = client.kaiming_uniform((8, 4), seed=SEED, rng=PHILOX, local=True)
+    assert same_bytes(weight, portable.generate((8, 4), "kaiming_uniform", seed=SEED))
+    filled = client.normal_(torch.empty(5, 3), 0.0, 0.02, seed=SEED, rng=PHILOX)
+    assert same_bytes(filled, portable.generate((5, 3), "normal", seed=SEED, std=0.02))
+    model = client.init_module(nn.Linear(4, 2), seed=SEED, rng=PHILOX)
+    expected = portable.generate((2, 4), "kaiming_uniform", seed=SEED, name="weight", a=math.sqrt(5))
+    assert same_bytes(model.weight.detach(), expected)
+    with pytest.raises(ValueError, match="local_draws=True draws with torch's generator here"):
+        client.init_module(nn.Linear(4, 2), seed=SEED, rng=PHILOX, local_draws=True)
