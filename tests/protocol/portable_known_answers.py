@@ -20,17 +20,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from initserve_protocol import slices
-from initserve_protocol.portable import cpu, reference, scales
+from initserve_protocol.portable import reference, tensors
 from initserve_protocol.schemes import SCHEMES
 
 TABLE = Path(__file__).with_name("portable_known_answers.json")
 GENERATOR = "philox4x32-10/v1"
 HEAD_BYTES = 16
 TORCH_DTYPES_16 = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, **TORCH_DTYPES_16}
 U64_MAX = (1 << 64) - 1
 
 
@@ -119,6 +119,24 @@ CASES = (
     ),
     Case("kaiming_normal", (3, 7), "float32", -1, {"nonlinearity": "sigmoid"}),
     Case("kaiming_normal", (129, 257), "float32", 2, {"a": 1.0}),  # 33153 elements: blocks of 32768
+    # trunc_normal: torch's defaults, the upper tail (flipped), one infinite bound, a narrow interval, beyond 37.5
+    # std (both CDF values 0), 16-bit dtypes, a slice
+    Case("trunc_normal", (5, 7), "float32", 0),
+    Case("trunc_normal", (33,), "float64", 1, {"a": 2.0, "b": 3.0}),
+    Case("trunc_normal", (4, 9), "float32", U64_MAX, {"mean": 0.5, "std": 2.0, "a": -math.inf, "b": 1.0}),
+    Case("trunc_normal", (17,), "float64", -1, {"mean": 0.1, "std": 0.02, "a": 0.1, "b": 0.1000001}),
+    Case("trunc_normal", (6,), "float64", 2, {"a": -41.0, "b": -40.0}),
+    Case("trunc_normal", (8, 8), "float16", 1 << 63, {"std": 0.02, "a": -0.04, "b": 0.04}),
+    Case("trunc_normal", (3, 4, 5), "bfloat16", 7, {"mean": 1.0, "std": 3.0, "a": -1.0, "b": 10.0}),
+    Case("trunc_normal", (6, 1031), "float64", 3, {"mean": -1.0, "a": -3.0, "b": 0.5}, (_r(0, 1, 4), _r(1, 3, 1027))),
+    # sparse: sparsity 0, 1, torch's default std, slices along each dim, 16-bit dtypes
+    Case("sparse", (10, 7), "float32", 0, {"sparsity": 0.1}),
+    Case("sparse", (9, 4), "float64", 1, {"sparsity": 0.0}),
+    Case("sparse", (9, 4), "float32", 1, {"sparsity": 1.0}),
+    Case("sparse", (16, 12), "bfloat16", U64_MAX, {"sparsity": 0.5, "std": 1.0}),
+    Case("sparse", (20, 6), "float64", -1, {"sparsity": 0.3, "std": 2.0}, (_r(0, 5, 10),)),
+    Case("sparse", (20, 6), "float64", -1, {"sparsity": 0.3, "std": 2.0}, (_r(1, 1, 3),)),
+    Case("sparse", (31, 29), "float16", 2, {"sparsity": 0.9, "std": 0.5}, (_r(0, 3, 20), _r(1, 7, 13))),
 )
 
 
@@ -129,16 +147,13 @@ def reference_bytes(case: Case) -> bytes:
 def kernel_bytes(
     scheme: str, params: dict, shape: tuple[int, ...], dtype: str, seed: int, resolved: slices.Resolved = ()
 ) -> bytes:
-    """The fast path's bytes: scales.draw, cpu.fill into float32 or float64, then torch's rounding to 16 bits."""
-    kind, p, q = scales.draw(scheme, params, shape)
-    out = np.empty(slices.numel(shape, resolved), dtype=np.float64 if dtype == "float64" else np.float32)
-    if kind == "uniform":
-        cpu.fill(out, shape, resolved, cpu.UNIFORM, p, q - p, seed)
-    else:
-        cpu.fill(out, shape, resolved, cpu.NORMAL, p, q, seed)
+    """The fast path's bytes: tensors.fill (scales.draw, cpu.fill into float32 or float64, sparse's zeros, torch's
+    rounding to 16 bits), as the server and initserve.portable call it."""
+    out = torch.empty(slices.numel(shape, resolved), dtype=TORCH_DTYPES[dtype])
+    tensors.fill(out, scheme, params, shape, seed, resolved)
     if dtype in TORCH_DTYPES_16:
-        return torch.from_numpy(out).to(TORCH_DTYPES_16[dtype]).view(torch.int16).numpy().tobytes()
-    return out.tobytes()
+        return out.view(torch.int16).numpy().tobytes()
+    return out.numpy().tobytes()
 
 
 def entry(case: Case, data: bytes) -> dict:

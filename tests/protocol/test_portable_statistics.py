@@ -210,3 +210,82 @@ def test_the_tails_beyond_4_and_5_sigma(sigmas) -> None:
     expected = TAIL_SAMPLES * 2 * NormalDist().cdf(-sigmas)  # 6334 beyond 4, 57.3 beyond 5
     below, above = poisson_tails(beyond, expected)
     assert below > ALPHA / 2 and above > ALPHA / 2, (beyond, expected)
+
+
+# trunc_normal and sparse (docs/portable.md 4.6 and 5.1), through tensors.fill as the server calls it.
+
+TRUNCATED_SAMPLES = 2 * 10**6
+TRUNCATIONS = {
+    "torch's defaults": (0.0, 1.0, -2.0, 2.0),
+    "the upper tail (flipped)": (0.0, 1.0, 2.0, 3.0),
+    "one infinite bound": (0.5, 2.0, -math.inf, 1.0),
+    "mostly above the mean (flipped)": (0.0, 1.0, -1.0, 6.0),
+    "narrow, off centre": (1.0, 0.5, 1.2, 1.3),
+}
+
+
+def _truncated_moments(mean: float, std: float, a: float, b: float) -> tuple[float, float, float]:
+    """(mean, variance, fourth central moment) of the truncated normal, by mpmath."""
+    import mpmath
+
+    mpmath.mp.prec = 100
+    alpha, beta = (mpmath.mpf(a) - mean) / std, (mpmath.mpf(b) - mean) / std
+    mass = mpmath.ncdf(beta) - mpmath.ncdf(alpha)
+
+    def moment(function):
+        return mpmath.quad(lambda z: function(z) * mpmath.npdf(z), [alpha, beta]) / mass
+
+    centre = moment(lambda z: z)
+    variance = moment(lambda z: (z - centre) ** 2)
+    fourth = moment(lambda z: (z - centre) ** 4)
+    return float(mean + std * centre), float(std**2 * variance), float(std**4 * fourth)
+
+
+@pytest.mark.parametrize("truncation", list(TRUNCATIONS.values()), ids=list(TRUNCATIONS))
+def test_trunc_normal_is_the_truncated_normal(truncation) -> None:
+    from initserve_protocol.portable import tensors
+
+    mean, std, a, b = truncation
+    out = torch.empty(TRUNCATED_SAMPLES, dtype=torch.float64)
+    tensors.fill(out, "trunc_normal", {"mean": mean, "std": std, "a": a, "b": b}, (TRUNCATED_SAMPLES,), SEED)
+    x = out.numpy()
+    assert float(x.min()) >= a and float(x.max()) <= b and np.isfinite(x).all()
+    expected_mean, expected_variance, fourth = _truncated_moments(mean, std, a, b)
+    n = x.size
+    sample_mean, sample_variance = float(x.mean()), float(x.var())
+    assert abs(sample_mean - expected_mean) < Z_TWO_SIDED * math.sqrt(expected_variance / n), sample_mean
+    spread = math.sqrt((fourth - expected_variance**2) / n)
+    assert abs(sample_variance - expected_variance) < Z_TWO_SIDED * spread, sample_variance
+    # Kolmogorov-Smirnov against the truncated CDF (Phi(z) - Phi(alpha)) / (Phi(beta) - Phi(alpha)).
+    ordered = torch.from_numpy(np.sort(x))
+    alpha, beta = torch.tensor((a - mean) / std), torch.tensor((b - mean) / std)
+    low, high = torch.special.ndtr(alpha.double()), torch.special.ndtr(beta.double())
+    cdf = (torch.special.ndtr((ordered - mean) / std) - low) / (high - low)
+    ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    d = max(float((ranks / n - cdf).max()), float((cdf - (ranks - 1) / n).max()))
+    assert math.sqrt(n) * d < math.sqrt(-math.log(ALPHA / 2) / 2), math.sqrt(n) * d
+
+
+SPARSE_SHAPE = (200, 20000)  # 4 * 10**6 elements: 20000 columns of 200 rows
+
+
+def test_sparse_zeros_are_exact_per_column_uniform_over_rows_and_the_rest_is_normal() -> None:
+    from initserve_protocol.portable import tensors
+
+    sparsity, std = 0.1, 1.0
+    rows, cols = SPARSE_SHAPE
+    out = torch.empty(SPARSE_SHAPE, dtype=torch.float64)
+    tensors.fill(out, "sparse", {"sparsity": sparsity, "std": std}, SPARSE_SHAPE, SEED)
+    normal = torch.empty(SPARSE_SHAPE, dtype=torch.float64)
+    tensors.fill(normal, "normal", {"mean": 0.0, "std": std}, SPARSE_SHAPE, SEED)
+    zero = (out == 0) & (normal != 0)  # zeros the sparse draw made (a normal draw of exactly 0 aside)
+    assert zero.sum(0).eq(math.ceil(sparsity * rows)).all()
+    kept = ~zero
+    assert torch.equal(out[kept].view(torch.int64), normal[kept].view(torch.int64))  # the normal scheme's bytes
+    # Each row is zero in cols * p columns on average (p = zeros / rows). A column's zeros are drawn without
+    # replacement, so the counts' covariance is cols p (1 - p) rows / (rows - 1) (I - J / rows), and
+    # chi_square * (rows - 1) / (rows (1 - p)) is chi-square with rows - 1 degrees of freedom.
+    p = math.ceil(sparsity * rows) / rows
+    statistic = chi_square(zero.sum(1).numpy()) * (rows - 1) / (rows * (1 - p))
+    low, high = chi_square_bounds(rows - 1)
+    assert low < statistic < high, statistic

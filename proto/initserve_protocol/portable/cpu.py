@@ -19,7 +19,7 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-from initserve_protocol.portable import floats
+from initserve_protocol.portable import floats, gauss
 
 U64 = np.uint64
 MASK32 = U64(0xFFFFFFFF)
@@ -35,15 +35,44 @@ FULL_TURN = U64(1 << floats.OCTANT_BITS)
 OCTANT_SHIFT = U64(floats.OCTANT_BITS)
 TWO_M50 = 2.0**-floats.OCTANT_BITS
 TWO_M53 = 2.0**-floats.COUNT_BITS
-UNIFORM, NORMAL = 0, 1
+UNIFORM, NORMAL, TRUNC_NORMAL = 0, 1, 2
+SHIFT12 = U64(12)
+TWO_M52 = 2.0**-52
+TWO_54 = 2.0**54
+SMALLEST_NORMAL = 2.0**-1022
+NO_EXTRA = np.zeros(6, dtype=np.float64)  # the extra scales of uniform and normal draws (none; never written)
+A0, A1, A2, A3, A4, A5, A6, A7 = gauss.AS241_A
+B0, B1, B2, B3, B4, B5, B6, B7 = gauss.AS241_B
+Q0, Q1, Q2, Q3, Q4, Q5, Q6, Q7 = gauss.AS241_C
+D0, D1, D2, D3, D4, D5, D6, D7 = gauss.AS241_D
+E0, E1, E2, E3, E4, E5, E6, E7 = gauss.AS241_E
+F0, F1, F2, F3, F4, F5, F6, F7 = gauss.AS241_F
+SPLIT1, SPLIT2, CONST1, CONST2 = gauss.SPLIT1, gauss.SPLIT2, gauss.CONST1, gauss.CONST2
 BLOCK = 1 << 15  # output elements per unit of parallel work
 
 # Concurrent calls from several threads (the server's generation workers) need a thread-safe layer: OpenMP or TBB,
 # never Numba's own workqueue, which aborts the process when two threads enter it at once.
 numba.config.THREADING_LAYER = "threadsafe"
 
-_jit = numba.njit(cache=True, fastmath=False, error_model="numpy")
-_inline = numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
+
+def _cache_usable() -> bool:
+    """Whether Numba can keep the compiled kernel on disk (beside this file, in NUMBA_CACHE_DIR or the user's
+    cache): Numba raises at decoration where none is writable (a read-only container), so the kernel is then
+    compiled in each process instead (a few seconds, once)."""
+
+    def probe() -> int:
+        return 0
+
+    try:
+        numba.njit(cache=True)(probe)
+    except RuntimeError:
+        return False
+    return True
+
+
+CACHE = _cache_usable()
+_jit = numba.njit(cache=CACHE, fastmath=False, error_model="numpy")
+_inline = numba.njit(cache=CACHE, fastmath=False, error_model="numpy", inline="always")
 
 
 @_inline
@@ -81,10 +110,8 @@ def _as_bits(typingctx, value):
 
 
 @_inline
-def _ln_of_bits(bits):
-    """ln(count * 2**-53) from the float64 bits of count (an integer in [1, 2**53]), as floats.ln_count."""
-    e = np.int64(bits >> EXPONENT_SHIFT) - 1023  # 2**e <= count < 2**(e + 1)
-    m = _as_float(bits & MANTISSA_MASK | EXPONENT_ONE)  # count / 2**e, in [1, 2)
+def _ln_reduced(m, e):
+    """ln(m * 2**e) for m in [1, 2) and an integer e: floats.ln's steps from its reduction on."""
     if m > floats.SQRT2:
         m = m * 0.5
         e = e + 1
@@ -101,8 +128,67 @@ def _ln_of_bits(bits):
     p = L2 + t * p
     p = L1 + t * p
     p = L0 + t * p
-    k = np.float64(e - 53)
+    k = np.float64(e)
     return k * LN2_HI + (k * LN2_LO + (s + s) * p)
+
+
+@_inline
+def _ln_of_bits(bits):
+    """ln(count * 2**-53) from the float64 bits of count (an integer in [1, 2**53]), as floats.ln_count."""
+    e = np.int64(bits >> EXPONENT_SHIFT) - 1023  # 2**e <= count < 2**(e + 1)
+    return _ln_reduced(_as_float(bits & MANTISSA_MASK | EXPONENT_ONE), e - 53)  # count / 2**e, in [1, 2)
+
+
+@_inline
+def _ln_positive(x):
+    """ln(x) for a finite x > 0, subnormals included, as floats.ln."""
+    e = np.int64(0)
+    if x < SMALLEST_NORMAL:
+        x = x * TWO_54  # exact
+        e = np.int64(-54)
+    bits = _as_bits(x)
+    e += np.int64(bits >> EXPONENT_SHIFT) - 1023
+    return _ln_reduced(_as_float(bits & MANTISSA_MASK | EXPONENT_ONE), e)
+
+
+@_inline
+def _quantile(p):
+    """Phi^{-1}(p), as gauss.normal_quantile (AS241)."""
+    if p != p:
+        return p
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    q = p - 0.5
+    if abs(q) <= SPLIT1:
+        r = CONST1 - q * q
+        num = ((((((A7 * r + A6) * r + A5) * r + A4) * r + A3) * r + A2) * r + A1) * r + A0
+        den = ((((((B7 * r + B6) * r + B5) * r + B4) * r + B3) * r + B2) * r + B1) * r + B0
+        return q * num / den
+    r = p if q < 0.0 else 1.0 - p
+    r = math.sqrt(-_ln_positive(r))
+    if r <= SPLIT2:
+        r = r - CONST2
+        num = ((((((Q7 * r + Q6) * r + Q5) * r + Q4) * r + Q3) * r + Q2) * r + Q1) * r + Q0
+        den = ((((((D7 * r + D6) * r + D5) * r + D4) * r + D3) * r + D2) * r + D1) * r + D0
+    else:
+        r = r - SPLIT2
+        num = ((((((E7 * r + E6) * r + E5) * r + E4) * r + E3) * r + E2) * r + E1) * r + E0
+        den = ((((((F7 * r + F6) * r + F5) * r + F4) * r + F3) * r + F2) * r + F1) * r + F0
+    value = num / den
+    return -value if q < 0.0 else value
+
+
+@_inline
+def _truncated(word, low, width, negate, upper):
+    """The standard value z of a truncated normal draw, as draws.truncated_standard."""
+    if width == 0.0:
+        z = upper
+    else:
+        u = (np.float64(word >> SHIFT12) + 0.5) * TWO_M52  # exact, in (0, 1)
+        z = _quantile(low + u * width)
+    return -z if negate else z
 
 
 @_inline
@@ -140,8 +226,16 @@ def _cos_sin(k):
 
 
 @_jit
-def _pairs(x, first, n, kind, stream, k0, k1):
-    """x[2i], x[2i + 1] = the standard values (uniform or normal, float64) of pair first + i, for i < n."""
+def _pairs(x, first, n, kind, stream, k0, k1, extra):
+    """x[2i], x[2i + 1] = the standard values (uniform, normal or truncated normal, float64) of pair first + i, for
+    i < n."""
+    if kind == TRUNC_NORMAL:
+        low, width, negate, upper = extra[0], extra[1], extra[2] != 0.0, extra[5]
+        for i in range(n):
+            wa, wb = _philox(U64(first + i), stream, k0, k1)
+            x[2 * i] = _truncated(wa, low, width, negate, upper)
+            x[2 * i + 1] = _truncated(wb, low, width, negate, upper)
+        return
     if kind == UNIFORM:
         for i in range(n):
             wa, wb = _philox(U64(first + i), stream, k0, k1)
@@ -157,23 +251,33 @@ def _pairs(x, first, n, kind, stream, k0, k1):
 
 
 @_jit
-def _run(out, o, element, count, kind, p, q, stream, k0, k1, x):
+def _run(out, o, element, count, kind, p, q, stream, k0, k1, x, extra):
     """Elements [element, element + count) of the full tensor into out[o : o + count]."""
     done = 0
     while done < count:
         start = element + done
         first = start >> 1
         n = min(SUB, ((element + count - 1) >> 1) - first + 1)
-        _pairs(x, first, n, kind, stream, k0, k1)
+        _pairs(x, first, n, kind, stream, k0, k1, extra)
         skip = start & 1
         take = min(2 * n - skip, count - done)
-        for j in range(take):
-            out[o + done + j] = p + q * x[skip + j]
+        if kind == TRUNC_NORMAL:
+            low, high = extra[3], extra[4]
+            for j in range(take):
+                value = p + q * x[skip + j]
+                if value < low:
+                    value = low
+                if value > high:
+                    value = high
+                out[o + done + j] = value
+        else:
+            for j in range(take):
+                out[o + done + j] = p + q * x[skip + j]
         done += take
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _fill(out, first, starts, lengths, strides, run_start, run_len, kind, p, q, stream, k0, k1):
+@numba.njit(cache=CACHE, fastmath=False, error_model="numpy", parallel=True)
+def _fill(out, first, starts, lengths, strides, run_start, run_len, kind, p, q, stream, k0, k1, extra):
     total = out.shape[0]
     blocks = (total + BLOCK - 1) // BLOCK
     dims = starts.shape[0]
@@ -189,14 +293,17 @@ def _fill(out, first, starts, lengths, strides, run_start, run_len, kind, p, q, 
                 element += (starts[d] + r % lengths[d]) * strides[d]
                 r = r // lengths[d]
             count = min(end - o, run_len - offset)
-            _run(out, o - first, element, count, kind, p, q, stream, k0, k1, x)
+            _run(out, o - first, element, count, kind, p, q, stream, k0, k1, x, extra)
             o += count
 
 
-def fill(out, shape, resolved, kind, p, q, seed, stream=0, first=0):
+def fill(out, shape, resolved, kind, p, q, seed, stream=0, first=0, extra=None):
     """Write ``p + q * X`` (X uniform or standard normal, float64, then the out array's dtype) for the elements
     of ``full[slices]`` at positions ``[first, first + len(out))`` of the slice's C order into the flat array
-    ``out`` (float32 or float64)."""
+    ``out`` (float32 or float64).
+
+    For ``TRUNC_NORMAL``, X is the truncated standard value and ``extra`` is ``(low, width, flip, a, b, upper)``
+    of draws.truncation and the bounds: the value ``p + q * X`` is then clamped to ``[a, b]``."""
     box = [(0, size) for size in shape]
     for dim, start, length in resolved:
         box[dim] = (start, length)
@@ -225,4 +332,5 @@ def fill(out, shape, resolved, kind, p, q, seed, stream=0, first=0):
         U64(stream),
         U64(seed & 0xFFFFFFFF),
         U64(seed >> 32),
+        NO_EXTRA if extra is None else np.asarray(extra, dtype=np.float64),
     )

@@ -10,6 +10,8 @@ checks that each is the float64 nearest to what its comment says.
 
 from __future__ import annotations
 
+import math
+
 H = float.fromhex
 
 SQRT2 = H("0x1.6a09e667f3bcdp+0")  # sqrt(2)
@@ -72,10 +74,8 @@ COUNT_BITS = 53  # a uniform count n in [1, 2**53] stands for n * 2**-53
 OCTANT_BITS = 50  # below the octant's 3 bits, an angle count has 50
 
 
-def ln_count(n: int) -> float:
-    """ln(n * 2**-53) for an integer n in [1, 2**53], so a value in [-36.74, 0]."""
-    e = n.bit_length() - 1  # 2**e <= n < 2**(e + 1)
-    m = n / (1 << e)  # exact: n has at most 53 significant bits; m in [1, 2)
+def ln_scaled(m: float, e: int) -> float:
+    """ln(m * 2**e) for m in [1, 2) and an integer e with |e| < 2**11 - 1 (docs/portable.md 4.1, steps 2 to 6)."""
     if m > SQRT2:
         m = m / 2.0  # exact
         e += 1
@@ -85,8 +85,21 @@ def ln_count(n: int) -> float:
     for c in reversed(LOG[:11]):
         p = c + t * p
     ln_m = (s + s) * p
-    k = float(e - COUNT_BITS)  # an integer in [-53, 0]: exact
+    k = float(e)  # exact
     return k * LN2_HI + (k * LN2_LO + ln_m)
+
+
+def ln_count(n: int) -> float:
+    """ln(n * 2**-53) for an integer n in [1, 2**53], so a value in [-36.74, 0]."""
+    e = n.bit_length() - 1  # 2**e <= n < 2**(e + 1)
+    m = n / (1 << e)  # exact: n has at most 53 significant bits; m in [1, 2)
+    return ln_scaled(m, e - COUNT_BITS)
+
+
+def ln(x: float) -> float:
+    """ln(x) for a finite float64 x > 0, subnormals included (section 4.1's steps on x's own exponent)."""
+    fraction, exponent = math.frexp(x)  # exact: x = fraction * 2**exponent, fraction in [0.5, 1)
+    return ln_scaled(fraction * 2.0, exponent - 1)
 
 
 def sin_poly(x: float) -> float:

@@ -13,8 +13,9 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 
-from initserve_protocol.portable.draws import element_word, normal, uniform
+from initserve_protocol.portable.draws import clamp, element_word, normal, truncated_standard, truncation, uniform
 from initserve_protocol.portable.scales import draw
+from initserve_protocol.portable.sparse import zero_rows
 from initserve_protocol.slices import Resolved
 
 FLOAT32_FORMAT = "<f"
@@ -66,12 +67,21 @@ def values(
     elements = indices(shape, resolved)
     if not elements:
         return []
-    kind, p, q = draw(scheme, params, shape)
+    kind, p, q, *more = draw(scheme, params, shape)
     if kind == "uniform":
-        width = q - p  # type: ignore[operator]
-        return [p + width * uniform(element_word(seed, i)) for i in elements]  # type: ignore[operator]
+        width = q - p
+        return [p + width * uniform(element_word(seed, i)) for i in elements]
     if kind == "normal":
-        return [p + q * normal(seed, i) for i in elements]  # type: ignore[operator]
+        return [p + q * normal(seed, i) for i in elements]
+    if kind == "trunc_normal":
+        a, b = more
+        plan = truncation(p, q, a, b)  # once per request
+        return [clamp(p + q * truncated_standard(element_word(seed, i), *plan), a, b) for i in elements]
+    if kind == "sparse":
+        (zeros,) = more
+        rows, cols = shape
+        zero = {c: zero_rows(seed, rows, cols, c, zeros) for c in sorted({i % cols for i in elements})}
+        return [0.0 if i // cols in zero[i % cols] else p + q * normal(seed, i) for i in elements]
     raise ValueError(f"{scheme} is a fill: its bytes are torch's, with no random draw")
 
 

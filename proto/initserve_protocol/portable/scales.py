@@ -3,8 +3,11 @@
 Fans come from the full shape (as torch's ``_calculate_fan_in_and_fan_out``), and every bound and standard
 deviation is computed in float64 in the order written here, with ``math.sqrt`` (correctly rounded) and no
 ``pow``. A scheme is then ``("uniform", low, high)``: ``low + (high - low) * U``; ``("normal", mean, std)``:
-``mean + std * Z``; or ``("fill", None, None)``: no random draw, the bytes are torch's (constant, ones, zeros,
-eye, dirac). Pure Python, no torch: the server, the SDK and the reference all take their scales from here.
+``mean + std * Z``; ``("trunc_normal", mean, std, a, b)``: ``mean + std * Z`` with Z the truncated standard
+normal by inverse CDF, clamped to ``[a, b]``; ``("sparse", 0.0, std, zeros)``: the normal draw with ``zeros``
+elements of each column set to zero; or ``("fill", None, None)``: no random draw, the bytes are torch's
+(constant, ones, zeros, eye, dirac). Pure Python, no torch: the server, the SDK and the reference all take their
+scales from here.
 """
 
 from __future__ import annotations
@@ -13,10 +16,19 @@ import math
 from collections.abc import Mapping, Sequence
 
 FILLS = frozenset({"constant", "ones", "zeros", "eye", "dirac"})
-SERVED = frozenset({"uniform", "normal", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal"})
+SERVED = frozenset(
+    {
+        "uniform",
+        "normal",
+        "trunc_normal",
+        "xavier_uniform",
+        "xavier_normal",
+        "kaiming_uniform",
+        "kaiming_normal",
+        "sparse",
+    }
+)
 NOT_PORTABLE = {
-    "trunc_normal": "trunc_normal has no portable form in this version yet",
-    "sparse": "sparse has no portable form in this version yet",
     "orthogonal": (
         "orthogonal has no portable form: its QR runs in LAPACK/cuSOLVER, whose bits differ between devices "
         "and releases"
@@ -24,7 +36,7 @@ NOT_PORTABLE = {
 }
 LINEAR_GAINS = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 
-Draw = tuple[str, float | None, float | None]
+Draw = tuple  # (kind, p, q, *more): see the module's docstring
 
 
 def fans(shape: Sequence[int]) -> tuple[int, int]:
@@ -48,6 +60,13 @@ def gain(nonlinearity: str, a: float) -> float:
     raise ValueError(f"Unsupported nonlinearity {nonlinearity}")
 
 
+def sparse_zeros(sparsity: float, rows: int) -> int:
+    """How many elements of each column sparse_ sets to zero: torch's ``num_zeros = math.ceil(sparsity * rows)``
+    (float64), then as many rows as ``randperm(rows)[:num_zeros]`` holds (Python's slice: a negative count keeps
+    all but that many, a count above ``rows`` keeps all)."""
+    return len(range(rows)[: math.ceil(sparsity * rows)])
+
+
 def draw(scheme: str, params: Mapping[str, object], shape: Sequence[int]) -> Draw:
     """The draw and its float64 scales for a scheme whose parameters torch has already accepted."""
     if scheme in FILLS:
@@ -56,6 +75,12 @@ def draw(scheme: str, params: Mapping[str, object], shape: Sequence[int]) -> Dra
         return ("uniform", float(params["a"]), float(params["b"]))  # type: ignore[arg-type]
     if scheme == "normal":
         return ("normal", float(params["mean"]), float(params["std"]))  # type: ignore[arg-type]
+    if scheme == "trunc_normal":
+        mean, std, a, b = (float(params[name]) for name in ("mean", "std", "a", "b"))  # type: ignore[arg-type]
+        return ("trunc_normal", mean, std, a, b)
+    if scheme == "sparse":
+        zeros = sparse_zeros(float(params["sparsity"]), shape[0])  # type: ignore[arg-type]
+        return ("sparse", 0.0, float(params["std"]), zeros)  # type: ignore[arg-type]
     if scheme in ("xavier_uniform", "xavier_normal"):
         fan_in, fan_out = fans(shape)
         std = float(params["gain"]) * math.sqrt(2.0 / float(fan_in + fan_out))  # type: ignore[arg-type]

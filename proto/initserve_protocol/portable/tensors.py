@@ -12,18 +12,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
-from initserve_protocol.portable import cpu, scales
+from initserve_protocol.portable import cpu, draws, scales, sparse
 from initserve_protocol.schemes import REQUIRED, SCHEMES
 from initserve_protocol.slices import Resolved
 
-KINDS = {"uniform": cpu.UNIFORM, "normal": cpu.NORMAL}
+KINDS = {"uniform": cpu.UNIFORM, "normal": cpu.NORMAL, "trunc_normal": cpu.TRUNC_NORMAL, "sparse": cpu.NORMAL}
 STAGING_ELEMENTS = 1 << 20  # float16/bfloat16 go through float32 in pieces of this many elements (4 MiB)
 
 
 class NotPortable(ValueError):
-    """The scheme has no portable form (trunc_normal and sparse not yet, orthogonal never)."""
+    """The scheme has no portable form (orthogonal)."""
 
 
 def complete(scheme: str, params: Mapping[str, object]) -> dict[str, object]:
@@ -54,14 +55,49 @@ class _Probe(torch.Tensor):
         return self
 
 
+class _Sampler(torch.Tensor):
+    """A one-element CPU tensor for trunc_normal_, which returns at once on a meta tensor (before its warning and
+    its checks). Its ``normal_`` and ``uniform_`` run torch's own on a scratch element (torch's errors), then
+    write a value that ends torch's rejection loops in one round: a value inside the bounds, and 0 for the
+    acceptance draw (log 0 accepts), so a request whose acceptance is tiny costs nothing to check."""
+
+    def normal_(self, mean: float = 0.0, std: float = 1.0, **kwargs: object) -> torch.Tensor:
+        torch.empty(1, dtype=self.dtype).normal_(mean, std, generator=_scratch_generator())
+        low, high = self._bounds  # type: ignore[attr-defined]
+        torch.Tensor.fill_(self, min(max(mean, low), high))
+        return self
+
+    def uniform_(self, low: float = 0.0, high: float = 1.0, **kwargs: object) -> torch.Tensor:
+        torch.empty(1, dtype=self.dtype).uniform_(low, high, generator=_scratch_generator())
+        torch.Tensor.fill_(self, low)
+        return self
+
+
+def _scratch_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)  # checks draw nothing from torch's default generator
+
+
 def check(scheme: str, params: Mapping[str, object], shape: Sequence[int], dtype: torch.dtype) -> None:
     """Raise what ``torch.nn.init.<scheme>_`` raises on a tensor of this shape and dtype, warn what it warns;
     NotPortable for a scheme with no portable form."""
     if scheme in scales.NOT_PORTABLE:
         raise NotPortable(scales.NOT_PORTABLE[scheme])
     function = getattr(torch.nn.init, f"{scheme}_")
+    if scheme == "sparse":
+        # Its shape check runs on the meta probe (then sparse_ returns); its other errors (num_zeros of a NaN or
+        # infinite sparsity, a negative std) on a real tensor of the same rows and no columns, so no column loop.
+        function(torch.empty(shape, dtype=dtype, device="meta").as_subclass(_Probe), **params)
+        function(torch.empty((shape[0], 0), dtype=dtype), **params)
+        return
     if math.prod(shape) == 0:  # no memory either way: torch's own call, its zero-element warning included
         function(torch.empty(shape, dtype=dtype), **params)
+        return
+    if scheme == "trunc_normal":  # no shape check: one element of the dtype stands for the tensor
+        sampler = torch.empty(1, dtype=dtype).as_subclass(_Sampler)
+        full = complete(scheme, params)
+        bounds = [torch.tensor(float(full[name]), dtype=dtype).item() for name in ("a", "b")]  # type: ignore[arg-type]
+        sampler._bounds = (min(bounds), max(bounds))
+        function(sampler, **params)
         return
     function(torch.empty(shape, dtype=dtype, device="meta").as_subclass(_Probe), **params)
 
@@ -79,18 +115,57 @@ def fill(
     tensor ``out``, in its dtype, for a drawn scheme whose request ``check`` accepted."""
     if out.device.type != "cpu" or not out.is_contiguous():
         raise ValueError("portable fill writes a contiguous CPU tensor")
-    kind, p, q = scales.draw(scheme, complete(scheme, params), shape)
+    kind, p, q, *more = scales.draw(scheme, complete(scheme, params), shape)
+    extra = None
     if kind == "uniform":
         p, q = p, q - p  # low + (high - low) * U
+    if kind == "trunc_normal":
+        flip, low, width, upper = draws.truncation(p, q, *more)  # once per request
+        extra = (low, width, float(flip), *more, upper)
+    zeros = _SparseZeros(shape, resolved, seed, more[0], first, out.numel()) if kind == "sparse" else None
     flat = out.view(-1)
+
+    def fill_float(piece: np.ndarray, start: int) -> None:
+        cpu.fill(piece, shape, resolved, KINDS[kind], p, q, seed, first=start, extra=extra)
+        if zeros is not None:
+            zeros.apply(piece, start)
+
     if out.dtype in (torch.float32, torch.float64):
-        cpu.fill(flat.numpy(), shape, resolved, KINDS[kind], p, q, seed, first=first)
+        fill_float(flat.numpy(), first)
         return
     staging = torch.empty(min(STAGING_ELEMENTS, flat.numel()), dtype=torch.float32)
     for start in range(0, flat.numel(), STAGING_ELEMENTS):
         piece = staging[: min(STAGING_ELEMENTS, flat.numel() - start)]
-        cpu.fill(piece.numpy(), shape, resolved, KINDS[kind], p, q, seed, first=first + start)
+        fill_float(piece.numpy(), first + start)
         flat[start : start + piece.numel()].copy_(piece)  # float32 -> float16/bfloat16, nearest-even
+
+
+class _SparseZeros:
+    """sparse's zeros for positions ``[first, first + count)`` of a slice of a (rows, cols) tensor: the
+    thresholds of the columns those positions touch (all rows' keys of each), once; then each piece's elements
+    are zeroed from their own keys (stream 1), a piece of at most STAGING_ELEMENTS at a time."""
+
+    def __init__(self, shape: Sequence[int], resolved: Resolved, seed: int, zeros: int, first: int, count: int):
+        rows, cols = shape
+        box = {0: (0, rows), 1: (0, cols)}
+        box.update({dim: (start, length) for dim, start, length in resolved})
+        (self.row0, _), (self.col0, self.width) = box[0], box[1]
+        self.shape, self.resolved, self.seed = (rows, cols), resolved, seed
+        self.start = self.col0  # the first column whose threshold is kept
+        touched = self.width
+        if count and self.width and first // self.width == (first + count - 1) // self.width:  # within one row
+            self.start, touched = self.col0 + first % self.width, count
+        self.limits = sparse.thresholds(seed, rows, cols, self.start, touched if count else 0, zeros)
+
+    def apply(self, values: np.ndarray, first: int) -> None:
+        for offset in range(0, values.size, STAGING_ELEMENTS):
+            piece = values[offset : offset + STAGING_ELEMENTS]
+            keys = np.empty(piece.size, dtype=np.float64)
+            at = first + offset
+            cpu.fill(keys, self.shape, self.resolved, cpu.UNIFORM, 0.0, 1.0, self.seed, stream=draws.SPARSE, first=at)
+            positions = np.arange(at, at + piece.size, dtype=np.int64)
+            rows, columns = np.divmod(positions, self.width)
+            piece[sparse.zero_mask(keys, rows + self.row0, columns + (self.col0 - self.start), self.limits)] = 0.0
 
 
 def generate(
