@@ -277,13 +277,3 @@ def _generate_portable(
         if on_piece is not None:
             on_piece(tensor, end * tensor.element_size())
     return tensor
-
-
-def compile_portable() -> None:
-    """Compile the portable generator's kernel for every dtype it writes (a few seconds of one core where Numba
-    has no cache to load it from): the server runs this in a thread at start, so the first portable request
-    waits for it at most, never a request of torch's generator."""
-    numba.set_num_threads(PORTABLE_THREADS)
-    for dtype in (torch.float32, torch.float64):
-        for scheme in ("uniform", "normal"):
-            portable.fill(torch.empty(4, dtype=dtype), scheme, {}, (4,), 0)

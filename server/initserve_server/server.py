@@ -14,7 +14,6 @@ token, no TLS) on that port: kubelet's gRPC probes speak plaintext only.
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ from initserve_server.allocator import return_large_blocks_to_the_os
 from initserve_server.config import MAX_REQUEST_BYTES, ServerConfig
 from initserve_server.devices import cpu_qr_probe
 from initserve_server.engine import SERVER_ID, Engine
-from initserve_server.initializers import compile_portable, configure_torch
+from initserve_server.initializers import configure_torch
 from initserve_server.readiness import Readiness
 from initserve_server.security import BearerTokenInterceptor, TokenSet, server_credentials
 from initserve_server.servicer import InitServicer, add_to_server
@@ -111,7 +110,6 @@ class RunningServer:
 def serve(config: ServerConfig) -> RunningServer:
     """Start serving per ``config``; ``config.port=0`` binds a free port (see RunningServer.port)."""
     configure_torch()
-    threading.Thread(target=compile_portable, name="initserve-portable-compile", daemon=True).start()
     cpu_qr_probe()  # the CPU fingerprint's probe runs now, not in the first request (about 20 ms)
     return_large_blocks_to_the_os()
     credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)

@@ -51,11 +51,6 @@ class InitSpec:
         return self.generator == PHILOX and is_drawn(self.scheme.name)
 
     @property
-    def generated_shape(self) -> tuple[int, ...]:
-        """The shape whose elements a generation of this spec computes: the slice's when direct."""
-        return self.out_shape if self.direct else self.shape
-
-    @property
     def out_shape(self) -> tuple[int, ...]:
         """The shape of the bytes served: the slice's, or the whole ``shape``."""
         return sliced_shape(self.shape, self.slices)

@@ -32,6 +32,8 @@ CASES = [
     ("constant", {"val": 0.25}, (3, 4)),
     ("eye", {}, (4, 5)),
     ("dirac", {"groups": 2}, (4, 3, 3)),
+    ("trunc_normal", {"mean": 0.1, "std": 2.0, "a": 1.0, "b": 3.0}, (13, 11)),
+    ("sparse", {"sparsity": 0.3, "std": 0.5}, (20, 9)),
 ]
 
 
@@ -51,7 +53,7 @@ def test_served_bytes_are_the_local_generators(philox, scheme, params, shape, dt
     result = philox.fetch(shape, scheme, seed=SEED, dtype=dtype, **params)
     assert same_bytes(result.tensor, portable.generate(shape, scheme, seed=SEED, dtype=dtype, **params))
     assert result.header.generator == PHILOX
-    if scheme in ("uniform", "normal", "kaiming_normal"):  # and the executable spec's, for the drawn ones
+    if scheme in ("uniform", "normal", "kaiming_normal", "trunc_normal", "sparse"):  # and the executable spec's
         name = str(dtype).removeprefix("torch.")
         assert raw(result.tensor) == reference_generate(scheme, complete(scheme, params), shape, name, SEED)
 
@@ -102,19 +104,23 @@ def test_a_slice_costs_its_own_elements() -> None:
         running.stop()
 
 
-@pytest.mark.parametrize(
-    ("scheme", "params", "message"),
-    [
-        ("trunc_normal", {}, "generator philox4x32-10/v1: trunc_normal has no portable form in this version yet"),
-        ("sparse", {"sparsity": 0.5}, "generator philox4x32-10/v1: sparse has no portable form in this version yet"),
-        ("orthogonal", {}, "generator philox4x32-10/v1: orthogonal has no portable form"),
-    ],
-)
-def test_schemes_with_no_portable_form_are_refused(philox, scheme, params, message) -> None:
+def test_orthogonal_has_no_portable_form(philox) -> None:
+    message = "generator philox4x32-10/v1: orthogonal has no portable form"
     with pytest.raises(initserve.InvalidArgument, match="^" + message):
-        philox.fetch((4, 4), scheme, seed=SEED, **params)
-    with pytest.raises(ValueError, match=message.split(": ", 1)[1]):
-        portable.generate((4, 4), scheme, seed=SEED, **params)
+        philox.fetch((4, 4), "orthogonal", seed=SEED)
+    with pytest.raises(ValueError, match="orthogonal has no portable form"):
+        portable.generate((4, 4), "orthogonal", seed=SEED)
+
+
+def test_sparse_and_trunc_normal_slices_are_their_wholes_cut(philox) -> None:
+    shape = (30, 40)
+    for scheme, params in (("sparse", {"sparsity": 0.5}), ("trunc_normal", {"a": -0.5, "b": 0.25})):
+        whole = portable.generate(shape, scheme, seed=SEED, **params)
+        for slices, cut in (([initserve.Shard(0, 1, 3)], whole[10:20]), ([initserve.Shard(1, 2, 4)], whole[:, 20:30])):
+            served = philox.fetch(shape, scheme, seed=SEED, slices=slices, **params)
+            assert same_bytes(served.tensor, cut), (scheme, slices)
+    sparse = portable.generate(shape, "sparse", seed=SEED, sparsity=0.5)
+    assert ((sparse == 0).sum(dim=0) == 15).all()  # ceil(0.5 * 30) rows zeroed in every column
 
 
 def test_torchs_errors_are_torchs(philox) -> None:
