@@ -181,6 +181,16 @@ with initserve.Client(sys.argv[1], timeout=60) as client:
         if answer.torch_version != torch.__version__:
             sys.exit(f"server torch {answer.torch_version} != local {torch.__version__}")
         print(f"  {scheme} {tuple(shape)} {dtype}: {expected.numel() * expected.element_size()} bytes equal")
+# The portable generator in the image (Numba with no writable cache, OpenMP): its bytes are this machine's.
+from initserve import portable
+
+with initserve.Client(sys.argv[1], timeout=120, rng=portable.PHILOX) as client:
+    for local in (False, True):
+        answer = client.fetch((512, 300), "kaiming_uniform", seed=5, dtype=torch.bfloat16, local=local)
+        expected = portable.generate((512, 300), "kaiming_uniform", seed=5, dtype=torch.bfloat16)
+        if not same_bytes(answer.tensor, expected) or answer.header.generator != portable.PHILOX:
+            sys.exit(f"portable kaiming_uniform (local={local}): bytes differ from initserve.portable's")
+        print(f"  portable kaiming_uniform (512, 300) bfloat16, {answer.transport}: equal")
 EOF
 
 # --- stop: SIGTERM to PID 1, a graceful exit 0 -------------------------------------------------------------------
