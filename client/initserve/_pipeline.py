@@ -60,6 +60,7 @@ class InitResult:
     warnings: tuple[str, ...] = ()  # the UserWarnings torch gave generating it (re-issued when it was returned)
 
 
+VERIFY_THREADS = 2  # bytes made here are checked in this many threads (the block CRCs release the GIL)
 MakeHere = Callable[[int, pb.Header], torch.Tensor]  # (tensor's position, its verified header) -> its bytes
 
 
@@ -177,7 +178,7 @@ class Fetch:
         header, self._header = self._header, None
         tensor = self.make_here(position, header)
         data = memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())
-        self.assemblers[position].verify_filled(header, message, data, made_here=True)
+        self.assemblers[position].verify_filled(header, message, data, threads=VERIFY_THREADS, made_here=True)
         self.made[position] = tensor
         self.current += 1
 
