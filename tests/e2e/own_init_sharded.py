@@ -3,7 +3,8 @@ tensor parallelism or both, every rank fetching only its shards; gathered, the m
 
     torchrun --nproc-per-node 2 tests/e2e/own_init_sharded.py --target 127.0.0.1:50051 --layout fsdp
 
-Prints one line per rank ("rank R: received B bytes, its shards' are S") and, on rank 0, "OK ..." or
+``--rng philox4x32-10/v1 --make-here``: the portable generator, each rank making its shards' bytes itself against the
+server's checksums. Prints one line per rank ("rank R: received B bytes, its shards' are S") and, on rank 0, "OK ..." or
 "MISMATCH ..."; exits 0 only when the model is equal and every rank received exactly its own bytes.
 """
 
@@ -102,6 +103,8 @@ def main() -> int:
     parser.add_argument("--target", required=True)
     parser.add_argument("--layout", choices=("fsdp", "tp", "2d"), required=True)
     parser.add_argument("--materialize", action="store_true", help="materialize the meta model, not to_empty + init")
+    parser.add_argument("--rng", default="torch", help='the generator: "torch" or "philox4x32-10/v1"')
+    parser.add_argument("--make-here", action="store_true", help="portable: each rank makes its shards' bytes itself")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -109,8 +112,8 @@ def main() -> int:
         model = Model()
     shard(model, args.layout, world)
     received = [0]
-    with initserve.Client(args.target) as client:
-        if args.materialize:  # its to_empty, then the same init; bytes counted from the server's reply sizes
+    with initserve.Client(args.target, rng=args.rng, local=args.make_here) as client:
+        if args.materialize or args.make_here:  # bytes counted from the results' sizes (made here: no progress)
             original = client.fetch_many
 
             def counted(specs, **kwargs):
@@ -119,7 +122,11 @@ def main() -> int:
                 return results
 
             client.fetch_many = counted
+        if args.materialize:
             client.materialize(model, seed=SEED, init_fn=model.init_weights)
+        elif args.make_here:
+            model.to_empty(device="cpu")
+            client.init_module(model, seed=SEED, init_fn=model.init_weights)
         else:
             model.to_empty(device="cpu")
             client.init_module(

@@ -84,7 +84,7 @@ OWN_INIT_SCRIPT = Path(__file__).resolve().parent / "own_init_sharded.py"
 @pytest.mark.parametrize(
     ("layout", "ranks", "how"),
     [("fsdp", 2, "init_module"), ("fsdp", 4, "materialize"), ("tp", 2, "init_module"), ("tp", 4, "materialize"),
-     ("2d", 4, "init_module")],
+     ("2d", 4, "init_module"), ("2d", 4, "portable-local")],
 )  # fmt: skip
 def test_own_init_code_under_fsdp2_and_tensor_parallelism_equals_a_one_process_init(
     server, layout: str, ranks: int, how: str
@@ -99,6 +99,7 @@ def test_own_init_code_under_fsdp2_and_tensor_parallelism_equals_a_one_process_i
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         str(OWN_INIT_SCRIPT), "--target", server.target, "--layout", layout,
         *(["--materialize"] if how == "materialize" else []),
+        *(["--rng", "philox4x32-10/v1", "--make-here"] if how == "portable-local" else []),
     ]  # fmt: skip
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=TORCHRUN_SECONDS, env=env, cwd=ROOT)
