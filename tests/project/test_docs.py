@@ -56,3 +56,12 @@ def test_every_relative_link_resolves(page: Path) -> None:
         elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
             broken.append(f"{target}: no heading with that anchor")
     assert broken == [], f"{page.relative_to(ROOT)}: broken links"
+
+
+def test_the_readmes_python_works_as_pasted(server) -> None:
+    """Every python block of the README, run in order as one session against a real server (its address
+    swapped for the README's localhost:50051): each asserts its own bytes."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks
+    code = "\n".join(blocks).replace("localhost:50051", server.target)
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the project's own README, run as a user would
