@@ -104,3 +104,29 @@ def index(resolved: Resolved) -> tuple[slice, ...]:
 
 def numel(shape: Sequence[int], resolved: Resolved) -> int:
     return math.prod(sliced_shape(shape, resolved))
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Where the positions of ``full[slices]`` (C order) lie in the full tensor: the innermost sliced-or-partial
+    dim and every full dim after it make one contiguous run of ``length`` elements starting at ``start`` (plus
+    the outer dims' offsets); ``outer`` holds (start, length, stride) of each dim before it, outermost first."""
+
+    start: int
+    length: int
+    outer: tuple[tuple[int, int, int], ...]
+
+
+def runs(shape: Sequence[int], resolved: Resolved = ()) -> Runs:
+    """The runs of ``full[slices]`` in the full tensor of ``shape`` (a 0-d tensor is one run of one element)."""
+    if not shape:
+        return Runs(0, 1, ())
+    box = [(0, size) for size in shape]
+    for dim, start, length in resolved:
+        box[dim] = (start, length)
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    k = len(shape) - 1
+    while k > 0 and box[k] == (0, shape[k]):
+        k -= 1
+    outer = tuple((box[d][0], box[d][1], strides[d]) for d in range(k))
+    return Runs(box[k][0] * strides[k], box[k][1] * strides[k], outer)

@@ -17,6 +17,7 @@ import numba
 import torch
 from torch.overrides import TorchFunctionMode
 
+from initserve_protocol.portable import placement
 from initserve_protocol.portable import tensors as portable
 from initserve_protocol.schemes import SCHEMES
 from initserve_server.spec import InitSpec
@@ -260,9 +261,13 @@ def generate(
 def _generate_portable(
     spec: InitSpec, on_piece: OnPiece | None, *, piece_bytes: int, allocate: Allocate | None, stop: Stop | None
 ) -> torch.Tensor:
-    """The portable generator's bytes for ``spec`` (its slice alone, when sliced), by the CPU kernel, piece by
-    piece: the kernel is the same on every device, so a request naming a GPU gets the same bytes from it."""
+    """The portable generator's bytes for ``spec`` (its slice alone, when sliced): on the CPU by the kernel, piece
+    by piece; on a GPU by its elementwise path where verified (``placement``), whole, then copied to the host."""
     kwargs = spec.kwargs()
+    if spec.device.type != "cpu":  # made on the device where its elementwise path is verified, else copied there
+        return placement.generate(
+            spec.scheme.name, kwargs, spec.shape, spec.dtype.torch_dtype, spec.seed, spec.slices, spec.device
+        )
     portable.check(spec.scheme.name, kwargs, spec.shape, spec.dtype.torch_dtype)  # torch's errors and warnings
     numba.set_num_threads(PORTABLE_THREADS)
     shape, dtype = spec.out_shape, spec.dtype.torch_dtype

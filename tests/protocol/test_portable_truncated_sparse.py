@@ -287,3 +287,16 @@ def test_generate_gives_the_references_bytes() -> None:
     got = tensors.generate("sparse", {"sparsity": 0.5}, (6, 5), torch.float32, 9)
     assert got.numpy().tobytes() == reference.generate("sparse", {"sparsity": 0.5, "std": 0.01}, (6, 5), "float32", 9)
     assert (got == 0).sum(0).tolist() == [3] * 5
+
+
+@pytest.mark.parametrize("scheme", ["kaiming_uniform", "xavier_normal", "sparse", "trunc_normal", "normal"])
+def test_a_zero_element_tensor_is_empty_and_warns_as_torch_does(scheme: str) -> None:
+    params = {"sparsity": 0.5} if scheme == "sparse" else {}
+    with warnings.catch_warnings(record=True) as torchs:
+        warnings.simplefilter("always")
+        getattr(torch.nn.init, f"{scheme}_")(torch.empty(4, 0), **params)
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        made = tensors.generate(scheme, params, (4, 0), torch.float32, 7)
+    assert made.shape == (4, 0)
+    assert [str(w.message) for w in ours] == [str(w.message) for w in torchs]

@@ -20,6 +20,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from initserve_protocol.portable import floats, gauss
+from initserve_protocol.slices import runs
 
 U64 = np.uint64
 MASK32 = U64(0xFFFFFFFF)
@@ -304,28 +305,18 @@ def fill(out, shape, resolved, kind, p, q, seed, stream=0, first=0, extra=None):
 
     For ``TRUNC_NORMAL``, X is the truncated standard value and ``extra`` is ``(low, width, flip, a, b, upper)``
     of draws.truncation and the bounds: the value ``p + q * X`` is then clamped to ``[a, b]``."""
-    box = [(0, size) for size in shape]
-    for dim, start, length in resolved:
-        box[dim] = (start, length)
-    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
-    # The run: the innermost sliced-or-partial dim and all full dims after it are contiguous in the full tensor.
-    k = len(shape) - 1
-    while k > 0 and box[k] == (0, shape[k]):
-        k -= 1
-    run_start = box[k][0] * strides[k] if shape else 0
-    run_len = box[k][1] * strides[k] if shape else 1
-    outer = box[:k] if shape else []
+    layout = runs(shape, resolved)
     if out.shape[0] == 0:
         return
     seed %= 1 << 64
     _fill(
         out,
         first,
-        np.array([start for start, _ in outer], dtype=np.int64),
-        np.array([length for _, length in outer], dtype=np.int64),
-        np.array(strides[:k], dtype=np.int64),
-        run_start,
-        run_len,
+        np.array([start for start, _, _ in layout.outer], dtype=np.int64),
+        np.array([length for _, length, _ in layout.outer], dtype=np.int64),
+        np.array([stride for _, _, stride in layout.outer], dtype=np.int64),
+        layout.start,
+        layout.length,
         kind,
         float(p),
         float(q),

@@ -115,6 +115,8 @@ def fill(
     tensor ``out``, in its dtype, for a drawn scheme whose request ``check`` accepted."""
     if out.device.type != "cpu" or not out.is_contiguous():
         raise ValueError("portable fill writes a contiguous CPU tensor")
+    if out.numel() == 0:  # nothing to write; a zero-element shape has no fans to scale by either
+        return
     kind, p, q, *more = scales.draw(scheme, complete(scheme, params), shape)
     extra = None
     if kind == "uniform":
