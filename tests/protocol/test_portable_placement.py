@@ -52,3 +52,22 @@ def test_a_gpus_tensors_are_the_cpu_kernels_bytes(scheme: str) -> None:
     made = placement.generate(scheme, params, (300, 257), torch.float32, 5, (), "cuda")
     assert made.device.type == "cuda"
     assert raw(made) == raw(tensors.generate(scheme, params, (300, 257), torch.float32, 5))
+
+
+def test_making_portable_bytes_leaves_torchs_thread_count_alone() -> None:
+    """Numba's OpenMP layer shares libgomp with torch: its parallel launch used to set the calling thread's
+    OpenMP thread count, which is torch's too, and orthogonal's QR gave other bytes after it (caught by the
+    golden digests in a fresh clone's full run). The kernel now restores it."""
+
+    def orthogonal() -> torch.Tensor:
+        return torch.nn.init.orthogonal_(torch.empty(96, 40), generator=torch.Generator().manual_seed(123))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        before = orthogonal()
+        placement.generate("normal", {}, (1000, 1000), torch.float32, 1)  # the kernel on every core
+        assert torch.get_num_threads() == 1
+        assert raw(orthogonal()) == raw(before)
+    finally:
+        torch.set_num_threads(threads)

@@ -15,6 +15,7 @@ import math
 
 import numba
 import numpy as np
+import torch
 from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
@@ -309,19 +310,26 @@ def fill(out, shape, resolved, kind, p, q, seed, stream=0, first=0, extra=None):
     if out.shape[0] == 0:
         return
     seed %= 1 << 64
-    _fill(
-        out,
-        first,
-        np.array([start for start, _, _ in layout.outer], dtype=np.int64),
-        np.array([length for _, length, _ in layout.outer], dtype=np.int64),
-        np.array([stride for _, _, stride in layout.outer], dtype=np.int64),
-        layout.start,
-        layout.length,
-        kind,
-        float(p),
-        float(q),
-        U64(stream),
-        U64(seed & 0xFFFFFFFF),
-        U64(seed >> 32),
-        NO_EXTRA if extra is None else np.asarray(extra, dtype=np.float64),
-    )
+    # Numba's OpenMP layer shares libgomp with torch: a parallel launch sets the calling thread's OpenMP thread
+    # count to Numba's, which is torch's intra-op thread count too (and MKL's QR bits depend on it). Put it back.
+    torch_threads = torch.get_num_threads()
+    try:
+        _fill(
+            out,
+            first,
+            np.array([start for start, _, _ in layout.outer], dtype=np.int64),
+            np.array([length for _, length, _ in layout.outer], dtype=np.int64),
+            np.array([stride for _, _, stride in layout.outer], dtype=np.int64),
+            layout.start,
+            layout.length,
+            kind,
+            float(p),
+            float(q),
+            U64(stream),
+            U64(seed & 0xFFFFFFFF),
+            U64(seed >> 32),
+            NO_EXTRA if extra is None else np.asarray(extra, dtype=np.float64),
+        )
+    finally:
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
