@@ -102,7 +102,7 @@ podman build --isolation chroot --format docker "${build_flags[@]}" \
     fail "podman build failed; last lines of $CACHE_DIR/build.log:
 $(tail -20 "$CACHE_DIR/build.log")"
 image_id=$(podman image inspect --format '{{.Id}}' "$IMAGE")
-# A rebuilt image leaves the previous one untagged: drop it, or every changed run keeps another 1.2 GB.
+# A rebuilt image leaves the previous one untagged: drop it, or every changed run keeps another 1.6 GB.
 if [[ -n $previous_image && $previous_image != "$image_id" ]]; then
     podman rmi "$previous_image" >/dev/null 2>&1 || true
 fi
