@@ -48,6 +48,15 @@ else:
 __all__ = ["Client", "drive"]
 
 
+async def receive(fetch: Fetch, message: Any, index: int) -> None:
+    """One message into ``fetch``; where its bytes are made here (``local=True``), in a worker thread, so the
+    event loop goes on serving other calls while the kernel runs."""
+    if fetch.make_here is None:
+        fetch.receive(message, index)
+    else:
+        await asyncio.to_thread(fetch.receive, message, index)
+
+
 async def drive(fetch: Fetch, open_call: Callable[[Attempt], AsyncIterator[Any]]) -> Attempt:
     """Run ``fetch`` to the end over ``open_call(attempt)``'s streams (Init: messages; InitMany: (index, message)
     pairs), closing each (which cancels its call); returns the last attempt. The sync twin:
@@ -59,10 +68,10 @@ async def drive(fetch: Fetch, open_call: Callable[[Attempt], AsyncIterator[Any]]
             try:
                 if fetch.many:
                     async for index, message in stream:
-                        fetch.receive(message, index)
+                        await receive(fetch, message, index)
                 else:
                     async for message in stream:
-                        fetch.receive(message)
+                        await receive(fetch, message, 0)
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]  # an async generator: cancels the call
             fetch.end()

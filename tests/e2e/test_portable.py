@@ -233,3 +233,20 @@ def test_scheme_methods_and_model_calls_take_the_generator_per_call(client) -> N
     assert same_bytes(model.weight.detach(), expected)
     with pytest.raises(ValueError, match="local_draws=True draws with torch's generator here"):
         client.init_module(nn.Linear(4, 2), seed=SEED, rng=PHILOX, local_draws=True)
+
+
+def test_the_asyncio_client_makes_local_bytes_too(server) -> None:
+    import asyncio
+
+    import initserve.aio
+
+    async def main() -> tuple[initserve.InitResult, dict[str, initserve.InitResult]]:
+        async with initserve.aio.Client(server.target, rng=PHILOX, local=True) as client:
+            one = await client.fetch((300, 70), "trunc_normal", seed=SEED, a=-1.0, b=0.5)
+            many = await client.fetch_many([initserve.TensorSpec("w", (16, 8), "kaiming_normal")], seed=SEED)
+            return one, many
+
+    one, many = asyncio.run(main())
+    assert one.transport == many["w"].transport == "local"
+    assert same_bytes(one.tensor, portable.generate((300, 70), "trunc_normal", seed=SEED, a=-1.0, b=0.5))
+    assert same_bytes(many["w"].tensor, portable.generate((16, 8), "kaiming_normal", seed=SEED, name="w"))
