@@ -15,7 +15,6 @@ import torch
 from initserve._pipeline import MakeHere
 from initserve._requests import Prepared
 from initserve_protocol.portable import PHILOX
-from initserve_protocol.portable import tensors as portable
 from initserve_protocol.schemes import PARAM_NAMES
 from initserve_protocol.slices import index
 from initserve_protocol.v1 import initserve_pb2 as pb
@@ -32,6 +31,8 @@ def check_local(local: bool, rng: str) -> None:
 def maker(prepared: Sequence[Prepared], outs: Sequence[torch.Tensor | None]) -> MakeHere:
     """``make(position, header)``: tensor ``position``'s bytes under the portable generator, with the seed its
     header reports, written into its ``out`` when it has one."""
+
+    from initserve_protocol.portable import tensors as portable  # Numba: loaded by the first local fetch
 
     def make(position: int, header: pb.Header) -> torch.Tensor:
         item, out = prepared[position], outs[position]

@@ -60,7 +60,6 @@ from dataclasses import dataclass
 
 import torch
 
-from initserve_protocol.portable import tensors as portable_tensors
 from initserve_server import torch_warnings
 from initserve_server.initializers import DIRAC_WRITES_PER_CALL, INITIALIZERS
 from initserve_server.spec import InitSpec
@@ -263,6 +262,8 @@ PORTABLE_SPARSE_WORKING_BYTES = 32 << 20  # key blocks of about 2**20 (key, row)
 
 def _portable(spec: InitSpec) -> Cost:
     """The portable kernel over the elements a (slice's) generation computes."""
+    from initserve_protocol.portable import tensors as portable_tensors  # Numba: loaded by the first portable request
+
     elements = math.prod(spec.out_shape)
     per_element = PORTABLE_SECONDS_PER_ELEMENT[_PORTABLE_DRAW[spec.scheme.name]]
     seconds = CALL_SECONDS + elements * per_element

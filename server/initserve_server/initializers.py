@@ -13,12 +13,9 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 
-import numba
 import torch
 from torch.overrides import TorchFunctionMode
 
-from initserve_protocol.portable import placement
-from initserve_protocol.portable import tensors as portable
 from initserve_protocol.schemes import SCHEMES
 from initserve_server.spec import InitSpec
 
@@ -263,6 +260,11 @@ def _generate_portable(
 ) -> torch.Tensor:
     """The portable generator's bytes for ``spec`` (its slice alone, when sliced): on the CPU by the kernel, piece
     by piece; on a GPU by its elementwise path where verified (``placement``), whole, then copied to the host."""
+    import numba  # the kernel's modules load with the first portable request: a server that sees none never pays
+
+    from initserve_protocol.portable import placement
+    from initserve_protocol.portable import tensors as portable
+
     kwargs = spec.kwargs()
     if spec.device.type != "cpu":  # made on the device where its elementwise path is verified, else copied there
         return placement.generate(

@@ -10,7 +10,7 @@ import torch
 
 from initserve_protocol.dtypes import DTypeEntry
 from initserve_protocol.portable import PHILOX, TORCH
-from initserve_protocol.portable.tensors import is_drawn
+from initserve_protocol.portable.scales import is_drawn
 from initserve_protocol.schemes import ParamValue, Scheme
 from initserve_protocol.slices import Resolved, sliced_shape
 

@@ -39,6 +39,11 @@ LINEAR_GAINS = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "con
 Draw = tuple  # (kind, p, q, *more): see the module's docstring
 
 
+def is_drawn(scheme: str) -> bool:
+    """Whether the scheme draws random values (else it is a fill: torch's bytes, on every generator)."""
+    return scheme not in FILLS
+
+
 def fans(shape: Sequence[int]) -> tuple[int, int]:
     """(fan_in, fan_out) of a shape with at least 2 dims, as torch computes them."""
     receptive = math.prod(shape[2:])

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from initserve_protocol.portable import cpu, draws, scales, sparse
+from initserve_protocol.portable.scales import is_drawn
 from initserve_protocol.schemes import REQUIRED, SCHEMES
 from initserve_protocol.slices import Resolved
 
@@ -35,11 +36,6 @@ def complete(scheme: str, params: Mapping[str, object]) -> dict[str, object]:
     if missing:
         raise TypeError(f"{scheme}_() missing required argument: {missing[0]!r}")
     return full
-
-
-def is_drawn(scheme: str) -> bool:
-    """Whether the scheme draws random values (else it is a fill: torch's bytes, on every generator)."""
-    return scheme not in scales.FILLS
 
 
 class _Probe(torch.Tensor):
