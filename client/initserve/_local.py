@@ -16,7 +16,6 @@ from initserve._pipeline import MakeHere
 from initserve._requests import Prepared
 from initserve_protocol.portable import PHILOX
 from initserve_protocol.schemes import PARAM_NAMES
-from initserve_protocol.slices import index
 from initserve_protocol.v1 import initserve_pb2 as pb
 
 
@@ -43,10 +42,8 @@ def maker(prepared: Sequence[Prepared], outs: Sequence[torch.Tensor | None]) -> 
         tensor = out if out is not None else torch.empty(item.out_shape, dtype=item.dtype)
         if portable.is_drawn(request.scheme):
             portable.fill(tensor, request.scheme, params, shape, header.seed_used, resolved)
-        else:  # a fill: torch's own bytes, made whole and cut as the server cuts them
-            full = torch.empty(shape, dtype=item.dtype)
-            getattr(torch.nn.init, f"{request.scheme}_")(full, **params)
-            tensor.copy_(full[index(resolved)])
+        else:  # a fill: torch's own bytes, made whole and cut, as tensors.generate (and the server) make them
+            tensor.copy_(portable.generate(request.scheme, params, shape, item.dtype, 0, resolved))
         return tensor
 
     return make
