@@ -78,6 +78,10 @@ CASES = (
     Case("normal", (64,), "float16", 0, {"mean": 1e4, "std": 5e4}),
     Case("normal", (10001,), "float32", 1 << 32, ranges=(_r(0, 1, 9999),)),
     Case("normal", (3, 5, 7, 11), "float32", 2, {"std": 0.1}, (_r(0, 1, 2), _r(2, 3, 4), _r(3, 5, 5))),
+    # NaN (docs/portable.md section 6): inf + (-inf) where z < 0 and inf * 0 where z = 0; a NaN mean
+    Case("normal", (33,), "bfloat16", 3, {"mean": math.inf, "std": math.inf}),
+    Case("normal", (9,), "float64", 4, {"mean": math.nan}),
+    Case("trunc_normal", (2, 9), "float16", 5, {"mean": math.nan}),
     # xavier_uniform, xavier_normal
     Case("xavier_uniform", (5, 7), "float32", 0),
     Case("xavier_uniform", (9, 4, 3, 3), "bfloat16", 1, {"gain": 1.6}, (_r(1, 1, 2),)),

@@ -19,7 +19,7 @@ from initserve_protocol import slices
 from initserve_protocol.portable import cpu, floats, reference
 from initserve_protocol.portable.philox import key_of, philox4x32
 from initserve_protocol.slices import Resolved
-from tests.protocol.portable_known_answers import TORCH_DTYPES_16, kernel_bytes
+from tests.protocol.portable_known_answers import TORCH_DTYPES, TORCH_DTYPES_16, kernel_bytes
 
 # Random123's kat_vectors, the three "philox4x32 10" lines: counter (4 words), key (2 words) -> output (4 words).
 KNOWN_ANSWERS = [
@@ -296,6 +296,37 @@ def test_encode_rounds_as_torch_does(dtype) -> None:
     width = len(got) // len(values)
     for i, x in enumerate(values):
         assert got[i * width : (i + 1) * width] == expected[i * width : (i + 1) * width], f"{x!r} to {dtype}"
+
+
+ONE_NAN = {"float64": "000000000000f87f", "float32": "0000c07f", "float16": "007e", "bfloat16": "c07f"}
+NAN_REQUESTS = [
+    ("normal", {"mean": math.nan}),
+    ("normal", {"mean": math.inf, "std": math.inf}),  # inf + (-inf): the CPU's default NaN is negative
+    ("normal", {"mean": -math.inf, "std": math.inf}),
+    ("trunc_normal", {"mean": math.nan}),
+    ("trunc_normal", {"std": math.nan, "a": -math.inf, "b": math.inf}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize(("scheme", "params"), NAN_REQUESTS, ids=[str(p) for _, p in NAN_REQUESTS])
+def test_every_nan_is_the_dtypes_one_nan(scheme, params, dtype) -> None:
+    """docs/portable.md section 6: whatever NaN the arithmetic or torch's conversion makes (x86 and torch's CPU
+    bfloat16 conversion give negative or all-ones NaNs), the bytes hold the dtype's one NaN, in the reference,
+    the kernel and the elementwise path alike."""
+    from initserve_protocol.portable import elementwise, tensors
+
+    shape, width = (65,), len(ONE_NAN[dtype]) // 2
+    params = tensors.complete(scheme, params)
+    expected = reference.generate(scheme, params, shape, dtype, 11)
+    decoded = torch.frombuffer(bytearray(expected), dtype=TORCH_DTYPES[dtype])
+    values = [expected[i : i + width].hex() for i in range(0, len(expected), width)]
+    nans = [value for value, nan in zip(values, decoded.isnan().tolist(), strict=True) if nan]
+    assert len(nans) > 10 and set(nans) == {ONE_NAN[dtype]}
+    assert kernel_bytes(scheme, params, shape, dtype, 11) == expected
+    out = torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+    elementwise.fill(out, scheme, params, shape, 11)
+    assert out.view(torch.uint8).numpy().tobytes() == expected
 
 
 SHARDED_SHAPES = [(7,), (5, 3), (4, 1, 6), (3, 2, 5, 3), (2, 0, 3)]

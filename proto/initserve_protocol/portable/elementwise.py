@@ -397,3 +397,4 @@ def fill(
         if out.dtype != torch.float64:
             values = values.to(torch.float32)  # nearest-even; float16/bfloat16 from this float32 value
         flat[start : start + count].copy_(values)
+        tensors.canonicalize_nans(flat[start : start + count], values)

@@ -31,7 +31,10 @@ def to_float32(x: float) -> float:
 
 def encode(x: float, dtype: str) -> bytes:
     """The little-endian bytes of a float64 value in ``dtype``: float64 as is; float32 rounded to nearest-even;
-    float16 and bfloat16 rounded to nearest-even from that float32 value."""
+    float16 and bfloat16 rounded to nearest-even from that float32 value; every NaN as its dtype's one NaN,
+    positive, quiet, with no other payload bit."""
+    if x != x:
+        x = math.nan  # 0x7FF8000000000000, whichever NaN the arithmetic made
     if dtype == "float64":
         return struct.pack("<d", x)
     single = to_float32(x)

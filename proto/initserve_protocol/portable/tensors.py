@@ -136,6 +136,24 @@ def fill(
         piece = staging[: min(STAGING_ELEMENTS, flat.numel() - start)]
         fill_float(piece.numpy(), first + start)
         flat[start : start + piece.numel()].copy_(piece)  # float32 -> float16/bfloat16, nearest-even
+        canonicalize_nans(flat[start : start + piece.numel()], piece)
+
+
+CANONICAL_NAN = {torch.float64: 0x7FF8000000000000, torch.float32: 0x7FC00000, torch.float16: 0x7E00,
+                 torch.bfloat16: 0x7FC0}  # fmt: skip
+BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def canonicalize_nans(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Give each element of ``target`` whose value in ``source`` (the float64 or float32 it was rounded from) is a
+    NaN the one NaN of its dtype (docs/portable.md section 6). torch's conversions keep a NaN's sign and payload,
+    or not, by device and CPU capability: its bfloat16 one gives 0xFFFF on some CPUs, 0x7FC0 on others, 0x7FFF
+    on CUDA."""
+    if source.device.type == "cpu" and not cpu.any_nan(source.view(-1).numpy()):
+        return
+    nan = source.isnan()
+    if source.device.type == "cpu" or bool(nan.any()):
+        target.view(BITS[target.dtype]).masked_fill_(nan, CANONICAL_NAN[target.dtype])
 
 
 class _SparseZeros:
