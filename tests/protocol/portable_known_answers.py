@@ -82,6 +82,10 @@ CASES = (
     Case("normal", (33,), "bfloat16", 3, {"mean": math.inf, "std": math.inf}),
     Case("normal", (9,), "float64", 4, {"mean": math.nan}),
     Case("trunc_normal", (2, 9), "float16", 5, {"mean": math.nan}),
+    # subnormal outputs: float32 (and its bfloat16) and float16, which a flush-to-zero conversion would lose
+    Case("normal", (40,), "float32", 6, {"std": 1e-39}),
+    Case("normal", (40,), "float16", 7, {"std": 1e-6}),
+    Case("uniform", (3, 7), "bfloat16", 8, {"a": -1e-38, "b": 1e-38}),
     # xavier_uniform, xavier_normal
     Case("xavier_uniform", (5, 7), "float32", 0),
     Case("xavier_uniform", (9, 4, 3, 3), "bfloat16", 1, {"gain": 1.6}, (_r(1, 1, 2),)),

@@ -1,0 +1,104 @@
+"""The portable generator's Triton kernel (portable/gpu.py): the CPU kernel's bytes under Triton's interpreter here
+(tests/protocol/portable_gpu_interpreted.py, in a process of its own), and on CUDA where there is a GPU: the known
+answers, large tensors against the CPU kernel, and placement's check of every kind and dtype."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from initserve_protocol import slices
+from initserve_protocol.portable import placement, scales, tensors
+from tests.protocol.portable_known_answers import TORCH_DTYPES, load
+
+gpu = pytest.importorskip("initserve_protocol.portable.gpu", reason="Triton is not installed")
+from tests.protocol import portable_gpu_interpreted  # noqa: E402 - it imports gpu, so Triton, too
+
+ROOT = Path(__file__).resolve().parents[2]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+SUPPORTED = tuple(sorted(scales.SERVED - {"sparse"}))
+KNOWN = [case for case in load()["cases"] if case["scheme"] in SUPPORTED]
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.timeout(600)
+def test_under_the_interpreter_the_kernel_gives_the_cpu_kernels_bytes() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.protocol.portable_gpu_interpreted"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["differences"] == []
+    assert report["compared"] == len(portable_gpu_interpreted._requests()) * 4 >= 200  # in every dtype
+    assert report["known"] == len(KNOWN) >= 50
+    assert report["self_check"] is True
+    assert report["damaged_self_check"] is False  # one ulp in one element fails the check
+
+
+@pytest.mark.parametrize("scheme", sorted({"sparse", *scales.FILLS}))
+def test_sparse_and_the_fills_are_not_made_here(scheme) -> None:
+    with pytest.raises(NotImplementedError, match=scheme):
+        gpu.fill(torch.empty(4, 4), scheme, {}, (4, 4), 0)
+
+
+def test_what_it_refuses() -> None:
+    with pytest.raises(ValueError, match="LAPACK"):
+        gpu.fill(torch.empty(4, 4), "orthogonal", {}, (4, 4), 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        gpu.fill(torch.empty(4, 4).t(), "normal", {}, (4, 4), 0)
+    with pytest.raises(ValueError, match="float32, float64"):
+        gpu.fill(torch.empty(4, dtype=torch.int32), "normal", {}, (4,), 0)
+    gpu.fill(torch.empty(0), "normal", {}, (0, 5), 7)  # nothing to write: no launch
+
+
+@CUDA
+def test_the_known_answers_on_cuda() -> None:
+    wrong = []
+    for number, case in enumerate(KNOWN):
+        resolved = tuple(tuple(item) for item in case["slices"])
+        shape = tuple(case["shape"])
+        out = torch.empty(slices.numel(shape, resolved), dtype=TORCH_DTYPES[case["dtype"]], device="cuda")
+        gpu.fill(out, case["scheme"], case["params"], shape, case["seed"], resolved)
+        if hashlib.sha256(_bytes(out)).hexdigest() != case["sha256"]:
+            wrong.append((number, case["scheme"], case["dtype"]))
+    assert not wrong
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", list(TORCH_DTYPES.values()), ids=str)
+@pytest.mark.parametrize(
+    ("scheme", "params", "shape", "resolved"),
+    [
+        ("normal", {"mean": 0.1, "std": 0.02}, (4099, 2053), ()),
+        ("uniform", {"a": -3.0, "b": 1.0}, (3001, 1999), ((0, 7, 2900), (1, 3, 1001))),
+        ("trunc_normal", {"std": 0.02, "a": -0.04, "b": 0.04}, (1000, 4097), ()),
+        ("trunc_normal", {"a": 2.0, "b": 6.0}, (64, 3, 3, 1000), ((1, 1, 2), (3, 11, 900))),
+        ("kaiming_normal", {"mode": "fan_out"}, (256, 128, 3, 3), ((0, 17, 100),)),
+    ],
+)
+def test_large_tensors_on_cuda_are_the_cpu_kernels_bytes(scheme, params, shape, resolved, dtype) -> None:
+    expected = torch.empty(slices.numel(shape, resolved), dtype=dtype)
+    tensors.fill(expected, scheme, params, shape, 2026, resolved)
+    out = torch.empty(expected.shape, dtype=dtype, device="cuda")
+    gpu.fill(out, scheme, params, shape, 2026, resolved)
+    assert _bytes(out) == _bytes(expected)
+
+
+@CUDA
+def test_placement_chooses_the_kernel_for_every_kind_and_dtype_on_cuda() -> None:
+    for kind in ("uniform", "normal", "trunc_normal"):
+        for dtype in TORCH_DTYPES.values():
+            assert placement.kernel_verified("cuda", kind, dtype), (kind, dtype)
+    assert placement.device_fill("kaiming_uniform", {}, (8, 8), torch.bfloat16, "cuda") is gpu.fill
