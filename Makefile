@@ -51,6 +51,7 @@ bench: install
 	$(PY) bench/run.py --json docs/bench/bench.json --plot docs/bench/bench.png
 	$(PY) bench/memory_policy.py --json docs/bench/memory_policy.json
 	$(PY) bench/portable.py --json docs/bench/portable.json
+	$(PY) bench/portable_gpu.py --json docs/bench/portable_gpu.json
 
 lint: install
 	$(VENV)/bin/ruff check proto memory client server tests examples bench

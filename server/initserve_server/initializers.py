@@ -259,14 +259,15 @@ def _generate_portable(
     spec: InitSpec, on_piece: OnPiece | None, *, piece_bytes: int, allocate: Allocate | None, stop: Stop | None
 ) -> torch.Tensor:
     """The portable generator's bytes for ``spec`` (its slice alone, when sliced): on the CPU by the kernel, piece
-    by piece; on a GPU by its elementwise path where verified (``placement``), whole, then copied to the host."""
+    by piece; on a GPU by its Triton kernel or elementwise path where verified (``placement``), whole, then copied
+    to the host."""
     import numba  # the kernel's modules load with the first portable request: a server that sees none never pays
 
     from initserve_protocol.portable import placement
     from initserve_protocol.portable import tensors as portable
 
     kwargs = spec.kwargs()
-    if spec.device.type != "cpu":  # made on the device where its elementwise path is verified, else copied there
+    if spec.device.type != "cpu":  # made on the device where a path of its is verified, else copied there
         return placement.generate(
             spec.scheme.name, kwargs, spec.shape, spec.dtype.torch_dtype, spec.seed, spec.slices, spec.device
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from initserve_protocol.portable import elementwise, placement, tensors
+from initserve_protocol.portable import draws, elementwise, placement, tensors
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -16,25 +16,41 @@ def raw(tensor: torch.Tensor) -> bytes:
 
 
 def test_the_self_check_passes_where_the_elementwise_path_is_exact() -> None:
-    assert placement._self_check(torch.device("cpu"))
-    assert {scheme for scheme, *_ in placement.SELF_CHECK} >= {"normal", "uniform", "trunc_normal"}
+    assert placement.self_check(torch.device("cpu"), elementwise.fill)
+    kinds = {placement.kind_of(scheme, params, shape) for scheme, params, shape, _ in placement.SELF_CHECK}
+    assert kinds == {"normal", "uniform", "trunc_normal"}
+    flips = {draws.truncation(0.0, 1.0, params["a"], params["b"])[0] for scheme, params, *_ in placement.SELF_CHECK
+             if scheme == "trunc_normal"}  # fmt: skip
+    assert flips == {True, False}  # both of the kernel's trunc_normal branches
 
 
-def test_the_self_check_fails_where_a_path_differs_by_one_bit() -> None:
-    """A device whose bytes differ anywhere must fail the check: here the CPU device with one element changed
-    after the elementwise fill (the real elementwise path, its output then damaged by one ulp)."""
-    original = elementwise.fill
+def _damaged(out: torch.Tensor, *args: object, **kwargs: object) -> None:
+    """The real elementwise path, its output then damaged by one ulp in its first element."""
+    elementwise.fill(out, *args, **kwargs)
+    flat = out.view(-1)
+    flat[0] = torch.nextafter(flat[0], torch.tensor(float("inf"), dtype=flat.dtype))
 
-    def damaged(out: torch.Tensor, *args: object, **kwargs: object) -> None:
-        original(out, *args, **kwargs)
-        flat = out.view(-1)
-        flat[0] = torch.nextafter(flat[0], torch.tensor(float("inf"), dtype=flat.dtype))
 
-    try:
-        elementwise.fill = damaged
-        assert not placement._self_check(torch.device("cpu"))
-    finally:
-        elementwise.fill = original
+@pytest.mark.parametrize("kind", ["normal", "uniform", "trunc_normal"])
+def test_the_self_check_fails_where_a_path_differs_by_one_bit(kind) -> None:
+    """A path whose bytes differ anywhere must fail the check of every kind and every dtype."""
+    assert not placement.self_check(torch.device("cpu"), _damaged, (kind,))
+    assert not placement.self_check(torch.device("cpu"), _damaged, (kind,), (torch.bfloat16,))
+
+
+def test_a_path_that_fails_or_raises_is_warned_once_and_not_used() -> None:
+    key = ("test-device", "test-path")
+    with pytest.warns(RuntimeWarning, match="test path failed its check \\(RuntimeError: no compiler\\)"):
+        assert not placement._passes(key, "test path", lambda: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    assert not placement._passes(key, "test path", lambda: True)  # the verdict stands for the process
+    with pytest.warns(RuntimeWarning, match="other path gives other bytes"):
+        assert not placement._passes(("test-device", "other"), "other path", lambda: False)
+
+
+def test_without_cuda_or_triton_no_triton_kernel_is_chosen() -> None:
+    assert not placement.kernel_verified("cpu", "normal", torch.float32)
+    assert placement.device_fill("normal", {}, (4, 4), torch.float32, "cpu") is None
+    assert placement.device_fill("sparse", {}, (4, 4), torch.float32, "cuda") is None
 
 
 def test_cpu_requests_are_the_kernels_bytes() -> None:
@@ -46,9 +62,11 @@ def test_cpu_requests_are_the_kernels_bytes() -> None:
 
 @CUDA
 @pytest.mark.parametrize("scheme", ["normal", "trunc_normal", "kaiming_uniform", "sparse"])
-def test_a_gpus_tensors_are_the_cpu_kernels_bytes(scheme: str) -> None:
+def test_a_gpus_tensors_are_the_cpu_kernels_bytes_on_cuda(scheme: str) -> None:
     params = {"sparsity": 0.3} if scheme == "sparse" else {}
     assert placement.verified("cuda")
+    if scheme != "sparse" and placement._triton() is not None:  # the Triton kernel makes them where it imports
+        assert placement.device_fill(scheme, params, (300, 257), torch.float32, "cuda") is placement._triton().fill
     made = placement.generate(scheme, params, (300, 257), torch.float32, 5, (), "cuda")
     assert made.device.type == "cuda"
     assert raw(made) == raw(tensors.generate(scheme, params, (300, 257), torch.float32, 5))
