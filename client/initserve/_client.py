@@ -219,7 +219,8 @@ class Client(ClientCore, SchemeMethods):
         ``initserve.derive_seed(seed, name)`` (``derive=False`` uses ``seed`` itself); the header reports both.
         ``slices``: :class:`initserve.Range` / :class:`initserve.Shard` items: the result is ``full[slices]``
         of the tensor of the whole ``shape`` (fans from the whole shape), with the slice's shape.
-        ``out``: a contiguous CPU tensor of the result's shape and dtype to write into instead of a new one.
+        ``out``: a contiguous CPU tensor of the result's shape and dtype to write into instead of a new one;
+        with ``local=True``, a tensor on a GPU too, whose bytes are then made on that GPU.
         ``progress(received_bytes, total_bytes)``: called after every chunk.
         ``timeout``: the whole fetch's deadline, resumed streams included.
         """
@@ -308,6 +309,8 @@ class Client(ClientCore, SchemeMethods):
             )
             return work.replay(served)
         for call in work.calls:
+            if self._local(local):
+                call = call.made_in_place()
             call.done(
                 self.fetch_many(
                     call.specs,

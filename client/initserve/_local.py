@@ -29,7 +29,9 @@ def check_local(local: bool, rng: str) -> None:
 
 def maker(prepared: Sequence[Prepared], outs: Sequence[torch.Tensor | None]) -> MakeHere:
     """``make(position, header)``: tensor ``position``'s bytes under the portable generator, with the seed its
-    header reports, written into its ``out`` when it has one."""
+    header reports, written into its ``out`` when it has one. An ``out`` on a GPU is made there, by the first
+    path ``placement`` has verified on that device (the Triton kernel, the elementwise path), else on the CPU and
+    copied; the caller verifies the result's bytes (on the host) against the server's checksum either way."""
 
     from initserve_protocol.portable import tensors as portable  # Numba: loaded by the first local fetch
 
@@ -39,6 +41,10 @@ def maker(prepared: Sequence[Prepared], outs: Sequence[torch.Tensor | None]) -> 
         params = {name: getattr(request.params, name) for name in PARAM_NAMES if request.params.HasField(name)}
         shape = tuple(request.shape)
         resolved = tuple((part.dim, part.start, part.length) for part in request.slices)
+        if out is not None and (tuple(out.shape) != tuple(item.out_shape) or out.dtype != item.dtype):
+            raise ValueError(f"out is {list(out.shape)} {out.dtype}; the result is {list(item.out_shape)} {item.dtype}")
+        if out is not None and out.device.type != "cpu":
+            return _on_device(out, request.scheme, params, shape, header.seed_used, resolved)
         tensor = out if out is not None else torch.empty(item.out_shape, dtype=item.dtype)
         if portable.is_drawn(request.scheme):
             portable.fill(tensor, request.scheme, params, shape, header.seed_used, resolved)
@@ -47,3 +53,18 @@ def maker(prepared: Sequence[Prepared], outs: Sequence[torch.Tensor | None]) -> 
         return tensor
 
     return make
+
+
+def _on_device(
+    out: torch.Tensor, scheme: str, params: dict, shape: tuple[int, ...], seed: int, resolved: tuple
+) -> torch.Tensor:
+    """``out`` (on a GPU) filled with the request's bytes: in place by a verified device path when it is
+    contiguous, else made by ``placement.generate`` (on the device where it can, on the CPU where not) and copied."""
+    from initserve_protocol.portable import placement
+
+    fill = placement.device_fill(scheme, params, shape, out.dtype, out.device) if out.is_contiguous() else None
+    if fill is not None:
+        fill(out, scheme, params, shape, seed, resolved)
+    else:
+        out.copy_(placement.generate(scheme, params, shape, out.dtype, seed, resolved, out.device))
+    return out

@@ -170,15 +170,30 @@ class FetchCall:
     """One ``fetch_many(specs, progress=progress)`` call of a :class:`ModuleWork`; :meth:`done` takes its answer."""
 
     specs: list[TensorSpec]
-    targets: list[torch.Tensor] | None  # where the results are copied; None: they were fetched into them
+    targets: list[torch.Tensor | None] | None  # where the results are copied; None: they were fetched into them
     progress: Callable[[int, int], None] | None = None
+
+    def made_in_place(self) -> FetchCall:
+        """This call with its bytes made here (``local=True``): a contiguous GPU target is then made where it is,
+        by the portable generator on its device, instead of made on the CPU and copied."""
+        if self.targets is None:
+            return self
+        specs: list[TensorSpec] = []
+        targets: list[torch.Tensor | None] = []
+        for spec, target in zip(self.specs, self.targets, strict=True):
+            assert target is not None
+            on_device = target.device.type != "cpu" and target.is_contiguous()
+            specs.append(dataclasses.replace(spec, out=target.detach()) if on_device else spec)
+            targets.append(None if on_device else target)
+        return FetchCall(specs, targets, self.progress)
 
     def done(self, results: Mapping[str, InitResult]) -> None:
         if self.targets is None:
             return
         with torch.no_grad():
             for spec, target in zip(self.specs, self.targets, strict=True):
-                target.copy_(results[spec.name].tensor)
+                if target is not None:
+                    target.copy_(results[spec.name].tensor)
 
 
 @dataclass

@@ -177,7 +177,8 @@ class Fetch:
             )
         header, self._header = self._header, None
         tensor = self.make_here(position, header)
-        data = memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())
+        host = tensor if tensor.device.type == "cpu" else tensor.cpu()  # the checksum is of the host's copy
+        data = memoryview(host.contiguous().view(-1).view(torch.uint8).numpy())
         self.assemblers[position].verify_filled(header, message, data, threads=VERIFY_THREADS, made_here=True)
         self.made[position] = tensor
         self.current += 1

@@ -28,7 +28,7 @@ class TensorSpec:
 
     ``seed``: None takes the call's base seed; with a seed (either one) the generator's seed is
     ``derive_seed(seed, name)`` unless ``derive=False``. ``out``: a contiguous CPU tensor of the result's
-    shape and dtype to write into (a parameter's own storage, say).
+    shape and dtype to write into (a parameter's own storage, say); with ``local=True``, a GPU tensor too.
     """
 
     name: str

@@ -259,6 +259,8 @@ class Client(ClientCore, AsyncSchemeMethods):
             )
             return work.replay(served)
         for call in work.calls:
+            if self._local(local):
+                call = call.made_in_place()
             call.done(
                 await self.fetch_many(
                     call.specs,

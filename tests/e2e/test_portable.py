@@ -250,3 +250,48 @@ def test_the_asyncio_client_makes_local_bytes_too(server) -> None:
     assert one.transport == many["w"].transport == "local"
     assert same_bytes(one.tensor, portable.generate((300, 70), "trunc_normal", seed=SEED, a=-1.0, b=0.5))
     assert same_bytes(many["w"].tensor, portable.generate((16, 8), "kaiming_normal", seed=SEED, name="w"))
+
+
+def test_local_refuses_an_out_of_another_shape_or_dtype(server) -> None:
+    with initserve.Client(server.target, rng=PHILOX, local=True) as client:
+        with pytest.raises(ValueError, match=r"out is \[8, 3\] torch.float32; the result is \[8, 4\] torch.float32"):
+            client.fetch((8, 4), "normal", seed=SEED, out=torch.empty(8, 3))
+        with pytest.raises(ValueError, match=r"out is \[8, 4\] torch.float64; the result is \[8, 4\] torch.float32"):
+            client.fetch((8, 4), "normal", seed=SEED, out=torch.empty(8, 4, dtype=torch.float64))
+        assert client.fetch((8, 4), "normal", seed=SEED).transport == "local"  # the client goes on
+
+
+def test_a_module_call_made_here_keeps_cpu_targets_as_they_were() -> None:
+    from initserve._modules import FetchCall
+
+    contiguous, strided = torch.empty(4, 3), torch.empty(3, 4).t()
+    specs = [initserve.TensorSpec("a", (4, 3), "normal"), initserve.TensorSpec("b", (4, 3), "normal")]
+    call = FetchCall(specs, [contiguous, strided]).made_in_place()
+    assert [spec.out for spec in call.specs] == [None, None]  # CPU targets: fetched, then copied, as before
+    assert call.targets == [contiguous, strided]
+    assert FetchCall(specs, None).made_in_place().targets is None
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_local_makes_a_gpu_destinations_bytes_on_the_gpu(server, dtype) -> None:
+    out = torch.empty(300, 257, dtype=dtype, device="cuda")
+    with initserve.Client(server.target, rng=PHILOX, local=True) as client:
+        result = client.fetch((300, 257), "trunc_normal", seed=SEED, dtype=dtype, out=out, std=0.02, a=-0.04, b=0.04)
+        sparse = torch.empty(40, 9, dtype=dtype, device="cuda")
+        client.fetch((40, 9), "sparse", seed=SEED, dtype=dtype, out=sparse, sparsity=0.3)  # made on the CPU, copied
+    assert result.transport == "local" and result.tensor.data_ptr() == out.data_ptr()
+    assert same_bytes(out.cpu(), portable.generate((300, 257), "trunc_normal", seed=SEED, dtype=dtype, std=0.02,
+                                                   a=-0.04, b=0.04))  # fmt: skip
+    assert same_bytes(sparse.cpu(), portable.generate((40, 9), "sparse", seed=SEED, dtype=dtype, sparsity=0.3))
+
+
+@CUDA
+def test_a_gpu_model_made_here_is_made_on_its_gpu(server) -> None:
+    with initserve.Client(server.target, rng=PHILOX, local=True) as client:
+        model = client.init_module(nn.Linear(64, 32).cuda(), seed=SEED)
+    expected = portable.generate((32, 64), "kaiming_uniform", seed=SEED, name="weight", a=math.sqrt(5))
+    assert model.weight.device.type == "cuda" and same_bytes(model.weight.detach().cpu(), expected)
