@@ -1,8 +1,8 @@
 """`make bench`'s portable-generator rows (issue 20): the CPU kernel against torch's own local ``normal_`` on
 this machine's cores, a 1/64 shard of a 4 GiB tensor against the whole tensor's generation, and a 1 GiB tensor
-made here and verified against the server's checksum-only answer (``local=True``) against its gRPC fetch. Medians after
-warm-up, ratios within one run; every measured output is checked (bytes against the reference on a sample of
-elements, the shard against the whole tensor's rows).
+made here and verified against the server's checksum-only answer (``local=True``) against its gRPC fetch (and, with
+CUDA, made into a GPU tensor). Medians after warm-up, ratios within one run; every measured output is checked
+(bytes against the reference on a sample of elements, the shard against the whole tensor's rows).
 
     python bench/portable.py [--json docs/bench/portable.json] [--repeats 5] [--size-mib 256] [--whole-gib 4]
                              [--local-gib 1]
@@ -98,7 +98,15 @@ def main() -> int:
             local_s = median_seconds(lambda: client.fetch(local_shape, "normal", seed=11, local=True), args.repeats)
             made = client.fetch(local_shape, "normal", seed=11, local=True)
             assert made.transport == "local" and torch.equal(made.tensor.view(torch.int32), fetched.view(torch.int32))
-            del made, fetched
+            del made
+            if torch.cuda.is_available():  # made on the GPU (the Triton kernel), its host copy checked
+                target = torch.empty(local_shape, device="cuda")
+                gpu = lambda: client.fetch(local_shape, "normal", seed=11, local=True, out=target)  # noqa: E731
+                rows["local_gpu_s"] = median_seconds(gpu, args.repeats)
+                assert torch.equal(target.cpu().view(torch.int32), fetched.view(torch.int32)), "GPU bytes differ"
+                rows["local_gpu_vs_fetch"] = fetch_s / rows["local_gpu_s"]
+                del target
+            del fetched
     rows["grpc_fetch_s"] = fetch_s
     rows["local_s"] = local_s
     rows["local_vs_fetch"] = fetch_s / local_s
@@ -113,6 +121,9 @@ def main() -> int:
           f"{rows['shard_vs_whole']:.4f} of the whole (target <= {SHARD_FRACTION:.4f})")  # fmt: skip
     print(f"{args.local_gib} GiB normal, cached on the server: gRPC fetch {fetch_s:.3f} s, made here and verified "
           f"{local_s:.3f} s: {rows['local_vs_fetch']:.2f}x (target >= {LOCAL_VS_FETCH}x)")  # fmt: skip
+    if "local_gpu_s" in rows:
+        print(f"  made here into a CUDA tensor and verified {rows['local_gpu_s']:.3f} s: "
+              f"{rows['local_gpu_vs_fetch']:.2f}x the gRPC fetch")  # fmt: skip
     met = (
         rows["portable_vs_torch"] >= CPU_VS_TORCH
         and rows["shard_vs_whole"] <= SHARD_FRACTION
