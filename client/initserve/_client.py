@@ -293,7 +293,7 @@ class Client(ClientCore, SchemeMethods):
     def _run(self, work: ModuleWork | OwnInitWork, rng: str | None = None, local: bool | None = None) -> nn.Module:
         """Make ``work``'s fetch_many calls: the dry run's draws on one call, then the real run; or a table's calls."""
         if isinstance(work, OwnInitWork):
-            specs = work.record()
+            specs = work.record(made_here=self._local(local))
             served = (
                 self.fetch_many(
                     specs,

@@ -369,17 +369,18 @@ class OwnInit(TorchFunctionMode):
                 if name is not None:
                     self.reads[name] = self.reads.get(name, 0) + 1
 
-    def plan_direct(self) -> list[TensorSpec]:
+    def plan_direct(self, made_here: bool = False) -> list[TensorSpec]:
         """The dry run's requests, less the dead draws (overwritten by the next draw of their tensor before any call
         used them); a tensor's last draw, where nothing used the tensor before it, fetched straight into it
-        (:attr:`direct`, on the CPU); the others into new tensors, copied in by the real run."""
+        (:attr:`direct`: on the CPU, or on any device when ``made_here``, whose bytes are then made on that
+        device); the others into new tensors, copied in by the real run."""
         for draws in self.draws.values():
             for (name, reads), (_, next_reads) in zip(draws, draws[1:], strict=False):
                 if reads == next_reads:
                     self.dead.add(name)
             last, reads_before = draws[-1]
             part = self.parts[last]
-            if reads_before == 0 and part.local.device.type == "cpu":  # contiguous: draw() refuses any other
+            if reads_before == 0 and (made_here or part.local.device.type == "cpu"):  # draw() refuses non-contiguous
                 self.direct.add(last)
         planned = []
         for spec in self.specs:
@@ -561,9 +562,10 @@ class OwnInitWork:
     must_write: set[str] = field(default_factory=set)  # buffers allocated empty (materialize): code must fill them
     undo: Callable[[], None] | None = None  # puts back what materialize allocated, when the dry run refuses
 
-    def record(self) -> list[TensorSpec]:
+    def record(self, made_here: bool = False) -> list[TensorSpec]:
         """The dry run: every draw's request, in call order. Raises, before anything is fetched or written, when
-        the code leaves a parameter (or a buffer ``materialize`` allocated) unwritten."""
+        the code leaves a parameter (or a buffer ``materialize`` allocated) unwritten. ``made_here``: the bytes
+        will be made in this process (``local=True``), so a GPU tensor can take them where it is."""
         self.mode.start(recording=True)
         with rolled_back_attributes(self.model), patched_init_functions(self.mode), self.mode:
             self.code(self.mode)
@@ -578,7 +580,7 @@ class OwnInitWork:
                 "function skipped them): their values would be whatever memory held; pass init_fn= or rules=, or "
                 "leave_unwritten=True to fill them yourself"
             )
-        return self.mode.plan_direct()
+        return self.mode.plan_direct(made_here)
 
     def replay(self, served: Mapping[str, InitResult]) -> nn.Module:
         """The real run, each draw's bytes from ``served``."""

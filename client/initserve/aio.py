@@ -243,7 +243,7 @@ class Client(ClientCore, AsyncSchemeMethods):
     ) -> nn.Module:
         """Make ``work``'s fetch_many calls: the dry run's draws on one call, then the real run; or a table's calls."""
         if isinstance(work, OwnInitWork):
-            specs = work.record()
+            specs = work.record(made_here=self._local(local))
             served = (
                 await self.fetch_many(
                     specs,

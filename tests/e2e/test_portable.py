@@ -295,3 +295,20 @@ def test_a_gpu_model_made_here_is_made_on_its_gpu(server) -> None:
         model = client.init_module(nn.Linear(64, 32).cuda(), seed=SEED)
     expected = portable.generate((32, 64), "kaiming_uniform", seed=SEED, name="weight", a=math.sqrt(5))
     assert model.weight.device.type == "cuda" and same_bytes(model.weight.detach().cpu(), expected)
+
+
+@CUDA
+def test_a_gpu_models_own_init_code_made_here_writes_its_gpu_tensors_in_place(server) -> None:
+    """The own-init path (a custom init_fn's draws) under local=True: the last draw of each tensor is made
+    straight into it on the GPU."""
+
+    def init_fn(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+
+    with initserve.Client(server.target, rng=PHILOX, local=True) as client:
+        model = client.init_module(nn.Linear(64, 32).cuda(), seed=SEED, init_fn=init_fn)
+    expected = portable.generate((32, 64), "trunc_normal", seed=SEED, name="weight", std=0.02)
+    assert same_bytes(model.weight.detach().cpu(), expected)
+    assert not model.bias.detach().any()
