@@ -5,6 +5,7 @@ build/portable-torch-2.14.1 (several GB: torch's CUDA libraries from PyPI), late
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,3 +45,20 @@ def test_the_known_answers_hold_under_another_torch_release() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith(f"torch {OTHER_TORCH}"), done.stdout
     assert " cases match" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(BUILD_SECONDS + RUN_SECONDS)
+def test_the_triton_kernel_holds_under_another_torch_and_triton_release() -> None:
+    """The GPU kernel under Triton's interpreter with torch 2.14.1's own Triton (3.8.0; the dev venv has 3.7.1)."""
+    python = other_torch_python()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'proto'}", "NUMBA_CACHE_DIR": str(VENV / "numba"),
+           "TRITON_INTERPRET": "1"}  # fmt: skip
+    done = subprocess.run(
+        [str(python), "-m", "tests.protocol.portable_gpu_interpreted"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_SECONDS,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["differences"] == [] and report["compared"] >= 200 and report["known"] >= 50
+    assert report["self_check"] is True and report["damaged_self_check"] is False
