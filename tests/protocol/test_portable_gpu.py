@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,43 @@ def test_under_the_interpreter_the_kernel_gives_the_cpu_kernels_bytes() -> None:
     assert report["known"] == len(KNOWN) >= 50
     assert report["self_check"] is True
     assert report["damaged_self_check"] is False  # one ulp in one element fails the check
+
+
+# Each kind of draw and each dtype once, compiled to PTX for an H100/H200 (sm_90) and one for an A100 (sm_80).
+COMPILED = [("uniform", torch.bfloat16, 90), ("normal", torch.float32, 90), ("normal", torch.float16, 90),
+            ("trunc_normal", torch.float64, 90), ("normal", torch.float32, 80)]  # fmt: skip
+POINTERS = {torch.float64: "*i64", torch.float32: "*i32", torch.float16: "*i16", torch.bfloat16: "*i16"}
+
+
+def _ptx(kind: str, dtype: torch.dtype, arch: int) -> str:
+    """The kernel's PTX as Triton compiles it for a launch (no GPU needed: ptxas ships with Triton)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {"out_ptr": POINTERS[dtype], "scalars_ptr": "*fp64", "ints_ptr": "*i64"}
+    constexprs = {"KIND": gpu.KINDS.index(kind), "DTYPE": gpu.DTYPES.index(dtype), "BLOCK": gpu.BLOCK}
+    source = ASTSource(gpu._fill, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=gpu.COMPILE_OPTIONS)
+    return compiled.asm["ptx"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("kind", "dtype", "arch"), COMPILED, ids=[f"{k}-{d}-sm{a}" for k, d, a in COMPILED])
+def test_the_compiled_kernel_uses_only_correctly_rounded_float_operations(kind, dtype, arch) -> None:
+    """What the interpreter cannot show: the GPU code. Every float64 + - * / sqrt and every float conversion is
+    PTX's round-to-nearest form (.rn), nothing is fused (fma), approximated (.approx) or flushed to zero (.ftz,
+    which would lose subnormal outputs)."""
+    ptx = _ptx(kind, dtype, arch)
+    instructions = re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][a-z0-9_.]*)", ptx, re.MULTILINE)
+    floats = [op for op in instructions if re.search(r"\.(f64|f32|f16|bf16)\b", op)]
+    assert not [op for op in floats if op.startswith("fma") or ".approx" in op or ".ftz" in op]
+    arithmetic = [op for op in floats if op.split(".")[0] in ("add", "sub", "mul", "div", "sqrt")]
+    assert arithmetic and all(".rn." in op and op.endswith(".f64") for op in arithmetic), sorted(set(arithmetic))
+    narrowing = [op for op in floats if op.startswith("cvt.") and re.search(r"\.(f32|f16|bf16)\.f(64|32)$", op)]
+    assert all(".rn." in op for op in narrowing), sorted(set(narrowing))
+    if kind != "uniform":
+        assert "div.rn.f64" in instructions and "sqrt.rn.f64" in instructions
 
 
 @pytest.mark.parametrize("scheme", sorted({"sparse", *scales.FILLS}))

@@ -48,6 +48,7 @@ BLOCK = 512  # pairs per program: 1024 output elements
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # the kernel's DTYPE is the position
 KINDS = ("uniform", "normal", "trunc_normal")  # the kernel's KIND is the position
 MAX_PROGRAMS = (1 << 31) - 1  # CUDA's grid x limit
+COMPILE_OPTIONS = {"enable_fp_fusion": False}  # no multiply-add contracted into an FMA (LLVM, and ptxas --fmad)
 
 _C = tl.constexpr
 LN2_HI, LN2_LO, PI_4, SQRT2 = _C(floats.LN2_HI), _C(floats.LN2_LO), _C(floats.PI_4), _C(floats.SQRT2)
@@ -330,5 +331,5 @@ def fill(
             DTYPE=DTYPES.index(out.dtype),
             BLOCK=block,
             num_warps=num_warps,
-            enable_fp_fusion=False,
+            **COMPILE_OPTIONS,
         )
