@@ -20,10 +20,11 @@ Why its bits are the spec's:
 - **Branches** (the octant's swaps and signs, ln's SQRT2 step, AS241's regions) are selects: each lane computes
   every region it might need and keeps its own.
 
-None of this is taken on trust: ``placement`` runs the kernel once per device against the CPU kernel's bytes
-before it makes any tensor there, and tests/protocol/test_portable_gpu.py holds it to the reference under
-Triton's interpreter (on the CPU, where numpy does the float64 operations) and, where CUDA is present, on the
-known answers.
+None of this is taken on trust: ``placement`` runs the kernel for each kind and dtype on each device against
+the CPU kernel's bytes before it makes any tensor there, and tests/protocol/test_portable_gpu.py holds it to the
+CPU kernel under Triton's interpreter (where numpy does the float64 operations), compiles it for sm_90 and sm_80
+and reads the PTX (only ``.rn`` float operations, no ``fma``, ``.approx`` or ``.ftz``), and, where CUDA is
+present, holds it to the known answers there.
 
 Layout: a box slice is rows of ``run_len`` consecutive elements of the full tensor (``slices.runs``). Program
 ``pid`` takes row ``pid // blocks_per_row`` and BLOCK pairs of it; it stores the pairs' values interleaved
