@@ -149,7 +149,7 @@ class ClientCore:
         deadline = self.timeout if timeout is None else timeout
         return Fetch(
             [prepared], [assembler], self.retry, deadline, many=False, unary_max_bytes=self.unary_max_bytes,
-            make_here=maker([prepared], [out]) if self._local(local) else None,
+            make_here=maker([prepared], [out], self._memory.allocate) if self._local(local) else None,
         )  # fmt: skip
 
     def _rng(self, rng: str | None, local: bool | None) -> str:
@@ -205,7 +205,7 @@ class ClientCore:
             for position, (item, spec) in enumerate(zip(prepared, specs, strict=True))
         ]
         deadline = self.timeout if timeout is None else timeout
-        make_here = maker(prepared, [spec.out for spec in specs]) if self._local(local) else None
+        make_here = maker(prepared, [spec.out for spec in specs], self._memory.allocate) if self._local(local) else None
         return Fetch(prepared, assemblers, self.retry, deadline, many=True, make_here=make_here)
 
     @staticmethod

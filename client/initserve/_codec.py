@@ -20,6 +20,8 @@ from initserve_protocol.codec import expected_bytes, header_crc32, writable_byte
 from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_protocol.wire import ChunkView, decode_response
 
+DEVICE_PIECE_BYTES = 16 << 20  # a GPU tensor's bytes reach the host this many at a time to be checksummed
+
 Response = pb.InitResponse | ChunkView | bytes | pb.Header | pb.Trailer  # see StreamAssembler.consume
 Allocate = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # see StreamAssembler
 
@@ -203,13 +205,28 @@ class StreamAssembler:
         trailer's. Raises IntegrityError: ``recovery="restart"`` for a region (never used again); for bytes made
         here, a mismatch is ``"none"``: this machine's generator disagrees with the server's, which no retry mends."""
         self.check_header(header)
+        self._verify_covered(header, len(data), made_here)
+        self._verify_checksum(trailer, tensor_checksum(data, threads=threads), made_here)
+        self._verified(header, trailer)
+
+    def verify_made_on_device(self, header: pb.Header, trailer: pb.Trailer, tensor: torch.Tensor) -> None:
+        """:meth:`verify_filled` for bytes this process made on a GPU: their checksum is taken from host copies of
+        pieces (:func:`device_checksum`), so the whole tensor never lands in host memory."""
+        self.check_header(header)
+        self._verify_covered(header, tensor.numel() * tensor.element_size(), True)
+        self._verify_checksum(trailer, device_checksum(tensor), True)
+        self._verified(header, trailer)
+
+    def _verify_covered(self, header: pb.Header, size: int, made_here: bool) -> None:
         where = "the bytes made here" if made_here else "the shared-memory region"
-        if header.offset != 0 or header.total_bytes != len(data):
+        if header.offset != 0 or header.total_bytes != size:
             raise IntegrityError(
-                f"the answer covers bytes {header.offset}..{header.total_bytes}, not {where}: 0..{len(data)}",
+                f"the answer covers bytes {header.offset}..{header.total_bytes}, not {where}: 0..{size}",
                 recovery="restart",
             )
-        if tensor_checksum(data, threads=threads) != trailer.checksum:
+
+    def _verify_checksum(self, trailer: pb.Trailer, checksum: bytes, made_here: bool) -> None:
+        if checksum != trailer.checksum:
             if made_here:
                 raise IntegrityError(
                     "checksum mismatch: the bytes generated here differ from the server's (the two sides' "
@@ -220,6 +237,8 @@ class StreamAssembler:
                 "checksum mismatch: the shared-memory region differs from the bytes the server wrote",
                 recovery="restart",
             )
+
+    def _verified(self, header: pb.Header, trailer: pb.Trailer) -> None:
         self.headers.append(header)
         if self.header is None:
             self.header = header
@@ -312,3 +331,19 @@ def decode_stream(
     """Assemble one whole Init stream into a tensor, verified; returns (tensor, header)."""
     assembler = StreamAssembler(expected_shape=expected_shape, expected_dtype=expected_dtype, out=out)
     return assembler.consume(responses)
+
+
+def device_checksum(tensor: torch.Tensor, piece_bytes: int = DEVICE_PIECE_BYTES) -> bytes:
+    """The whole-tensor checksum of a tensor on any device, from its bytes copied to the host ``piece_bytes`` at a
+    time into one reused buffer (page-locked for a CUDA tensor), each piece summed as it lands: the host holds
+    one piece, never the tensor (a 1 GiB ``.cpu()`` costs its page faults alone about 0.25 s)."""
+    flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
+    checksum = TensorChecksum()
+    if flat.numel() == 0:
+        return checksum.digest()
+    buffer = torch.empty(min(piece_bytes, flat.numel()), dtype=torch.uint8, pin_memory=flat.is_cuda)
+    for start in range(0, flat.numel(), piece_bytes):
+        piece = buffer[: min(piece_bytes, flat.numel() - start)]
+        piece.copy_(flat[start : start + piece.numel()])
+        checksum.update(memoryview(piece.numpy()))
+    return checksum.digest()

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from initserve._codec import Allocate
 from initserve._pipeline import MakeHere
 from initserve._requests import Prepared
 from initserve_protocol.portable import PHILOX
@@ -27,9 +28,10 @@ def check_local(local: bool, rng: str) -> None:
         )
 
 
-def maker(prepared: Sequence[Prepared], outs: Sequence[torch.Tensor | None]) -> MakeHere:
+def maker(prepared: Sequence[Prepared], outs: Sequence[torch.Tensor | None], allocate: Allocate) -> MakeHere:
     """``make(position, header)``: tensor ``position``'s bytes under the portable generator, with the seed its
-    header reports, written into its ``out`` when it has one. An ``out`` on a GPU is made there, by the first
+    header reports, written into its ``out`` when it has one, else into ``allocate(shape, dtype)``'s tensor (the
+    client's memory policy, as for a fetched tensor). An ``out`` on a GPU is made there, by the first
     path ``placement`` has verified on that device (the Triton kernel, the elementwise path), else on the CPU and
     copied; the caller verifies the result's bytes (on the host) against the server's checksum either way."""
 
@@ -45,7 +47,7 @@ def maker(prepared: Sequence[Prepared], outs: Sequence[torch.Tensor | None]) -> 
             raise ValueError(f"out is {list(out.shape)} {out.dtype}; the result is {list(item.out_shape)} {item.dtype}")
         if out is not None and out.device.type != "cpu":
             return _on_device(out, request.scheme, params, shape, header.seed_used, resolved)
-        tensor = out if out is not None else torch.empty(item.out_shape, dtype=item.dtype)
+        tensor = out if out is not None else allocate(item.out_shape, item.dtype)
         if portable.is_drawn(request.scheme):
             portable.fill(tensor, request.scheme, params, shape, header.seed_used, resolved)
         else:  # a fill: torch's own bytes, made whole and cut, as tensors.generate (and the server) make them

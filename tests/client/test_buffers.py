@@ -180,3 +180,18 @@ def test_by_default_there_is_no_pool_and_fetches_give_torch_empty_s_tensors(serv
         assert same_bytes(tensor, reference("normal", LARGE, seed=9))
         assert tensor.untyped_storage().resizable()  # torch.empty's storage
         assert client.release_memory() == 0
+
+
+def test_bytes_made_here_take_the_pools_memory_too(server: ServerProcess) -> None:
+    """local=True makes the bytes in this process; they go where a fetched tensor's would, under the same policy."""
+    from initserve import portable
+
+    memory = initserve.MemoryPolicy(reuse_bytes=MIN_POOLED_BYTES)
+    with server.client(memory=memory, rng=portable.PHILOX, local=True) as client:
+        first = client.fetch(LARGE, "normal", seed=1).tensor
+        address = first.data_ptr()
+        del first
+        assert client._memory.free_bytes() == MIN_POOLED_BYTES
+        again = client.fetch(LARGE, "normal", seed=2)
+        assert again.transport == "local" and again.tensor.data_ptr() == address
+        assert same_bytes(again.tensor, portable.generate(LARGE, "normal", seed=2))

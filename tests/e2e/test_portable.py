@@ -272,6 +272,20 @@ def test_a_module_call_made_here_keeps_cpu_targets_as_they_were() -> None:
     assert FetchCall(specs, None).made_in_place().targets is None
 
 
+@pytest.mark.parametrize("size", [0, 5, (1 << 20) - 1, 3 * (1 << 20) + 12345])
+def test_a_tensors_checksum_from_host_pieces_is_its_whole_checksum(size) -> None:
+    """device_checksum (for bytes made on a GPU) copies pieces to the host and sums them as they land: pieces
+    that end inside a 1 MiB block, or one piece for the whole, give tensor_checksum's digest."""
+    from initserve._codec import device_checksum
+
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(size))
+    whole = tensor_checksum(memoryview(data.numpy()))
+    assert device_checksum(data, piece_bytes=(1 << 19) + 7) == whole
+    assert device_checksum(data) == whole
+    if size % 4 == 0:
+        assert device_checksum(data.view(torch.float32)) == whole
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
