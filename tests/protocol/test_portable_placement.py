@@ -47,6 +47,18 @@ def test_a_path_that_fails_or_raises_is_warned_once_and_not_used() -> None:
         assert not placement._passes(("test-device", "other"), "other path", lambda: False)
 
 
+def test_a_kernel_that_cannot_be_built_is_not_tried_again_for_another_kind_or_dtype() -> None:
+    def cannot_build() -> bool:
+        raise RuntimeError("Failed to find C compiler")
+
+    tried = []
+    with pytest.warns(RuntimeWarning, match="Triton kernel for normal torch.float32 on test-gpu failed its check"):
+        assert not placement._kernel_passes("test-gpu", "normal", torch.float32, cannot_build)
+    assert not placement._kernel_passes("test-gpu", "uniform", torch.bfloat16, lambda: tried.append(1) or True)
+    assert tried == []  # ruled out without another compilation
+    assert placement._kernel_passes("other-gpu", "uniform", torch.bfloat16, lambda: True)  # per device
+
+
 def test_without_cuda_or_triton_no_triton_kernel_is_chosen() -> None:
     assert not placement.kernel_verified("cpu", "normal", torch.float32)
     assert placement.device_fill("normal", {}, (4, 4), torch.float32, "cpu") is None

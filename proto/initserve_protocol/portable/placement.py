@@ -113,11 +113,27 @@ def kernel_verified(device: torch.device | str, kind: str, dtype: torch.dtype) -
     gpu = _triton() if target.type == "cuda" else None
     if gpu is None:
         return False
-    return _passes(
-        (str(target), "triton", kind, dtype),
-        f"Triton kernel for {kind} {dtype} on {target}",
-        lambda: self_check(target, gpu.fill, (kind,), (dtype,)),
-    )
+    return _kernel_passes(str(target), kind, dtype, lambda: self_check(target, gpu.fill, (kind,), (dtype,)))
+
+
+_kernel_broken: set[str] = set()  # devices where checking the kernel raised: it cannot be built or launched there
+
+
+def _kernel_passes(device: str, kind: str, dtype: torch.dtype, check: Callable[[], bool]) -> bool:
+    """The kernel's verdict for one kind and dtype on ``device``. A check that raises (no C compiler for Triton's
+    launcher, no writable cache, as in the read-only server image) rules the kernel out on that device for every
+    kind and dtype, so the other eleven do not each pay a compilation to fail the same way."""
+    if device in _kernel_broken:
+        return False
+
+    def checked() -> bool:
+        try:
+            return check()
+        except Exception:
+            _kernel_broken.add(device)
+            raise
+
+    return _passes((device, "triton", kind, dtype), f"Triton kernel for {kind} {dtype} on {device}", checked)
 
 
 def device_fill(
