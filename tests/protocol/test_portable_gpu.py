@@ -98,6 +98,8 @@ def test_what_it_refuses() -> None:
         gpu.fill(torch.empty(4, 4).t(), "normal", {}, (4, 4), 0)
     with pytest.raises(ValueError, match="float32, float64"):
         gpu.fill(torch.empty(4, dtype=torch.int32), "normal", {}, (4,), 0)
+    with pytest.raises(ValueError, match="out has 12 elements; the slice has 8"):
+        gpu.fill(torch.empty(12), "normal", {}, (4, 5), 0, ((1, 0, 2),))
     gpu.fill(torch.empty(0), "normal", {}, (0, 5), 7)  # nothing to write: no launch
 
 

@@ -43,7 +43,7 @@ import triton.language as tl
 
 from initserve_protocol.portable import draws, floats, gauss, scales, tensors
 from initserve_protocol.portable.philox import key_of
-from initserve_protocol.slices import Resolved, runs
+from initserve_protocol.slices import Resolved, numel, runs
 
 BLOCK = 512  # pairs per program: 1024 output elements
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # the kernel's DTYPE is the position
@@ -301,6 +301,8 @@ def fill(
         raise ValueError(f"portable fill writes float32, float64, float16 or bfloat16, not {out.dtype}")
     if not out.is_contiguous():
         raise ValueError("portable fill writes a contiguous tensor")
+    if out.numel() != numel(shape, resolved):
+        raise ValueError(f"out has {out.numel()} elements; the slice has {numel(shape, resolved)}")
     if out.numel() == 0:
         return
     layout = runs(shape, resolved)
