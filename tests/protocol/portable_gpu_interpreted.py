@@ -49,7 +49,8 @@ def _bytes(tensor: torch.Tensor) -> bytes:
 
 
 def _made(fill, scheme: str, params: dict, shape: tuple[int, ...], resolved: Resolved, seed: int, dtype) -> bytes:
-    out = torch.full((slices.numel(shape, resolved),), math.nan, dtype=dtype)
+    out = torch.empty(slices.numel(shape, resolved), dtype=dtype)
+    out.view(torch.uint8).fill_(0xA5)  # no value the kernel writes (not the one NaN): an unwritten element shows
     fill(out, scheme, params, shape, seed, resolved)
     return _bytes(out)
 

@@ -59,12 +59,11 @@ from dataclasses import dataclass
 
 import torch
 
-from initserve_protocol.portable import draws, floats, gauss, scales, tensors
+from initserve_protocol.portable import draws, floats, gauss, tensors
 from initserve_protocol.portable.philox import MASK32, MULTIPLIERS, ROUNDS, WEYL, key_of
 from initserve_protocol.slices import Resolved, runs
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # output positions per chunk (see the module's docstring for the memory)
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 COUNT_SHIFT = 64 - floats.COUNT_BITS  # W >> 11: a 53-bit count
 OPEN_SHIFT = 64 - draws.OPEN_BITS  # W >> 12: a 52-bit count, for the open uniform
 TWO_M53 = 2.0**-floats.COUNT_BITS
@@ -325,29 +324,21 @@ def _interleave(even: torch.Tensor, odd: torch.Tensor, picks: torch.Tensor | int
 
 
 def _chunk(
-    kind: str,
-    scale: tuple[float, float],
-    bounds: tuple[float, float],
-    plan: tuple[bool, float, float, float] | None,
-    layout: _Layout,
-    key: tuple[int, int],
-    first: int,
-    count: int,
-    device: torch.device,
+    request: tensors.Plan, layout: _Layout, key: tuple[int, int], first: int, count: int, device: torch.device
 ) -> torch.Tensor:
     """The float64 values of positions [first, first + count) of the slice."""
+    kind, p, q = request.kind, request.p, request.q
     pairs, picks = _pairs_of(layout, first, count, device)
     words = _philox(pairs, draws.VALUES, key)
     del pairs
     shift = OPEN_SHIFT if kind == "trunc_normal" else COUNT_SHIFT
     even, odd = _counts(words[0], words[1], shift), _counts(words[2], words[3], shift)  # W0 >> shift, W1 >> shift
     del words
-    p, q = scale
     if kind == "trunc_normal":
         counts = _interleave(even, odd, picks, count)
         del even, odd, picks
-        a, b = bounds
-        value = torch.add(torch.mul(_truncated(counts, plan), q), p)  # type: ignore[arg-type]  # mean + std * z
+        a, b = request.more
+        value = torch.add(torch.mul(_truncated(counts, request.truncation), q), p)  # type: ignore[arg-type]
         value = torch.where(value < a, a, value)
         return torch.where(value > b, b, value)
     even, odd = (_uniform_pairs if kind == "uniform" else _normal_pairs)(even, odd)
@@ -375,25 +366,16 @@ def fill(
 
     NotImplementedError for sparse and the fills (callers make those elsewhere); ValueError for a scheme with no
     portable form, as ``tensors.fill``."""
-    if scheme in scales.FILLS or scheme == "sparse":
-        raise NotImplementedError(f"the elementwise portable fill does not make {scheme}")
-    if out.dtype not in DTYPES:
-        raise ValueError(f"portable fill writes float32, float64, float16 or bfloat16, not {out.dtype}")
-    if not out.is_contiguous():
-        raise ValueError("portable fill writes a contiguous tensor")
+    tensors.check_device_out(out, scheme, "elementwise portable fill")
     if chunk_elements < 1:
         raise ValueError(f"chunk_elements must be positive, not {chunk_elements}")
     if out.numel() == 0:  # nothing to write; a zero-element shape has no fans to scale by either
         return
-    kind, p, q, *more = scales.draw(scheme, tensors.complete(scheme, params), shape)
-    if kind == "uniform":
-        p, q = p, q - p  # low + (high - low) * U
-    bounds = (float(more[0]), float(more[1])) if kind == "trunc_normal" else (-math.inf, math.inf)
-    plan = draws.truncation(p, q, *bounds) if kind == "trunc_normal" else None  # once per request, as cpu's
+    request = tensors.plan(scheme, params, shape)  # once per request, as cpu's
     layout, key, flat = _Layout.of(shape, resolved), key_of(seed), out.view(-1)
     for start in range(0, flat.numel(), chunk_elements):
         count = min(chunk_elements, flat.numel() - start)
-        values = _chunk(kind, (p, q), bounds, plan, layout, key, first + start, count, out.device)
+        values = _chunk(request, layout, key, first + start, count, out.device)
         if out.dtype != torch.float64:
             values = values.to(torch.float32)  # nearest-even; float16/bfloat16 from this float32 value
         flat[start : start + count].copy_(values)

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from initserve_protocol.portable import draws, floats, gauss, scales, tensors
+from initserve_protocol.portable import floats, gauss, tensors
 from initserve_protocol.portable.philox import key_of
 from initserve_protocol.slices import Resolved, numel, runs
 
@@ -295,27 +295,16 @@ def fill(
 
     NotImplementedError for sparse and the fills (callers make those elsewhere); ValueError for a scheme with no
     portable form, as ``tensors.fill``."""
-    if scheme in scales.FILLS or scheme == "sparse":
-        raise NotImplementedError(f"the GPU portable kernel does not make {scheme}")
-    if out.dtype not in DTYPES:
-        raise ValueError(f"portable fill writes float32, float64, float16 or bfloat16, not {out.dtype}")
-    if not out.is_contiguous():
-        raise ValueError("portable fill writes a contiguous tensor")
+    tensors.check_device_out(out, scheme, "GPU portable kernel")
     if out.numel() != numel(shape, resolved):
         raise ValueError(f"out has {out.numel()} elements; the slice has {numel(shape, resolved)}")
     if out.numel() == 0:
         return
     layout = runs(shape, resolved)
-    kind, p, q, *more = scales.draw(scheme, tensors.complete(scheme, params), shape)
-    scalars = [0.0] * 7
-    flip = False
-    if kind == "uniform":
-        scalars[:2] = p, q - p  # low + (high - low) * U
-    elif kind == "normal":
-        scalars[:2] = p, q
-    else:
-        flip, low, width, upper = draws.truncation(p, q, *more)  # once per request, as cpu's
-        scalars = [p, q, low, width, upper, float(more[0]), float(more[1])]
+    request = tensors.plan(scheme, params, shape)
+    flip, low, width, upper = request.truncation or (False, 0.0, 0.0, 0.0)
+    a, b = request.more if request.kind == "trunc_normal" else (0.0, 0.0)
+    scalars = [request.p, request.q, low, width, upper, a, b]
     rows = out.numel() // layout.length
     blocks_per_row = triton.cdiv(layout.length // 2 + 2, block)  # a row of n elements spans at most n // 2 + 2 pairs
     if rows * blocks_per_row > MAX_PROGRAMS:
@@ -330,7 +319,7 @@ def fill(
             out.view(-1).view(tensors.BITS[out.dtype]),
             torch.tensor(scalars, dtype=torch.float64, device=device),
             torch.tensor(ints, dtype=torch.int64, device=device),
-            KIND=KINDS.index(kind),
+            KIND=KINDS.index(request.kind),
             DTYPE=DTYPES.index(out.dtype),
             BLOCK=block,
             num_warps=num_warps,

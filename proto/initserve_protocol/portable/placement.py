@@ -22,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-from initserve_protocol.portable import elementwise, scales, tensors
+from initserve_protocol.portable import elementwise, tensors
 from initserve_protocol.slices import Resolved, sliced_shape
 
 ON_DEVICE = frozenset({"uniform", "normal", "trunc_normal", "xavier_uniform", "xavier_normal", "kaiming_uniform",
@@ -50,7 +50,7 @@ _lock = threading.Lock()
 
 def kind_of(scheme: str, params: Mapping[str, object], shape: Sequence[int]) -> str:
     """The draw a drawn scheme makes: "uniform", "normal", "trunc_normal" or "sparse"."""
-    return scales.draw(scheme, tensors.complete(scheme, params), shape)[0]
+    return tensors.plan(scheme, params, shape).kind
 
 
 def self_check(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,6 +37,41 @@ def complete(scheme: str, params: Mapping[str, object]) -> dict[str, object]:
     if missing:
         raise TypeError(f"{scheme}_() missing required argument: {missing[0]!r}")
     return full
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every implementation computes once per drawn request: its draw ``kind`` and each value ``p + q * X``
+    (X uniform in [0, 1) for uniform, so ``q`` is the width b - a; the standard value otherwise); for trunc_normal
+    the bounds ``(a, b)`` and ``truncation``, draws.truncation's (flip, low, width, upper); for sparse ``more`` is
+    (zeros per column,)."""
+
+    kind: str
+    p: float
+    q: float
+    more: tuple[float, ...] = ()
+    truncation: tuple[bool, float, float, float] | None = None
+
+
+def plan(scheme: str, params: Mapping[str, object], shape: Sequence[int]) -> Plan:
+    """The :class:`Plan` of a drawn scheme's request that ``check`` accepted (fans from the full ``shape``)."""
+    kind, p, q, *more = scales.draw(scheme, complete(scheme, params), shape)
+    if kind == "uniform":
+        return Plan(kind, p, q - p)  # low + (high - low) * U
+    if kind == "trunc_normal":
+        return Plan(kind, p, q, tuple(more), draws.truncation(p, q, *more))
+    return Plan(kind, p, q, tuple(more))
+
+
+def check_device_out(out: torch.Tensor, scheme: str, maker: str) -> None:
+    """What a device path (``elementwise``, ``gpu``) refuses: NotImplementedError for sparse and the fills, which
+    are made on the CPU; ValueError for an ``out`` of another dtype, or not contiguous."""
+    if scheme in scales.FILLS or scheme == "sparse":
+        raise NotImplementedError(f"the {maker} does not make {scheme}")
+    if out.dtype not in BITS:
+        raise ValueError(f"portable fill writes float32, float64, float16 or bfloat16, not {out.dtype}")
+    if not out.is_contiguous():
+        raise ValueError("portable fill writes a contiguous tensor")
 
 
 class _Probe(torch.Tensor):
@@ -113,18 +149,18 @@ def fill(
         raise ValueError("portable fill writes a contiguous CPU tensor")
     if out.numel() == 0:  # nothing to write; a zero-element shape has no fans to scale by either
         return
-    kind, p, q, *more = scales.draw(scheme, complete(scheme, params), shape)
+    request = plan(scheme, params, shape)
     extra = None
-    if kind == "uniform":
-        p, q = p, q - p  # low + (high - low) * U
-    if kind == "trunc_normal":
-        flip, low, width, upper = draws.truncation(p, q, *more)  # once per request
-        extra = (low, width, float(flip), *more, upper)
-    zeros = _SparseZeros(shape, resolved, seed, more[0], first, out.numel()) if kind == "sparse" else None
+    if request.truncation is not None:
+        flip, low, width, upper = request.truncation
+        extra = (low, width, float(flip), *request.more, upper)
+    zeros = None
+    if request.kind == "sparse":
+        zeros = _SparseZeros(shape, resolved, seed, int(request.more[0]), first, out.numel())
     flat = out.view(-1)
 
     def fill_float(piece: np.ndarray, start: int) -> None:
-        cpu.fill(piece, shape, resolved, KINDS[kind], p, q, seed, first=start, extra=extra)
+        cpu.fill(piece, shape, resolved, KINDS[request.kind], request.p, request.q, seed, first=start, extra=extra)
         if zeros is not None:
             zeros.apply(piece, start)
 
