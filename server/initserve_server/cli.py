@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
+from initserve_protocol.portable.triton_modules import TritonModulesError
 from initserve_server import __version__
 from initserve_server import config as defaults
 from initserve_server.config import ServerConfig
@@ -227,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
         "comma-separated devices (cpu, cuda, cuda:N) that must generate a probe tensor for the server to report "
         "ready, checked at start and every 30 s",
     )
+    option(
+        "--triton-modules",
+        "TRITON_MODULES",
+        str,
+        "",
+        "directory of Triton's C modules (python -m initserve_protocol.portable.triton_modules DIR) that the "
+        "portable generator's GPU kernel uses instead of a C compiler; default: those built into this environment "
+        "(the CUDA image's), if any; ignored without Triton",
+    )
     option("--log-level", "LOG_LEVEL", str, "INFO", "logging level (INFO logs one access line per call)")
     option("--log-format", "LOG_FORMAT", _log_format, "text", "log lines as 'text' or 'json' objects")
     parser.add_argument("--version", action="version", version=f"initserve-server {__version__}")
@@ -268,6 +278,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_concurrent_calls=args.max_concurrent_calls,
             max_work_seconds=args.max_work_seconds,
             require_devices=args.require_devices,
+            triton_modules=args.triton_modules,
         )
     except ValueError as error:
         raise SystemExit(f"initserve-server: {error}")
@@ -279,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(args)
     try:
         running = serve(config)
-    except (SecurityConfigError, OSError) as error:  # bad TLS/token settings, a port that cannot be bound
+    except (SecurityConfigError, TritonModulesError, OSError) as error:  # bad TLS/token/Triton settings, a port
         raise SystemExit(f"initserve-server: {error}") from None
     stop_requested = threading.Event()
 

@@ -123,6 +123,10 @@ class ServerConfig:
     # Devices that must generate a probe tensor before the server reports ready (and keep doing so): a CUDA
     # pool whose GPU does not work is not ready. Each "cpu", "cuda" or "cuda:N".
     require_devices: tuple[str, ...] = ()
+    # A directory of Triton's C modules (initserve_protocol.portable.triton_modules), which Triton then takes
+    # instead of compiling them: the portable GPU kernel runs on a host with no C compiler. "": the ones built
+    # into this environment (<sys.prefix>/share/initserve/triton-modules, as in the CUDA image), if any.
+    triton_modules: str = ""
 
     @property
     def shared_memory(self) -> bool:

@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from initserve_protocol.portable import triton_modules
 from initserve_protocol.v1 import initserve_pb2 as pb
 from initserve_server.allocator import return_large_blocks_to_the_os
 from initserve_server.config import MAX_REQUEST_BYTES, ServerConfig
@@ -107,9 +109,18 @@ class RunningServer:
         self.server.wait_for_termination()
 
 
+def _use_triton_modules(directory: str) -> None:
+    """Triton's C modules from ``directory``, else from this environment where it holds them, before Triton's
+    first use (process-wide: Triton's build hook); nothing where Triton is not installed."""
+    used = triton_modules.use(Path(directory)) if directory else triton_modules.use_installed() is not None
+    if used:
+        log.info("Triton takes its C modules from %s, compiling none", directory or "this environment")
+
+
 def serve(config: ServerConfig) -> RunningServer:
     """Start serving per ``config``; ``config.port=0`` binds a free port (see RunningServer.port)."""
     configure_torch()
+    _use_triton_modules(config.triton_modules)
     cpu_qr_probe()  # the CPU fingerprint's probe runs now, not in the first request (about 20 ms)
     return_large_blocks_to_the_os()
     credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import re
 import signal
@@ -137,6 +138,12 @@ def test_help_documents_every_flag_with_its_environment_twin() -> None:
             "preallocate_bytes must be in 0..cache_bytes + max_inflight_bytes (3145728), got 4194304",
         ),
         ((), {"INITSERVE_WORKERS": "many"}, "INITSERVE_WORKERS='many' is not a valid value"),
+        pytest.param(
+            ("--port", "0", "--triton-modules", "/nonexistent/triton-modules"),
+            None,
+            "initserve-server: /nonexistent/triton-modules holds no Triton modules (manifest.json: [Errno 2]",
+            marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="without Triton it is ignored"),
+        ),
     ],
 )
 def test_bad_configuration_exits_with_a_message(args, env, message: str) -> None:
