@@ -27,10 +27,12 @@ POLICIES = {
     "reuse_bytes=1G": "initserve.MemoryPolicy(reuse_bytes=1 << 30)",
     "prefault": "initserve.MemoryPolicy(prefault=True)",
     "malloc_thresholds": "initserve.MemoryPolicy(malloc_thresholds=True)",
+    "huge_pages": "initserve.MemoryPolicy(huge_pages=True)",
     "fast()": "initserve.MemoryPolicy.fast()",
+    "fast()+huge_pages": "dataclasses.replace(initserve.MemoryPolicy.fast(), huge_pages=True)",
 }
 FETCHER = """
-import statistics, sys, time, torch, initserve
+import dataclasses, statistics, sys, time, torch, initserve
 target, mib, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 shape, seed = (mib * 256, 1024), 5
 expected = torch.nn.init.normal_(torch.empty(shape), generator=torch.Generator().manual_seed(seed))

@@ -1,8 +1,9 @@
 """`make bench`'s portable-generator rows (issue 20): the CPU kernel against torch's own local ``normal_`` on
 this machine's cores, a 1/64 shard of a 4 GiB tensor against the whole tensor's generation, and a 1 GiB tensor
-made here and verified against the server's checksum-only answer (``local=True``) against its gRPC fetch (and, with
-CUDA, made into a GPU tensor). Medians after warm-up, ratios within one run; every measured output is checked
-(bytes against the reference on a sample of elements, the shard against the whole tensor's rows).
+made here and verified against the server's checksum-only answer (``local=True``) against its gRPC fetch (again
+with ``MemoryPolicy(huge_pages=True)`` for both, and, with CUDA, made into a GPU tensor). Medians after warm-up,
+ratios within one run; every measured output is checked (bytes against the reference on a sample of elements, the
+shard against the whole tensor's rows).
 
     python bench/portable.py [--json docs/bench/portable.json] [--repeats 5] [--size-mib 256] [--whole-gib 4]
                              [--local-gib 1]
@@ -28,6 +29,7 @@ from initserve_protocol.slices import Shard, resolve
 CPU_VS_TORCH = 1.5  # portable float32 normal at least this much faster than torch's local normal_
 SHARD_FRACTION = 1 / 32  # a 1/64 shard in at most this fraction of the whole tensor's time
 LOCAL_VS_FETCH = 3.0  # local generate-and-verify at least this much faster than the gRPC fetch
+HUGE_PAGES = initserve.MemoryPolicy(huge_pages=True)
 SAMPLE = 2_000  # elements checked against the pure-Python reference
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -106,7 +108,20 @@ def main() -> int:
                 assert torch.equal(target.cpu().view(torch.int32), fetched.view(torch.int32)), "GPU bytes differ"
                 rows["local_gpu_vs_fetch"] = fetch_s / rows["local_gpu_s"]
                 del target
-            del fetched
+        # The same pair with huge pages behind each fresh destination (a quarter of a fresh 1 GiB's making here is
+        # page faults): one client's policy for both, so the ratio stays like for like.
+        with initserve.Client(server.target, rng=portable.PHILOX, timeout=600, memory=HUGE_PAGES) as client:
+            rows["grpc_fetch_huge_pages_s"] = median_seconds(
+                lambda: client.fetch(local_shape, "normal", seed=11), args.repeats
+            )
+            rows["local_huge_pages_s"] = median_seconds(
+                lambda: client.fetch(local_shape, "normal", seed=11, local=True), args.repeats
+            )
+            made = client.fetch(local_shape, "normal", seed=11, local=True)
+            assert torch.equal(made.tensor.view(torch.int32), fetched.view(torch.int32)), "huge-page bytes differ"
+            del made
+        rows["local_huge_pages_vs_fetch"] = rows["grpc_fetch_huge_pages_s"] / rows["local_huge_pages_s"]
+        del fetched
     rows["grpc_fetch_s"] = fetch_s
     rows["local_s"] = local_s
     rows["local_vs_fetch"] = fetch_s / local_s
@@ -121,6 +136,8 @@ def main() -> int:
           f"{rows['shard_vs_whole']:.4f} of the whole (target <= {SHARD_FRACTION:.4f})")  # fmt: skip
     print(f"{args.local_gib} GiB normal, cached on the server: gRPC fetch {fetch_s:.3f} s, made here and verified "
           f"{local_s:.3f} s: {rows['local_vs_fetch']:.2f}x (target >= {LOCAL_VS_FETCH}x)")  # fmt: skip
+    print(f"  with huge pages: gRPC fetch {rows['grpc_fetch_huge_pages_s']:.3f} s, made here and verified "
+          f"{rows['local_huge_pages_s']:.3f} s: {rows['local_huge_pages_vs_fetch']:.2f}x")  # fmt: skip
     if "local_gpu_s" in rows:
         print(f"  made here into a CUDA tensor and verified {rows['local_gpu_s']:.3f} s: "
               f"{rows['local_gpu_vs_fetch']:.2f}x the gRPC fetch")  # fmt: skip
