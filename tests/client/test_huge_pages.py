@@ -60,7 +60,7 @@ def test_contents_are_never_changed() -> None:
     assert torch.equal(tensor, expected)
 
 
-def test_small_tensors_and_other_devices_are_left_alone() -> None:
+def test_small_and_empty_tensors_are_left_alone() -> None:
     assert not huge_pages.advise(torch.empty(huge_pages.HUGE_PAGES_MIN_BYTES - 1, dtype=torch.uint8))
     assert not huge_pages.advise(torch.empty(0))
 

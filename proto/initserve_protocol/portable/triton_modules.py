@@ -96,8 +96,9 @@ def build(directory: Path) -> dict[str, Any]:
                 if STUB_LIBRARY not in _needed_libraries(built):
                     raise RuntimeError(f"Triton's {name} calls the CUDA driver but does not load {STUB_LIBRARY}")
             digest = _source_digest(src)
-            shutil.copyfile(built, directory / _module_file(name, digest))
-            modules.append({"name": name, "source_sha256": digest, "file": _module_file(name, digest)})
+            kept = _module_file(name, digest)
+            shutil.copyfile(built, directory / kept)
+            modules.append({"name": name, "source_sha256": digest, "file": kept})
             return built
 
         knobs.cache.dir = str(Path(scratch, "cache"))  # an empty cache: every module is compiled, none reused
@@ -112,11 +113,7 @@ def build(directory: Path) -> dict[str, Any]:
             knobs.build.impl = None
     if not modules:
         raise RuntimeError(f"Triton {triton.__version__} compiled no C module; nothing to keep")
-    manifest = {
-        "triton": triton.__version__,
-        "python": sysconfig.get_config_var("EXT_SUFFIX"),
-        "modules": modules,
-    }
+    manifest = {"triton": triton.__version__, "modules": modules}  # each file's name carries its Python ABI
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
