@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +33,15 @@ def _bytes(tensor: torch.Tensor) -> bytes:
     return tensor.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
+@pytest.mark.skipif(
+    tuple(int(part) for part in re.findall(r"\d+", gpu.triton.__version__)[:2]) < (3, 7),
+    reason="Triton 3.6's interpreter loads a scalar as a one-element array, which range() refuses (seen on the "
+    "GPU machine); the compiled kernel there is held by the CUDA tests",
+)
 @pytest.mark.timeout(600)
 def test_under_the_interpreter_the_kernel_gives_the_cpu_kernels_bytes() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])  # the caller's packages too
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     done = subprocess.run(
         [sys.executable, "-m", "tests.protocol.portable_gpu_interpreted"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=540, check=False,
@@ -83,6 +90,11 @@ def test_the_compiled_kernel_uses_only_correctly_rounded_float_operations(kind, 
     assert all(".rn." in op for op in narrowing), sorted(set(narrowing))
     if kind != "uniform":
         assert "div.rn.f64" in instructions and "sqrt.rn.f64" in instructions
+    # Every float64 constant in the code is one of the kernel's constants, exactly: Triton's comparisons round a
+    # Python float to float32 first (sqrt(2) became 0x3FF6A09E60000000 before gpu._f64), which no other check saw.
+    constants = {abs(c.value) for c in vars(gpu).values() if isinstance(c, type(gpu.SQRT2)) and type(c.value) is float}
+    immediates = {abs(struct.unpack(">d", bytes.fromhex(h))[0]) for h in re.findall(r"\b0d([0-9A-F]{16})\b", ptx)}
+    assert immediates and immediates - constants <= {0.0, 0.5, 1.0, 2.0}, sorted(immediates - constants)
 
 
 @pytest.mark.parametrize("scheme", sorted({"sparse", *scales.FILLS}))
@@ -114,6 +126,13 @@ def test_the_known_answers_on_cuda() -> None:
         if hashlib.sha256(_bytes(out)).hexdigest() != case["sha256"]:
             wrong.append((number, case["scheme"], case["dtype"]))
     assert not wrong
+
+
+@CUDA
+def test_on_cuda_ln_and_the_quantile_take_every_comparison_as_the_spec_does() -> None:
+    """The compiled float functions at each constant they compare with, its float32 rounding and their neighbours
+    (the interpreter's run holds the same inputs there)."""
+    assert portable_gpu_interpreted.function_differences("cuda") == []
 
 
 @CUDA

@@ -12,9 +12,11 @@ Why its bits are the spec's:
   pair and count arithmetic in int64, every value below 2**63.
 - **Floats**: float64 ``+ - * /`` and ``tl.sqrt`` (PTX ``add/sub/mul/div.rn.f64`` and ``sqrt.rn.f64``: correctly
   rounded), in the reference's order. The kernel is compiled with ``enable_fp_fusion=False``, so no multiply and
-  add are contracted into a fused multiply-add. Python float constants in a float64 operation are materialized
-  as float64 (Triton's scalar rule), so none passes through float32; the scales and bounds of the request come in
-  a float64 tensor, never as kernel arguments (which Triton types float32).
+  add are contracted into a fused multiply-add. Python float constants in float64 arithmetic are materialized
+  as float64 (Triton's scalar rule), but its comparisons round them to float32 first, so every comparison with a
+  constant goes through ``_f64`` (the first GPU run found ``m > SQRT2`` comparing with sqrt(2) in float32); the
+  scales and bounds of the request come in a float64 tensor, never as kernel arguments (which Triton types
+  float32).
 - **Rounding to the dtype**: float64 -> float32 by ``.to`` (``cvt.rn.f32.f64``), then float16/bfloat16 from that
   float32 value (``cvt.rn``), as docs/portable.md section 6.
 - **Branches** (the octant's swaps and signs, ln's SQRT2 step, AS241's regions) are selects: each lane computes
@@ -93,6 +95,14 @@ def _philox(pairs, k0, k1):
 
 
 @triton.jit
+def _f64(value: tl.constexpr):
+    """A float constant as a float64 scalar, for a comparison: Triton's comparisons (``tensor.__lt__`` and the
+    like) turn a Python float in float32's range into a float32 constant first, so ``m > SQRT2`` would compare
+    with sqrt(2) rounded to float32. (Its arithmetic takes the tensor's type, float64, and needs no help.)"""
+    return tl.full((), value, tl.float64)
+
+
+@triton.jit
 def _counts(low, high, SHIFT: tl.constexpr):
     """W >> SHIFT (an int64 below 2**53) of the 64-bit word W = low + 2**32 high (uint32 words)."""
     return (high.to(tl.int64) << (32 - SHIFT)) | (low.to(tl.int64) >> SHIFT)
@@ -101,7 +111,7 @@ def _counts(low, high, SHIFT: tl.constexpr):
 @triton.jit
 def _ln_reduced(m, e):
     """ln(m * 2**e) for m in [1, 2) and int64 e: floats.ln_scaled, the SQRT2 step as a select."""
-    above = m > SQRT2
+    above = m > _f64(SQRT2)
     m = tl.where(above, m * 0.5, m)
     k = tl.where(above, e + 1, e).to(tl.float64)
     s = (m - 1.0) / (m + 1.0)
@@ -132,7 +142,7 @@ def _split(x):
 @triton.jit
 def _ln_positive(x):
     """ln(x) for finite x > 0, subnormals included: floats.ln."""
-    small = x < SMALLEST_NORMAL
+    small = x < _f64(SMALLEST_NORMAL)
     m, e = _split(tl.where(small, x * TWO_54, x))
     return _ln_reduced(m, tl.where(small, e - 54, e))
 
@@ -188,9 +198,9 @@ def _quantile(p):
     far = r - SPLIT2
     num = ((((((E7 * far + E6) * far + E5) * far + E4) * far + E3) * far + E2) * far + E1) * far + E0
     den = ((((((F7 * far + F6) * far + F5) * far + F4) * far + F3) * far + F2) * far + F1) * far + F0
-    value = tl.where(r <= SPLIT2, near_value, num / den)
+    value = tl.where(r <= _f64(SPLIT2), near_value, num / den)
     value = tl.where(negative, -value, value)
-    value = tl.where(tl.abs(q) <= SPLIT1, central, value)
+    value = tl.where(tl.abs(q) <= _f64(SPLIT1), central, value)
     value = tl.where(p >= 1.0, INF, value)
     value = tl.where(p <= 0.0, -INF, value)
     return tl.where(p != p, p, value)
