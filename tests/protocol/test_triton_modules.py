@@ -23,13 +23,22 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 ROOT = Path(__file__).resolve().parents[2]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 NO_COMPILER = {"CC": "/bin/false"}  # Triton's build takes CC first: any compile it tries fails
-pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and "CC" not in os.environ, reason="needs a C compiler")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("gcc") is None and "CC" not in os.environ, reason="needs a C compiler"),
+    pytest.mark.skipif(
+        tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2]) < triton_modules.FIRST_TRITON,
+        reason=f"Triton {triton.__version__} compiles a launcher per kernel: its modules cannot be built ahead",
+    ),
+]
+
+
+PYTHONPATH = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])  # the caller's too
 
 
 def _python(code: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, capture_output=True, text=True,
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": PYTHONPATH, **env}, capture_output=True, text=True,
         timeout=timeout, check=False,
     )  # fmt: skip
 
@@ -146,6 +155,24 @@ def test_use_refuses_a_directory_without_modules_or_for_another_triton(built: Pa
     from triton import knobs
 
     assert knobs.build.impl is None  # a refusal changes nothing
+
+
+@pytest.mark.parametrize("version", ["3.6.0", "2.3.1"])
+def test_a_triton_that_compiles_a_launcher_per_kernel_is_refused(
+    built: Path, version: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found on the first GPU run (Triton 3.6): its modules served, every kernel's own launcher still needed a
+    compiler, so placement set the kernel aside everywhere. Now neither the build nor the server's start takes it."""
+    monkeypatch.setattr(triton, "__version__", version)
+    message = f"Triton {version} compiles a C launcher for each kernel at its first launch"
+    with pytest.raises(triton_modules.TritonModulesError, match=re.escape(message)):
+        triton_modules.use(built)
+    with pytest.raises(triton_modules.TritonModulesError, match=re.escape(message)):
+        triton_modules.build(built / "again")
+    assert not (built / "again").exists()
+    from triton import knobs
+
+    assert knobs.build.impl is None
 
 
 def test_use_installed_takes_the_environments_own_modules_where_it_has_them(built: Path, tmp_path: Path) -> None:

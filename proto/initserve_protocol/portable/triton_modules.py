@@ -17,6 +17,10 @@ A process then calls :func:`use` (the server calls :func:`use_installed` at star
 the same source instead of compiling it. A source that DIR does not hold (another Triton) is a RuntimeError
 naming the module and the rebuild command, never a compile.
 
+Triton 3.7 or later: an earlier one also compiles a C launcher for each kernel signature at its first launch
+(``__triton_launcher``), which nothing built ahead of time can hold, so :func:`build` and :func:`use` refuse it
+(TritonModulesError) rather than leave every kernel to fail there.
+
 Triton still needs a writable cache directory at run time (``TRITON_CACHE_DIR``, else ``~/.triton/cache``): it
 copies the module there and writes each compiled kernel there.
 """
@@ -40,12 +44,22 @@ from typing import Any
 MANIFEST = "manifest.json"
 INSTALLED = Path("share", "initserve", "triton-modules")  # an environment's own modules, under its sys.prefix
 STUB_LIBRARY = "libcuda.so.1"  # the name Triton links its module against (-l:libcuda.so.1)
+FIRST_TRITON = (3, 7)  # the first Triton whose only C module is cuda_utils (3.6 compiles a launcher per kernel)
 
 __all__ = ["INSTALLED", "MANIFEST", "TritonModulesError", "build", "use", "use_installed"]
 
 
 class TritonModulesError(ValueError):
-    """A directory of Triton modules that cannot serve this process: no manifest, or another Triton's."""
+    """A directory of Triton modules that cannot serve this process: no manifest, another Triton's, or a Triton
+    before :data:`FIRST_TRITON`."""
+
+
+def _check_version(version: str) -> None:
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < FIRST_TRITON:
+        raise TritonModulesError(
+            f"Triton {version} compiles a C launcher for each kernel at its first launch, which cannot be built "
+            f"ahead of time; Triton's modules are built for Triton {'.'.join(map(str, FIRST_TRITON))} or later"
+        )
 
 
 def _source_digest(source_path: str) -> str:
@@ -73,6 +87,7 @@ def build(directory: Path) -> dict[str, Any]:
     from triton.backends.nvidia import driver
     from triton.runtime import build as triton_build
 
+    _check_version(triton.__version__)
     directory.mkdir(parents=True, exist_ok=True)
     modules: list[dict[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="initserve-triton-") as scratch:
@@ -152,12 +167,14 @@ def _needed_libraries(module: str) -> list[str]:
 def use(directory: Path) -> bool:
     """Have Triton take its C modules from ``directory`` (made by :func:`build`) instead of compiling them, for
     the rest of this process. False, and nothing changed, where Triton does not import (nothing to compile); a
-    directory without a readable manifest, or one built for another Triton, is a TritonModulesError."""
+    directory without a readable manifest, or one built for another Triton, or a Triton before
+    :data:`FIRST_TRITON`, is a TritonModulesError."""
     try:
         import triton
         from triton import knobs
     except ImportError:
         return False
+    _check_version(triton.__version__)
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
         built = {
