@@ -43,8 +43,9 @@ class Server:
 
 
 def _drain(stream: object) -> None:
-    for _ in stream:  # type: ignore[attr-defined]
-        pass
+    with stream:  # type: ignore[attr-defined]  # closed at the process's end, not left to the collector
+        for _ in stream:  # type: ignore[attr-defined]
+            pass
 
 
 def _stop(process: subprocess.Popen) -> None:

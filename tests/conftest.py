@@ -142,9 +142,10 @@ def start_command(command: list[str], env: dict[str, str], cwd: str | os.PathLik
     output: list[str] = []
 
     def pump() -> None:
-        for line in process.stdout:  # type: ignore[union-attr]
-            output.append(line)
-            lines.put(line)
+        with process.stdout:  # type: ignore[union-attr]  # closed at the server's end, not left to the collector
+            for line in process.stdout:  # type: ignore[union-attr]
+                output.append(line)
+                lines.put(line)
         lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
