@@ -1,7 +1,7 @@
 """The Triton kernel (portable/gpu.py) under Triton's interpreter, on the CPU: its bytes against tensors.fill's
 for the known answers, the self-check's cases, trunc_normal's tails and edges, NaN, deep slices and random
-requests, in every dtype; and its ln and quantile at every constant they compare with (``function_differences``,
-which the CUDA tests run compiled). Prints one JSON line: what was compared and what differed.
+requests, in every dtype; and its ln and quantile at every constant they compare with (``gpu.function_differences``,
+which placement runs compiled on each GPU). Prints one JSON line: what was compared and what differed.
 
 Run by tests/protocol/test_portable_gpu.py as ``TRITON_INTERPRET=1 python -m tests.protocol.portable_gpu_interpreted``:
 Triton picks the interpreter when a kernel is decorated, so the variable must be set before gpu.py is imported,
@@ -18,15 +18,12 @@ import json
 import math
 import os
 import random
-import struct
 import sys
 
 import torch
-import triton
-import triton.language as tl
 
 from initserve_protocol import slices
-from initserve_protocol.portable import floats, gauss, gpu, placement, scales, tensors
+from initserve_protocol.portable import gpu, placement, scales, tensors
 from initserve_protocol.slices import Resolved
 from tests.protocol.portable_known_answers import TORCH_DTYPES, load
 
@@ -104,61 +101,6 @@ def _requests() -> list[tuple[str, Request]]:
     return named
 
 
-@triton.jit
-def _functions(x_ptr, ln_ptr, quantile_ptr, N: tl.constexpr):
-    at = tl.arange(0, N)
-    x = tl.load(x_ptr + at)
-    tl.store(ln_ptr + at, gpu._ln_positive(x))
-    tl.store(quantile_ptr + at, gpu._quantile(x))
-
-
-def _float32(x: float) -> float:
-    return struct.unpack("<f", struct.pack("<f", x))[0]
-
-
-def _around(x: float, steps: int = 2) -> list[float]:
-    """x and its float64 neighbours, ``steps`` each way."""
-    below, above = [x], [x]
-    for _ in range(steps):
-        below.append(math.nextafter(below[-1], -math.inf))
-        above.append(math.nextafter(above[-1], math.inf))
-    return below[::-1] + above[1:]
-
-
-def boundary_inputs() -> list[float]:
-    """Where the kernel compares a float64 with a constant, the constant, its float32 rounding (what Triton's
-    comparisons made of a Python float) and their neighbours: ln's SQRT2 step (x = m in [1, 2), and scaled by
-    2**-40), its subnormal step, AS241's central region (|p - 1/2| against SPLIT1, both sides of 1/2) and its far
-    region (sqrt(-ln p) against SPLIT2)."""
-    inputs: list[float] = []
-    for edge in (floats.SQRT2, _float32(floats.SQRT2)):
-        inputs += _around(edge) + [x * 2.0**-40 for x in _around(edge)]
-    inputs += _around(2.0**-1022)
-    for edge in (gauss.SPLIT1, _float32(gauss.SPLIT1)):
-        inputs += _around(0.5 - edge, 3) + _around(0.5 + edge, 3)
-    inputs += _around(math.exp(-(gauss.SPLIT2**2)), 3)
-    return inputs
-
-
-def function_differences(device: str) -> list[str]:
-    """The kernel's ln and quantile (as compiled for ``device``, or interpreted) at :func:`boundary_inputs`
-    against floats.ln and gauss.normal_quantile, bit for bit: one line per difference."""
-    inputs = boundary_inputs()
-    size = triton.next_power_of_2(len(inputs))
-    x = torch.tensor(inputs + [1.0] * (size - len(inputs)), dtype=torch.float64, device=device)
-    ln, quantile = torch.empty_like(x), torch.empty_like(x)
-    _functions[(1,)](x, ln, quantile, N=size, **gpu.COMPILE_OPTIONS)
-    differences = []
-    for value, got_ln, got_quantile in zip(inputs, ln.tolist(), quantile.tolist(), strict=False):
-        for name, got, expected in (
-            ("ln", got_ln, floats.ln(value)),
-            ("quantile", got_quantile, gauss.normal_quantile(value)),
-        ):
-            if struct.pack("<d", got) != struct.pack("<d", expected):
-                differences.append(f"{name}({value.hex()}) = {got.hex()}, the spec's {expected.hex()}")
-    return differences
-
-
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("run with TRITON_INTERPRET=1", file=sys.stderr)
@@ -172,7 +114,7 @@ def main() -> int:
             compared += 1
             if got != expected:
                 differences.append(f"{what}: {scheme} {params} {shape} {resolved} seed={seed} {dtype}")
-    differences += function_differences("cpu")
+    differences += gpu.function_differences(torch.device("cpu"))
     known = 0
     for case in load()["cases"]:
         if case["scheme"] not in SUPPORTED:

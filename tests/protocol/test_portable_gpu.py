@@ -131,8 +131,8 @@ def test_the_known_answers_on_cuda() -> None:
 @CUDA
 def test_on_cuda_ln_and_the_quantile_take_every_comparison_as_the_spec_does() -> None:
     """The compiled float functions at each constant they compare with, its float32 rounding and their neighbours
-    (the interpreter's run holds the same inputs there)."""
-    assert portable_gpu_interpreted.function_differences("cuda") == []
+    (placement's check asks the same; the interpreter's run holds them there)."""
+    assert gpu.function_differences(torch.device("cuda")) == []
 
 
 @CUDA

@@ -37,6 +37,8 @@ row, which is computed and not stored (at most one block of the spec per row end
 from __future__ import annotations
 
 import contextlib
+import math
+import struct
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -285,6 +287,63 @@ def _encode(values, DTYPE: tl.constexpr):
             rounded = ((single + 0x7FFF + ((single >> 16) & 1)) >> 16) & 0xFFFF
             bits = tl.where(nan, 0x7FC0, rounded).to(tl.int16)
     return bits
+
+
+@triton.jit
+def _functions(x_ptr, ln_ptr, quantile_ptr, N: tl.constexpr):
+    at = tl.arange(0, N)
+    x = tl.load(x_ptr + at)
+    tl.store(ln_ptr + at, _ln_positive(x))
+    tl.store(quantile_ptr + at, _quantile(x))
+
+
+def _float32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def _around(x: float, steps: int = 2) -> list[float]:
+    """x and its float64 neighbours, ``steps`` each way."""
+    below, above = [x], [x]
+    for _ in range(steps):
+        below.append(math.nextafter(below[-1], -math.inf))
+        above.append(math.nextafter(above[-1], math.inf))
+    return below[::-1] + above[1:]
+
+
+def boundary_inputs() -> list[float]:
+    """Where the kernel compares a float64 with a constant: the constant, its float32 rounding (what Triton's
+    comparisons made of a Python float) and their neighbours. ln's SQRT2 step (x = m in [1, 2), and scaled by
+    2**-40), its subnormal step, AS241's central region (|p - 1/2| against SPLIT1, both sides of 1/2) and its far
+    region (sqrt(-ln p) against SPLIT2). A draw lands in such a window about once in 10**8 elements, too rarely
+    for whole-tensor checks to see."""
+    inputs: list[float] = []
+    for edge in (floats.SQRT2, _float32(floats.SQRT2)):
+        inputs += _around(edge) + [x * 2.0**-40 for x in _around(edge)]
+    inputs += _around(2.0**-1022)
+    for edge in (gauss.SPLIT1, _float32(gauss.SPLIT1)):
+        inputs += _around(0.5 - edge, 3) + _around(0.5 + edge, 3)
+    inputs += _around(math.exp(-(gauss.SPLIT2**2)), 3)
+    return inputs
+
+
+def function_differences(device: torch.device) -> list[str]:
+    """The kernel's ln and quantile, compiled for ``device`` (or interpreted), at :func:`boundary_inputs` against
+    floats.ln and gauss.normal_quantile, bit for bit: one line per difference (placement's check runs it)."""
+    inputs = boundary_inputs()
+    size = triton.next_power_of_2(len(inputs))
+    x = torch.tensor(inputs + [1.0] * (size - len(inputs)), dtype=torch.float64, device=device)
+    ln, quantile = torch.empty_like(x), torch.empty_like(x)
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        _functions[(1,)](x, ln, quantile, N=size, **COMPILE_OPTIONS)
+    differences = []
+    for value, got_ln, got_quantile in zip(inputs, ln.tolist(), quantile.tolist(), strict=False):
+        for name, got, expected in (
+            ("ln", got_ln, floats.ln(value)),
+            ("quantile", got_quantile, gauss.normal_quantile(value)),
+        ):
+            if struct.pack("<d", got) != struct.pack("<d", expected):
+                differences.append(f"{name}({value.hex()}) = {got.hex()}, the spec's {expected.hex()}")
+    return differences
 
 
 def fill(
