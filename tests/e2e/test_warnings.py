@@ -15,12 +15,17 @@ from tests.conftest import ServerProcess, same_bytes
 FAR_MEAN = {"mean": 5.0, "std": 1.0, "a": -1.0, "b": 1.0}  # more than 2 std from [a, b]
 
 
+def user_warnings(caught: list[warnings.WarningMessage]) -> list[warnings.WarningMessage]:
+    """The UserWarnings among ``caught``: not a ResourceWarning the garbage collector gave meanwhile."""
+    return [warning for warning in caught if issubclass(warning.category, UserWarning)]
+
+
 def torch_warns(call: Callable[[], Any]) -> list[str]:
     """The UserWarning messages ``call`` gives, every one of them."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         call()
-    return [str(warning.message) for warning in caught if issubclass(warning.category, UserWarning)]
+    return [str(warning.message) for warning in user_warnings(caught)]
 
 
 def local_trunc_normal() -> torch.Tensor:
@@ -34,7 +39,7 @@ def test_trunc_normal_far_from_its_bounds_warns_as_torch_does_on_every_call(clie
         results: list[initserve.InitResult] = []
         with pytest.warns(UserWarning) as caught:
             results.append(client.fetch((4, 4), "trunc_normal", seed=1, **FAR_MEAN))
-        told = [w for w in caught if issubclass(w.category, UserWarning)]  # not a ResourceWarning the collector gave
+        told = user_warnings(caught.list)
         assert [str(w.message) for w in told] == expected, attempt
         assert told[0].filename == __file__  # attributed to the caller's line, as torch's own is
         assert results[0].warnings == tuple(expected)
@@ -76,7 +81,7 @@ def test_each_tensor_of_init_many_warns_for_itself(client: initserve.Client) -> 
         (torch_warns(local_trunc_normal)[0],),
         ("Initializing zero-element tensors is a no-op",),
     ]
-    assert len([w for w in caught if issubclass(w.category, UserWarning)]) == 2
+    assert len(user_warnings(caught)) == 2
 
 
 def test_the_asyncio_client_warns_too(server: ServerProcess) -> None:

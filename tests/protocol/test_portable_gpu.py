@@ -6,24 +6,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from initserve_protocol import slices
-from initserve_protocol.portable import placement, scales, tensors
+from initserve_protocol.portable import placement, scales, tensors, triton_modules
+from tests.conftest import run_python
 from tests.protocol.portable_known_answers import TORCH_DTYPES, load
 
 gpu = pytest.importorskip("initserve_protocol.portable.gpu", reason="Triton is not installed")
 from tests.protocol import portable_gpu_interpreted  # noqa: E402 - it imports gpu, so Triton, too
 
-ROOT = Path(__file__).resolve().parents[2]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SUPPORTED = tuple(sorted(scales.SERVED - {"sparse"}))
 KNOWN = [case for case in load()["cases"] if case["scheme"] in SUPPORTED]
@@ -34,18 +30,17 @@ def _bytes(tensor: torch.Tensor) -> bytes:
 
 
 @pytest.mark.skipif(
-    tuple(int(part) for part in re.findall(r"\d+", gpu.triton.__version__)[:2]) < (3, 7),
+    triton_modules.release(gpu.triton.__version__) < (3, 7),
     reason="Triton 3.6's interpreter loads a scalar as a one-element array, which range() refuses (seen on the "
     "GPU machine); the compiled kernel there is held by the CUDA tests",
 )
 @pytest.mark.timeout(600)
 def test_under_the_interpreter_the_kernel_gives_the_cpu_kernels_bytes() -> None:
-    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])  # the caller's packages too
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.protocol.portable_gpu_interpreted"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540, check=False,
-    )  # fmt: skip
+    done = run_python(  # a process of its own: Triton takes TRITON_INTERPRET when gpu.py is imported
+        "from tests.protocol.portable_gpu_interpreted import main; raise SystemExit(main())",
+        env={"TRITON_INTERPRET": "1"},
+        timeout=540,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["differences"] == []
@@ -92,7 +87,7 @@ def test_the_compiled_kernel_uses_only_correctly_rounded_float_operations(kind, 
         assert "div.rn.f64" in instructions and "sqrt.rn.f64" in instructions
     # Every float64 constant in the code is one of the kernel's constants, exactly: Triton's comparisons round a
     # Python float to float32 first (sqrt(2) became 0x3FF6A09E60000000 before gpu._f64), which no other check saw.
-    constants = {abs(c.value) for c in vars(gpu).values() if isinstance(c, type(gpu.SQRT2)) and type(c.value) is float}
+    constants = {abs(c.value) for c in vars(gpu).values() if isinstance(c, gpu.tl.constexpr) and type(c.value) is float}
     immediates = {abs(struct.unpack(">d", bytes.fromhex(h))[0]) for h in re.findall(r"\b0d([0-9A-F]{16})\b", ptx)}
     assert immediates and immediates - constants <= {0.0, 0.5, 1.0, 2.0}, sorted(immediates - constants)
 

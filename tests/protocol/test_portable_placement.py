@@ -53,10 +53,10 @@ def test_a_kernel_that_cannot_be_built_is_not_tried_again_for_another_kind_or_dt
 
     tried = []
     with pytest.warns(RuntimeWarning, match="Triton kernel for normal torch.float32 on test-gpu failed its check"):
-        assert not placement._kernel_passes("test-gpu", "normal", torch.float32, cannot_build)
-    assert not placement._kernel_passes("test-gpu", "uniform", torch.bfloat16, lambda: tried.append(1) or True)
+        assert not placement._kernel_passes("test-gpu", "normal torch.float32", cannot_build)
+    assert not placement._kernel_passes("test-gpu", "uniform torch.bfloat16", lambda: tried.append(1) or True)
     assert tried == []  # ruled out without another compilation
-    assert placement._kernel_passes("other-gpu", "uniform", torch.bfloat16, lambda: True)  # per device
+    assert placement._kernel_passes("other-gpu", "uniform torch.bfloat16", lambda: True)  # per device
 
 
 def test_without_cuda_or_triton_no_triton_kernel_is_chosen() -> None:

@@ -11,36 +11,24 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 from initserve_protocol.portable import triton_modules
+from tests.conftest import run_python
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
-ROOT = Path(__file__).resolve().parents[2]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 NO_COMPILER = {"CC": "/bin/false"}  # Triton's build takes CC first: any compile it tries fails
 pytestmark = [
     pytest.mark.skipif(shutil.which("gcc") is None and "CC" not in os.environ, reason="needs a C compiler"),
     pytest.mark.skipif(
-        tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2]) < triton_modules.FIRST_TRITON,
+        triton_modules.release(triton.__version__) < triton_modules.FIRST_TRITON,
         reason=f"Triton {triton.__version__} compiles a launcher per kernel: its modules cannot be built ahead",
     ),
 ]
-
-
-PYTHONPATH = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])  # the caller's too
-
-
-def _python(code: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": PYTHONPATH, **env}, capture_output=True, text=True,
-        timeout=timeout, check=False,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +83,7 @@ def _set_up(tmp_path: Path, *modules: Path) -> list[str]:
     fake.mkdir(exist_ok=True)
     (fake / "libcuda.so.1").touch()
     env = {**NO_COMPILER, "TRITON_CACHE_DIR": str(tmp_path / "cache"), "TRITON_LIBCUDA_PATH": str(fake)}
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SET_UP), *map(str, modules)],
-        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    done = run_python(SET_UP, *map(str, modules), env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.splitlines()
 
@@ -121,7 +106,7 @@ def test_without_a_compiler_or_the_modules_triton_cannot_set_up(tmp_path: Path) 
 def test_a_source_the_modules_do_not_hold_is_an_error_not_a_compile(built: Path, tmp_path: Path) -> None:
     other = tmp_path / "cuda_utils.c"
     other.write_bytes(_driver_source() + b"/* another Triton */\n")
-    done = _python(
+    done = run_python(
         f"""
         from pathlib import Path
         from triton import knobs
@@ -132,7 +117,7 @@ def test_a_source_the_modules_do_not_hold_is_an_error_not_a_compile(built: Path,
         except RuntimeError as error:
             print(error)
         """,
-        NO_COMPILER,
+        env=NO_COMPILER,
     )
     digest = hashlib.sha256(other.read_bytes()).hexdigest()[:16]
     assert done.stdout.strip() == (
@@ -179,28 +164,26 @@ def test_use_installed_takes_the_environments_own_modules_where_it_has_them(buil
     bare, image = tmp_path / "bare", tmp_path / "image"
     shutil.copytree(built, image / triton_modules.INSTALLED)
     (bare / triton_modules.INSTALLED).mkdir(parents=True)  # the CPU image's: an empty directory
-    done = _python(
+    done = run_python(
         f"""
         from triton import knobs
         from initserve_protocol.portable import triton_modules
         print(triton_modules.use_installed({str(bare)!r}), knobs.build.impl is None)
         print(triton_modules.use_installed({str(image)!r}), knobs.build.impl is None)
-        """,
-        {},
+        """
     )
     assert done.stdout.splitlines() == ["None True", f"{image / triton_modules.INSTALLED} False"], done.stderr
 
 
 def test_use_without_triton_changes_nothing(tmp_path: Path) -> None:
-    done = _python(
+    done = run_python(
         f"""
         import sys
         sys.modules["triton"] = None  # as where Triton is not installed
         from pathlib import Path
         from initserve_protocol.portable import triton_modules
         print(triton_modules.use(Path({str(tmp_path)!r})))
-        """,
-        {},
+        """
     )
     assert done.stdout.strip() == "False", done.stderr[-2000:]
 
@@ -220,7 +203,7 @@ def test_a_server_given_the_modules_serves(built: Path) -> None:
 @pytest.mark.timeout(600)
 def test_on_cuda_the_kernel_runs_with_the_modules_and_no_compiler(built: Path, tmp_path: Path) -> None:
     """A fresh Triton cache, no compiler: placement's check of the kernel passes and its bytes are the CPU's."""
-    done = _python(
+    done = run_python(
         f"""
         import torch
         from pathlib import Path
@@ -236,7 +219,7 @@ def test_on_cuda_the_kernel_runs_with_the_modules_and_no_compiler(built: Path, t
         tensors.fill(here.view(-1), "normal", {{}}, (1000, 333), 5)
         print(torch.equal(out.cpu().view(torch.int32), here.view(torch.int32)))
         """,
-        {**NO_COMPILER, "TRITON_CACHE_DIR": str(tmp_path / "cache")},
+        env={**NO_COMPILER, "TRITON_CACHE_DIR": str(tmp_path / "cache")},
         timeout=540,
     )
     assert done.stdout.strip().splitlines()[-1:] == ["True"], done.stderr[-3000:]

@@ -14,7 +14,8 @@ Why its bits are the spec's:
   rounded), in the reference's order. The kernel is compiled with ``enable_fp_fusion=False``, so no multiply and
   add are contracted into a fused multiply-add. Python float constants in float64 arithmetic are materialized
   as float64 (Triton's scalar rule), but its comparisons round them to float32 first, so every comparison with a
-  constant goes through ``_f64`` (the first GPU run found ``m > SQRT2`` comparing with sqrt(2) in float32); the
+  named constant goes through ``_f64`` (the first GPU run found ``m > SQRT2`` comparing with sqrt(2) in float32;
+  the literals compared with, 0.0 and 1.0, are exact in float32); the
   scales and bounds of the request come in a float64 tensor, never as kernel arguments (which Triton types
   float32).
 - **Rounding to the dtype**: float64 -> float32 by ``.to`` (``cvt.rn.f32.f64``), then float16/bfloat16 from that

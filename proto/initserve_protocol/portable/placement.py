@@ -3,9 +3,10 @@ the CPU kernel's bytes on that device in this process:
 
 1. **The Triton kernel** (``gpu``), where Triton imports and the device is CUDA: one pass over memory. It is
    compiled per kind of draw (uniform, normal, trunc_normal) and dtype, so each (device, kind, dtype) is checked
-   on its first use, by the SELF_CHECK cases of that kind made both ways and compared byte for byte, and by the
-   kernel's ln and quantile at every constant they compare with (``gpu.function_differences``: a draw meets
-   those edges about once in 10**8 elements, which no small case reaches).
+   on its first use, by the SELF_CHECK cases of that kind made both ways and compared byte for byte, after the
+   kernel's ln and quantile are checked once per device at every constant they compare with
+   (``gpu.function_differences``: a draw meets those edges about once in 10**8 elements, which no small case
+   reaches).
 2. **The elementwise path** (``elementwise``): torch operations, about 150 passes over memory. Checked once per
    device, every case in every dtype.
 3. Otherwise the CPU kernel, and a copy: it costs time, never bytes.
@@ -115,21 +116,20 @@ def kernel_verified(device: torch.device | str, kind: str, dtype: torch.dtype) -
     gpu = _triton() if target.type == "cuda" else None
     if gpu is None:
         return False
-    return _kernel_passes(
-        str(target),
-        kind,
-        dtype,
-        lambda: not gpu.function_differences(target) and self_check(target, gpu.fill, (kind,), (dtype,)),
+    device = str(target)
+    return _kernel_passes(device, "ln and quantile", lambda: not gpu.function_differences(target)) and _kernel_passes(
+        device, f"{kind} {dtype}", lambda: self_check(target, gpu.fill, (kind,), (dtype,))
     )
 
 
 _kernel_broken: set[str] = set()  # devices where checking the kernel raised: it cannot be built or launched there
 
 
-def _kernel_passes(device: str, kind: str, dtype: torch.dtype, check: Callable[[], bool]) -> bool:
-    """The kernel's verdict for one kind and dtype on ``device``. A check that raises (no C compiler for Triton's
-    launcher, no writable cache, as in the read-only server image) rules the kernel out on that device for every
-    kind and dtype, so the other eleven do not each pay a compilation to fail the same way."""
+def _kernel_passes(device: str, what: str, check: Callable[[], bool]) -> bool:
+    """The kernel's verdict for ``what`` (its float functions once, then each kind and dtype) on ``device``. A
+    check that raises (no C compiler for Triton's launcher, no writable cache, as in the read-only server image)
+    rules the kernel out on that device for every kind and dtype, so the others do not each pay a compilation to
+    fail the same way."""
     if device in _kernel_broken:
         return False
 
@@ -140,7 +140,7 @@ def _kernel_passes(device: str, kind: str, dtype: torch.dtype, check: Callable[[
             _kernel_broken.add(device)
             raise
 
-    return _passes((device, "triton", kind, dtype), f"Triton kernel for {kind} {dtype} on {device}", checked)
+    return _passes((device, "triton", what), f"Triton kernel for {what} on {device}", checked)
 
 
 def device_fill(

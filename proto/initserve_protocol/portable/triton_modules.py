@@ -54,8 +54,13 @@ class TritonModulesError(ValueError):
     before :data:`FIRST_TRITON`."""
 
 
+def release(version: str) -> tuple[int, ...]:
+    """A Triton version's (major, minor): "3.7.1" gives (3, 7)."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
 def _check_version(version: str) -> None:
-    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < FIRST_TRITON:
+    if release(version) < FIRST_TRITON:
         raise TritonModulesError(
             f"Triton {version} compiles a C launcher for each kernel at its first launch, which cannot be built "
             f"ahead of time; Triton's modules are built for Triton {'.'.join(map(str, FIRST_TRITON))} or later"
